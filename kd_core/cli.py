@@ -1,0 +1,149 @@
+"""kd-cache command line: run, estimate, validate, inspect, verify.
+
+Config errors are one clear message and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kd_core.errors import KDCacheError
+
+EXAMPLES = """\
+examples:
+  kd-cache run --profile demo                              # the offline demo: tiny teacher, stdlib docstrings
+  kd-cache estimate --profile medium --json                # how big will 1M samples be?
+  kd-cache run --profile small dataset.max_samples=5000 output.uri=s3://bucket/kd/run1
+  kd-cache inspect ./out/demo                              # summarise the latest cache under an output.uri
+  kd-cache verify ./out/demo --samples 8                   # recompute the teacher on 8 samples and compare
+
+overrides are KEY=VALUE with VALUE parsed as YAML (null unsets), e.g. cache.top_k=32 dataset.streaming=true.
+"""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="demo", help="profile name in profiles/ or a path to a YAML file (default: demo)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dataset.max_samples=1000")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kd-cache", description="Cache a teacher LM's top-k log-probabilities over a dataset, for distillation.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline (a local Prefect flow; no server needed)")
+    _config_args(p)
+    p = sub.add_parser("estimate", help="print the storage estimate without running the teacher")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (upper_bound_bytes, expected_bytes, ...)")
+    p = sub.add_parser("validate", help="check the config (the max_samples guard and every other check)")
+    _config_args(p)
+    p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance")
+    p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("verify", help="recompute the teacher on random samples of a cache and compare")
+    p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
+    p.add_argument("--samples", type=int, default=8, help="how many random samples to check (default: 8)")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from kd_core import pipeline
+    from kd_core.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    # Check before starting Prefect, so a bad config is one clean message; the flow's first task checks again.
+    pipeline.validate(args.profile, overrides)
+    from flows.build_teacher_cache import build_teacher_cache
+
+    result = build_teacher_cache(profile=args.profile, overrides=overrides)
+    if result.get("up_to_date"):
+        print(f"up to date: {result['uri']} already holds this cache (key {result['key']})")
+    else:
+        print(f"wrote {result['uri']}: {result['num_samples']:,} samples, {result['num_tokens']:,} tokens, "
+              f"{result['bytes_per_token']:.1f} B/token, in {result['wall_seconds']:.1f} s")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from kd_core import pipeline
+
+    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides))
+    if args.json:
+        print(json.dumps(est.as_dict(), indent=2))
+    else:
+        width = max(len(k) for k, _ in est.rows())
+        for key, value in est.rows():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from kd_core import pipeline
+
+    config = pipeline.validate(args.profile, args.overrides)
+    print(f"config OK (cache key {config.content_key()})")
+    print(json.dumps(config.public_dict(), indent=2))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from kd_core.cachefile import CacheReader
+    from kd_core.pipeline import resolve_cache_uri
+    from kd_core.storage import human_bytes
+
+    with CacheReader(resolve_cache_uri(args.uri)) as reader:
+        info = reader.info()
+    if args.json:
+        print(json.dumps({**info.__dict__, "bytes_per_token": info.bytes_per_token}, indent=2, default=str))
+        return 0
+    attrs = info.attrs
+    print(f"cache       {info.path}")
+    print(f"samples     {info.num_samples:,}   tokens {info.num_tokens:,}   top_k {info.top_k}   vocab {info.vocab_size:,}")
+    if info.file_bytes:
+        print(f"size        {human_bytes(info.file_bytes)} ({info.bytes_per_token:.1f} B/token)")
+    print(f"teacher     {attrs.get('teacher_model')} @ {attrs.get('teacher_revision', 'default')}")
+    print(f"dataset     {attrs.get('dataset_name')} {attrs.get('dataset_config', '')} split={attrs.get('dataset_split')}")
+    print(f"max_length  {attrs.get('max_length')}   format v{attrs.get('format_version')}   {attrs.get('producer')}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from kd_core.cachefile import CacheReader
+    from kd_core.config import TeacherConfig
+    from kd_core.pipeline import resolve_cache_uri
+    from kd_core.teacher import load_teacher
+    from kd_core.verify import sample_indices, verify_rows
+
+    with CacheReader(resolve_cache_uri(args.uri)) as reader:
+        teacher_cfg = TeacherConfig.model_validate(json.loads(reader.attrs["config"])["teacher"])
+        picks = sample_indices(len(reader), args.samples, args.seed)
+        rows = [reader[i] for i in picks]
+        teacher = load_teacher(teacher_cfg.model_copy(update={"dtype": "float32"}))
+        report = verify_rows(teacher, rows, top_k=reader.top_k)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, "inspect": cmd_inspect, "verify": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    try:
+        return COMMANDS[args.command](args)
+    except KDCacheError as e:
+        print(f"kd-cache {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Loading the teacher: a Hugging Face causal LM and its tokenizer, on the right device and dtype.
+
+Everything that needs the teacher goes through here, so that the model, the tokenizer and the vocab size
+always come from the same path and revision. `teacher_vocab_size` and `load_tokenizer` load no weights: the
+config checks and the storage estimate use them before any GPU is involved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kd_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kd_core.config import TeacherConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher. vocab_size is the model's output width, which may exceed len(tokenizer)."""
+
+    model: Any  # a transformers PreTrainedModel (causal LM), in eval mode
+    tokenizer: Any
+    device: torch.device  # where inputs go (the embedding's device when device_map spreads the model)
+    dtype: torch.dtype
+    vocab_size: int
+
+    def tokenize(self, text: str, max_length: int) -> list[int]:
+        """The cache's tokens for one text, exactly as DESIGN.md fixes them (default special tokens)."""
+        return self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+
+    def tokenize_many(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Same tokens as `tokenize` for each text; one call lets the Rust tokenizer work in parallel."""
+        return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def model_path(cfg: TeacherConfig) -> str:
+    """teacher.model with demo profile values ('@demo/...') resolved to real paths."""
+    try:
+        from kd_core.demo import resolve_path
+    except ImportError:  # kd_core.demo is optional: without it, values are taken as they are
+        return cfg.model
+    return resolve_path(cfg.model)
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else (absolute, ./, ~, deeper) is meant as a local path."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def _load(what: str, cfg: TeacherConfig, fn, **kwargs):
+    """Call a from_pretrained and turn any failure into a ConfigError naming teacher.model and the cause."""
+    path = model_path(cfg)
+    if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"teacher.model: local path {path!r} does not exist. Point it at a model directory.")
+    try:
+        return fn(
+            os.path.expanduser(path),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:
+        if os.path.isdir(os.path.expanduser(path)):
+            hint = f"the local directory {path!r} holds no loadable {what}"
+        else:
+            hint = (
+                f"{path!r} is not a local path, so it is read as a hub id: it needs network access "
+                f"(or the Hugging Face cache), the right name/revision, and a token if it is gated"
+            )
+        raise ConfigError(f"teacher.model: cannot load the {what}: {hint}. ({type(e).__name__}: {e})") from None
+
+
+def teacher_vocab_size(cfg: TeacherConfig) -> int:
+    """The teacher's output width from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = _load("config", cfg, AutoConfig.from_pretrained)
+    return int(config.get_text_config().vocab_size)
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    """The teacher's tokenizer alone (the storage probe tokenizes real samples with it)."""
+    from transformers import AutoTokenizer
+
+    return _load("tokenizer", cfg, AutoTokenizer.from_pretrained)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("teacher.device: cuda was asked for but no CUDA GPU is visible. Use auto or cpu.")
+    return torch.device(device)
+
+
+def load_teacher(cfg: TeacherConfig) -> Teacher:
+    """Model + tokenizer from the same path/revision, in eval mode, on cfg's device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(cfg.device)
+    dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = load_tokenizer(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if cfg.device_map == "auto":
+        kwargs["device_map"] = "auto"  # accelerate spreads the layers over the visible GPUs (and CPU)
+    model = _load("model", cfg, AutoModelForCausalLM.from_pretrained, **kwargs)
+    if cfg.device_map != "auto":
+        model.to(device)
+    model.eval()
+    # Inputs go where the embedding is: the first layer's device when accelerate spread the model.
+    device = model.get_input_embeddings().weight.device
+    head = model.get_output_embeddings()
+    vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, vocab_size=int(vocab_size))

@@ -1,0 +1,18 @@
+"""estimate-storage: exact upper bound and expected size; fails when over output.max_bytes or free space."""
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from kd_core import pipeline
+from kd_core.config import Config
+from kd_core.storage import StorageEstimate, human_bytes
+
+
+@task(name="estimate-storage")
+def estimate_storage(config: Config) -> StorageEstimate:
+    est = pipeline.estimate(config)
+    get_run_logger().info("expected cache size %s (upper bound %s) for %d samples",
+                          human_bytes(est.expected_bytes), human_bytes(est.upper_bound_bytes), est.num_samples)
+    create_table_artifact(key="storage-estimate", table=[{"what": k, "value": v} for k, v in est.rows()],
+                          description="Storage estimate for this cache build")
+    return est

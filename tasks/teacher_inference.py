@@ -1,0 +1,69 @@
+"""teacher-inference: one shard. In-process for local runs; a `teacher-inference-shard/gpu` flow run on
+gpu-pool when the parent runs from a deployment (the parent then only waits and checks the child's state)."""
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.deployments import run_deployment
+from tqdm.auto import tqdm
+
+from kd_core import io, pipeline
+from kd_core.config import Config
+from kd_core.data import ShardSpec
+from kd_core.errors import KDCacheError
+
+SHARD_DEPLOYMENT = "teacher-inference-shard/gpu"
+LOG_EVERY_SECONDS = 30
+
+
+def _not_a_user_error(task, task_run, state) -> bool:
+    """Retry crashes and flaky I/O, not config errors: those fail the same way every time."""
+    try:
+        state.result()
+    except KDCacheError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="teacher-inference", retries=2, retry_delay_seconds=10, retry_condition_fn=_not_a_user_error)
+def teacher_inference(config: Config, shard: ShardSpec) -> dict[str, Any]:
+    """Run the teacher over one shard in this process, with a progress bar and periodic log lines."""
+    logger = get_run_logger()
+    bar = tqdm(total=shard.num_samples, desc=shard.name, unit="sample")
+    last_log = time.monotonic()
+
+    def progress(stats) -> None:
+        nonlocal last_log
+        bar.update(stats.samples + stats.skipped_empty - bar.n)
+        bar.set_postfix(tokens=stats.tokens, refresh=False)
+        if time.monotonic() - last_log > LOG_EVERY_SECONDS:
+            last_log = time.monotonic()
+            logger.info("%s: %d/%d samples, %d tokens", shard.name, bar.n, shard.num_samples, stats.tokens)
+
+    try:
+        record = pipeline.run_shard(config, shard, progress)
+    finally:
+        bar.close()
+    logger.info("%s done: %d samples, %d tokens in %.1f s", shard.name, record["num_samples"],
+                record["num_tokens"], record["seconds"])
+    return record
+
+
+@task(name="teacher-inference")
+def teacher_inference_on_pool(profile: str, overrides: dict[str, Any], config: Config, shard: ShardSpec) -> dict[str, Any]:
+    """Run one shard as a flow run of the GPU deployment and wait for it; fail with the shard's error.
+
+    The child gets the profile and overrides, never the resolved config, so credentials that live in a profile
+    file or the worker's environment never travel as parameters.
+    """
+    child = run_deployment(SHARD_DEPLOYMENT, parameters={"profile": profile, "overrides": overrides,
+                                                         "shard": shard.as_dict()},
+                           flow_run_name=f"{shard.name}", poll_interval=2)
+    if not child.state or not child.state.is_completed():
+        message = child.state.message if child.state else "no state"
+        raise RuntimeError(f"{shard.name} ended {child.state.name if child.state else 'unknown'}: {message}")
+    layout = pipeline.Layout(config)
+    return io.read_json(layout.shard_record(shard), config.output.storage_options)

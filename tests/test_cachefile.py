@@ -1,0 +1,133 @@
+"""The cache format: write, verify, merge, read; the torch Dataset and its collate."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from kd_core import cachefile
+from kd_core.cachefile import CacheReader, CacheWriter, merge_files, verify_file
+from kd_core.dataset import CacheDataset, pad_collate
+from kd_core.errors import CacheFileError
+
+
+def random_samples(n, k, vocab, seed=0, max_len=50):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(1, max_len))
+        logprobs = -np.sort(rng.exponential(2.0, size=(L, k)), axis=1)
+        out.append(dict(sample_index=i * 3 + 1, input_ids=rng.integers(0, vocab, L).astype(np.uint32),
+                        topk_indices=rng.integers(0, vocab, (L, k)), topk_logprobs=logprobs.astype(np.float16),
+                        logsumexp=rng.normal(size=L).astype(np.float32)))
+    return out
+
+
+def write(path, samples, k, vocab, flush_tokens=64):
+    with CacheWriter(path, top_k=k, vocab_size=vocab, attrs={"teacher_model": "t"}, flush_tokens=flush_tokens) as w:
+        for s in samples:
+            w.append(**s)
+    return w
+
+
+@pytest.mark.parametrize("vocab, dtype", [(1000, np.uint16), (65536, np.uint16), (65537, np.uint32), (152000, np.uint32)])
+def test_round_trip_and_index_dtype(tmp_path, vocab, dtype):
+    samples = random_samples(20, 8, vocab)
+    write(tmp_path / "c.h5", samples, 8, vocab)
+    with h5py.File(tmp_path / "c.h5") as f:  # a stock h5py reader opens it
+        assert f["topk_indices"].dtype == dtype and f["topk_logprobs"].dtype == np.float16
+        assert f["input_ids"].dtype == np.uint32 and f["offsets"].dtype == np.int64
+        assert f["offsets"].shape == (21,) and f["topk_indices"].shape == (sum(len(s["input_ids"]) for s in samples), 8)
+        assert f.attrs["format_version"] == 1 and f.attrs["num_samples"] == 20
+    with CacheReader(tmp_path / "c.h5") as r:
+        assert len(r) == 20
+        for i in (0, 7, 19, -1):
+            got, want = r[i], samples[i]
+            assert got["sample_index"] == want["sample_index"]
+            np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+            np.testing.assert_array_equal(got["topk_indices"], want["topk_indices"])
+            np.testing.assert_array_equal(got["topk_logprobs"], want["topk_logprobs"].astype(np.float32))
+            np.testing.assert_array_equal(got["logsumexp"], want["logsumexp"])
+        with pytest.raises(IndexError):
+            r[20]
+
+
+def test_bytes_per_token_matches_the_uncompressed_arrays():
+    assert cachefile.bytes_per_token(64, 32000) == 4 + 64 * 2 + 64 * 2 + 4 == 264
+    assert cachefile.bytes_per_token(64, 151936) == 4 + 64 * 4 + 64 * 2 + 4 == 392
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "c.h5"
+    with pytest.raises(RuntimeError):
+        with CacheWriter(path, top_k=4, vocab_size=100, attrs={}) as w:
+            w.append(**random_samples(1, 4, 100)[0])
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_has_the_final_name_until_close(tmp_path):
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, top_k=4, vocab_size=100, attrs={}, flush_tokens=1)
+    for s in random_samples(5, 4, 100):
+        w.append(**s)
+    assert not path.exists() and cachefile.temporary_path(path).exists()
+    w.close()
+    assert path.exists() and not cachefile.temporary_path(path).exists()
+
+
+def test_verify_catches_truncation_and_wrong_records(tmp_path):
+    path = tmp_path / "c.h5"
+    summary = write(path, random_samples(30, 8, 1000), 8, 1000)
+    verify_file(path, expect={"num_samples": 30, "num_tokens": summary.num_tokens, "checksums": summary.checksums()})
+    with pytest.raises(CacheFileError, match="num_samples is 30, expected 31"):
+        verify_file(path, expect={"num_samples": 31})
+    bad_sums = {**summary.checksums(), "topk_logprobs": "0" * 64}
+    with pytest.raises(CacheFileError, match="checksums of topk_logprobs differ from the completion record"):
+        verify_file(path, expect={"checksums": bad_sums})
+    data = path.read_bytes()
+    truncated = tmp_path / "t.h5"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CacheFileError, match="truncated or corrupt"):
+        verify_file(truncated)
+
+
+def test_verify_catches_a_changed_value(tmp_path):
+    path = tmp_path / "c.h5"
+    write(path, random_samples(10, 4, 100), 4, 100)
+    with h5py.File(path, "r+") as f:
+        f["logsumexp"][3] = 123.0
+    with pytest.raises(CacheFileError, match="checksums of logsumexp differ from the file's attributes"):
+        verify_file(path)
+
+
+def test_merge_is_the_concatenation_in_order(tmp_path):
+    samples = random_samples(40, 8, 70000, seed=1)
+    parts = []
+    for p, chunk in enumerate((samples[:13], samples[13:14], samples[14:])):
+        parts.append(tmp_path / f"p{p}.h5")
+        write(parts[-1], chunk, 8, 70000)
+    merge_files(parts, tmp_path / "m.h5", attrs={"teacher_model": "t"}, block_rows=37)
+    write(tmp_path / "whole.h5", samples, 8, 70000)
+    with h5py.File(tmp_path / "m.h5") as m, h5py.File(tmp_path / "whole.h5") as w:
+        for name in (*cachefile.TOKEN_DATASETS, "offsets", "sample_index"):
+            np.testing.assert_array_equal(m[name][:], w[name][:])
+        assert m.attrs["checksums"] == w.attrs["checksums"]
+
+
+def test_dataset_and_pad_collate(tmp_path):
+    samples = random_samples(6, 4, 100, max_len=9)
+    write(tmp_path / "c.h5", samples, 4, 100)
+    ds = CacheDataset(str(tmp_path / "c.h5"))
+    assert len(ds) == 6
+    batch = pad_collate([ds[0], ds[1], ds[2]])
+    lengths = [len(samples[i]["input_ids"]) for i in range(3)]
+    B, T = batch["input_ids"].shape
+    assert (B, T) == (3, max(lengths)) and batch["topk_indices"].shape == (3, T, 4)
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for b in range(3):
+        L = lengths[b]
+        assert torch.equal(batch["topk_indices"][b, :L], torch.as_tensor(samples[b]["topk_indices"]))
+        assert torch.isinf(batch["topk_logprobs"][b, L:]).all()
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=pad_collate, num_workers=2)
+    assert sum(len(b["sample_index"]) for b in loader) == 6

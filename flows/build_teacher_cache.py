@@ -5,12 +5,21 @@ import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
 from prefect.runtime import deployment
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from kd_core import pipeline
 from kd_core.config import ConfigOverrides, available_profiles
+from kd_core.data import ShardSpec
+from kd_core.errors import KDCacheError
 from kd_core.storage import human_bytes
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
@@ -23,42 +32,80 @@ ProfileName = Literal[tuple(available_profiles())]  # type: ignore[valid-type]
 
 
 @flow(name="build-teacher-cache", task_runner=ThreadPoolTaskRunner(max_workers=64))
-def build_teacher_cache(profile: ProfileName = "demo", overrides: ConfigOverrides | None = None) -> dict[str, Any]:
+def build_teacher_cache(profile: ProfileName = "demo", overrides: ConfigOverrides | None = None) -> dict[str, Any] | State:
     """Run a teacher over a dataset and publish its top-k log-probs as an HDF5 cache.
 
     Args:
         profile: a profile from profiles/ (demo, testing, development, small, medium, large).
         overrides: config keys to change, nested like the config, e.g. {"dataset": {"max_samples": 1000}}.
     """
+    override_dict = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
+    try:
+        return _build(profile, override_dict)
+    except KDCacheError as e:
+        # The check's own words become the run's state message (what the UI and the REST API show), rather than
+        # Prefect's "Flow run encountered an exception: ..."; callers of the function still get the exception.
+        get_run_logger().error("%s", e)
+        return Failed(message=str(e), data=e)
+
+
+def _build(profile: str, override_dict: dict[str, Any]) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    override_dict = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
-
     config = validate_config(profile, override_dict)
     if (manifest := pipeline.published(config)) is not None:
-        logger.info("up to date: %s already holds this cache (key %s)", manifest["uri"], manifest["key"])
+        logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest["uri"], manifest["key"])
+        create_markdown_artifact(key="cache-summary", description="Cache build summary",
+                                 markdown=f"Up to date: `{manifest['uri']}` already holds this cache (key "
+                                          f"`{manifest['key']}`). No teacher work was done.")
         return {**manifest, "up_to_date": True}
 
     estimate = estimate_storage(config)
     shards = shard_dataset(config, estimate)
-
-    progress_id = create_progress_artifact(progress=0.0, key="shard-progress", description="Shards finished")
+    progress = ShardProgress(shards)
     if deployment.id is None:  # a local run: shards one after another in this process
-        records = []
         for shard in shards:
-            records.append(teacher_inference(config, shard))
-            update_progress_artifact(progress_id, 100.0 * len(records) / len(shards))
+            progress.done(teacher_inference(config, shard))
     else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all in flight at once
         futures = [teacher_inference_on_pool.submit(profile, override_dict, config, shard) for shard in shards]
-        records = []
-        for future in futures:
-            records.append(future.result())  # raises the shard's error if it failed after its retries
-            update_progress_artifact(progress_id, 100.0 * len(records) / len(shards))
+        for future in as_completed(futures):
+            progress.done(future.result())  # raises the shard's error if it failed after its retries
 
-    manifest = merge_to_hdf5(config, records)
+    manifest = merge_to_hdf5(config, progress.records)
     wall = time.perf_counter() - started
-    create_markdown_artifact(key="cache-summary", description="Cache build summary", markdown=_summary(manifest, records, wall))
+    create_markdown_artifact(key="cache-summary", description="Cache build summary",
+                             markdown=_summary(manifest, progress.records, wall))
     return {**manifest, "wall_seconds": wall, "up_to_date": False}
+
+
+class ShardProgress:
+    """The parent run's view of its shards as they finish: a progress artifact (a percentage is all it holds) and
+    a table artifact with samples, tokens and tokens/s, both under stable keys so the UI shows the newest."""
+
+    def __init__(self, shards: list[ShardSpec]):
+        self.shards, self.records, self.started = shards, [], time.perf_counter()
+        self.bar = create_progress_artifact(progress=0.0, key="shard-progress", description="Shards finished")
+        self._table()
+
+    def done(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        update_progress_artifact(self.bar, 100.0 * len(self.records) / len(self.shards))
+        self._table()
+        get_run_logger().info("%d/%d shards done", len(self.records), len(self.shards))
+
+    def _table(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        rows = [_row(r["shard"]["rank"], r["num_samples"], r["num_tokens"], r["seconds"]) for r in self.records]
+        rows.sort(key=lambda row: row["shard"])
+        total = _row(f"all ({len(self.records)}/{len(self.shards)} done)", sum(r["num_samples"] for r in self.records),
+                     sum(r["num_tokens"] for r in self.records), elapsed)
+        create_table_artifact(key="shard-throughput", table=[*rows, total],
+                              description="Finished shards: samples, tokens and teacher tokens/s")
+
+
+def _row(shard: Any, samples: int, tokens: int, seconds: float) -> dict[str, Any]:
+    return {"shard": shard, "samples": samples, "tokens": tokens, "seconds": round(seconds, 1),
+            "tokens/s": round(tokens / max(seconds, 1e-9))}
 
 
 def _summary(manifest: dict[str, Any], records: list[dict[str, Any]], wall: float) -> str:

@@ -115,19 +115,24 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    import random
+
     from kd_core.cachefile import CacheReader
     from kd_core.config import TeacherConfig
     from kd_core.pipeline import resolve_cache_uri
     from kd_core.teacher import load_teacher
-    from kd_core.verify import sample_indices, verify_rows
+    from kd_core.verify import verify_rows
 
     with CacheReader(resolve_cache_uri(args.uri)) as reader:
         teacher_cfg = TeacherConfig.model_validate(json.loads(reader.attrs["config"])["teacher"])
-        picks = sample_indices(len(reader), args.samples, args.seed)
+        picks = sorted(random.Random(args.seed).sample(range(len(reader)), min(args.samples, len(reader))))
         rows = [reader[i] for i in picks]
-        teacher = load_teacher(teacher_cfg.model_copy(update={"dtype": "float32"}))
-        report = verify_rows(teacher, rows, top_k=reader.top_k)
-    print(report.summary())
+        report = verify_rows(load_teacher(teacher_cfg), rows, top_k=reader.top_k)
+    print(f"checked {report.samples} samples ({report.positions:,} positions) against the teacher in float32")
+    print(f"  max log-prob error     {report.max_logprob_error:.2e}  ({report.logprob_outliers} beyond fp16 rounding)")
+    print(f"  max logsumexp error    {report.max_logsumexp_error:.2e}  (tolerance {report.lse_tol:.0e})")
+    print(f"  top-k set mismatches   {report.topk_mismatches}")
+    print("OK" if report.ok else "MISMATCH: this cache does not match the teacher")
     return 0 if report.ok else 1
 
 

@@ -73,10 +73,19 @@ class OutputConfig(_Section):
         description="fsspec options for the target (endpoint, profile). Prefer credentials from the environment.",
     )
     max_bytes: int | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
+    keep_versions: int = Field(
+        3, ge=0, description="Older complete versions kept beside the latest one; older ones are deleted after "
+                             "a new version is published."
+    )
 
 
 class RunConfig(_Section):
     num_shards: int = Field(1, description="Independent pieces of the dataset, each one teacher-inference run.")
+    part_samples: int = Field(
+        10_000, ge=1,
+        description="A shard is written in parts of this many samples, each published with a completion record: "
+                    "a killed shard resumes after its last complete part, so a kill costs at most one part.",
+    )
 
 
 class Config(_Section):

@@ -2,20 +2,66 @@
 
 HDF5 files are always written locally first (h5py needs a seekable file), closed and verified, then uploaded:
 to a temporary key, then moved to their final key, so a reader never sees half an object under a final name.
+
+Remote writes and downloads are retried with backoff (`retrying`). The client library already retries each
+request (botocore: a few attempts per call); ours retries the whole step (upload + move), so a network that is
+down for a minute costs a pause, not the run. What is still failing after that becomes a StorageError that
+names the target and the cause. Credentials come from fsspec's usual places (environment, ~/.aws, or
+output.storage_options) and never appear in a message here: errors quote URIs and the library's message only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from kd_core.errors import ConfigError, StorageError
+
+log = logging.getLogger("kd_core.io")
+T = TypeVar("T")
+
 READ_BLOCK_BYTES = 8 << 20  # remote reads: 8 MiB blocks, cached, so random access costs few requests
+RETRY_DELAYS = (2.0, 8.0, 30.0)  # seconds between attempts of a remote write/download: 4 attempts, ~40 s
+# Errors that retrying cannot fix: a missing bucket, denied access, a full disk.
+_PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, _PERMANENT) or (isinstance(e, OSError) and e.errno in _PERMANENT_ERRNOS):
+        return False
+    try:
+        from botocore.exceptions import BotoCoreError  # connection refused/reset, timeouts, bad responses
+    except ImportError:
+        BotoCoreError = OSError
+    return isinstance(e, (OSError, TimeoutError, ConnectionError, BotoCoreError))
+
+
+def retrying(what: str, fn: Callable[[], T]) -> T:
+    """fn() with backoff on transient errors; then a StorageError saying what failed and why."""
+    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e):
+                raise StorageError(f"{what}: {type(e).__name__}: {e}") from None
+            if delay is None:
+                raise StorageError(
+                    f"{what}: still failing after {attempt} attempts ({type(e).__name__}: {e}). Check the endpoint, "
+                    "network and credentials, then run again: completed parts are kept and nothing was published."
+                ) from None
+            log.warning("%s: %s (attempt %d), retrying in %.0f s", what, type(e).__name__, attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def is_local(uri: str) -> bool:
@@ -63,9 +109,13 @@ def write_text_atomic(uri: str, text: str, storage_options: dict[str, Any] | Non
         return
     fs, path = filesystem(uri, storage_options)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w") as f:
-        f.write(text)
-    fs.mv(tmp, path)
+
+    def write() -> None:
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+
+    retrying(f"writing {uri}", write)
 
 
 def write_json_atomic(uri: str, data: Any, storage_options: dict[str, Any] | None = None) -> None:
@@ -82,8 +132,74 @@ def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | 
         return
     fs, path = filesystem(uri, storage_options)
     tmp = f"{path}.uploading"
-    fs.put_file(str(local), tmp)
-    fs.mv(tmp, path)
+
+    def upload() -> None:
+        fs.put_file(str(local), tmp)
+        fs.mv(tmp, path)  # a server-side copy: the final key appears whole or not at all
+
+    try:
+        retrying(f"uploading {uri}", upload)
+    except StorageError:
+        try:  # don't leave the temporary object behind (the endpoint may well still be down)
+            fs.rm(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def fetch_file(uri: str, local: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """Download `uri` to a local path, retrying transient errors."""
+    fs, path = filesystem(uri, storage_options)
+    retrying(f"downloading {uri}", lambda: fs.get_file(path, str(local)))
+
+
+def create_exclusive(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Create `uri` holding `text` only if nothing is there: True if created, False if it already existed.
+
+    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3 and moto honour.
+    """
+    fs, path = filesystem(uri, storage_options)
+    if is_local(uri):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(text.encode())
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def check_target(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Fail before any work when output.uri cannot be written: ConfigError naming the key and the fix."""
+    if is_local(uri):
+        path = local_path(uri).absolute()
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"output.uri: {path} cannot be created, {existing} is a file. Choose a directory.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"output.uri: {existing} is not writable by this user, so {path} cannot be written. "
+                              "Fix the permissions or choose another output.uri.")
+        return
+    try:
+        fs, path = filesystem(uri, storage_options)
+        bucket = path.strip("/").split("/")[0]
+        found = fs.exists(bucket)
+    except (ImportError, ValueError) as e:  # unknown protocol, or its fsspec package is not installed
+        raise ConfigError(f"output.uri: no filesystem for {uri.split('://')[0]}:// ({e}).") from None
+    except Exception as e:
+        raise StorageError(f"output.uri: cannot reach {uri} ({type(e).__name__}: {e}). Check the endpoint, "
+                           "network and credentials (environment, ~/.aws or output.storage_options).") from None
+    if not found:
+        raise ConfigError(f"output.uri: bucket {bucket!r} does not exist, or these credentials cannot see it. "
+                          f"Create it or fix output.uri ({uri}).")
 
 
 def open_for_read(uri: str, storage_options: dict[str, Any] | None = None):

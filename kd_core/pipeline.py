@@ -11,27 +11,38 @@ Where things live under output.uri (a local directory or an fsspec URL):
     latest.json                         which version readers get; moved only after a version is complete
     versions/<key>/cache.h5             the merged cache
     versions/<key>/manifest.json        written last: its presence marks the version complete
-    work/<key>/shard-*.h5 (+ .json)     shard files and their completion records; removed after publishing
+    work/<key>/<shard>/part-*.h5 (+ .json)   a shard's parts and their completion records
+    work/<key>/<shard>.json             the shard's completion record (lists its parts), written after its last part
+    work/<key>/<shard>.lock, merge.lock lease locks: one writer per shard and per merge (kd_core.locks)
+                                        work/<key>/ is removed after publishing
 
 <key> is Config.content_key(): a hash of what determines the cache's content, so a rerun with the same inputs
 finds its version published and does no teacher work.
+
+Resume: a shard is cut into parts of run.part_samples rows. A part's record is written before its file is
+published (so a file under its final name always has a record to be verified against); a part is complete when
+both exist. A killed shard restarts after its last complete part; a shard with a record is skipped. Parts are
+run one teacher pass each, so a resumed shard batches every part exactly as an uninterrupted run does and the
+merged arrays are byte-for-byte the same.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import kd_core
-from kd_core import cachefile, data, guards, io, storage
+from kd_core import cachefile, data, guards, io, storage, versions
 from kd_core.config import Config, load_config
 from kd_core.data import ShardSpec
-from kd_core.errors import ConfigError, StorageError
+from kd_core.errors import CacheFileError, ConfigError, StorageError
 
 log = logging.getLogger("kd_core.pipeline")
 
@@ -44,17 +55,22 @@ class Layout:
     def __init__(self, config: Config):
         self.root = config.output.uri.rstrip("/")
         self.key = config.content_key()
-        self.latest = io.join(self.root, "latest.json")
         self.version_dir = io.join(self.root, "versions", self.key)
         self.cache_file = io.join(self.version_dir, "cache.h5")
         self.manifest = io.join(self.version_dir, "manifest.json")
         self.work_dir = io.join(self.root, "work", self.key)
 
-    def shard_file(self, shard: ShardSpec) -> str:
-        return io.join(self.work_dir, f"{shard.name}.h5")
-
     def shard_record(self, shard: ShardSpec) -> str:
         return io.join(self.work_dir, f"{shard.name}.json")
+
+    def shard_lock(self, shard: ShardSpec) -> str:
+        return io.join(self.work_dir, f"{shard.name}.lock")
+
+    def part_file(self, shard: ShardSpec, part: int) -> str:
+        return io.join(self.work_dir, shard.name, f"part-{part:05d}.h5")
+
+    def part_record(self, shard: ShardSpec, part: int) -> str:
+        return io.join(self.work_dir, shard.name, f"part-{part:05d}.json")
 
 
 def staging_dir(config: Config) -> Path:
@@ -72,6 +88,7 @@ def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None) 
 
     config = load_config(profile, overrides)
     guards.check_config(config)
+    io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
     guards.check_vocab(config, teacher_vocab_size(config.teacher))  # reads the teacher's config file, no weights
     return config
 
@@ -128,56 +145,126 @@ def plan(config: Config, est: storage.StorageEstimate) -> list[ShardSpec]:
 # -- teacher-inference -----------------------------------------------------------------------------------------
 
 def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Run the teacher over one shard and publish its file, then its completion record (last).
+    """Run the teacher over one shard, part by part; publish each part, then the shard's record (last).
 
-    Idempotent: a shard whose record exists is not run again, and a shard file is only ever published whole.
+    Idempotent and resumable: a shard with a record is skipped; otherwise its complete parts are kept and the run
+    continues after the last one. A lease lock refuses a second run on this shard while this one is alive.
     """
-    from kd_core.inference import InferenceStats, run_teacher
-    from kd_core.teacher import load_teacher
+    from kd_core.locks import LeaseLock
 
     layout, opts = Layout(config), config.output.storage_options
-    if io.exists(layout.shard_record(shard), opts) and io.exists(layout.shard_file(shard), opts):
+    if io.exists(layout.shard_record(shard), opts):
         log.info("%s already complete, skipping", shard.name)
         return io.read_json(layout.shard_record(shard), opts)
 
-    source = data.load_source(config.dataset)
-    data.check_text_column(config.dataset, source)
-    teacher = load_teacher(config.teacher)
-    local = (io.local_path(layout.shard_file(shard)) if io.is_local(layout.root)
-             else staging_dir(config) / f"{shard.name}.h5")
-    stats = InferenceStats()
-    started = time.perf_counter()
-    attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name}
-    with cachefile.CacheWriter(local, top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs=attrs) as writer:
-        rows_iter = run_teacher(teacher, data.iter_texts(config.dataset, source, shard.start, shard.stop),
-                                top_k=config.cache.top_k, max_length=config.cache.max_length,
-                                batch_tokens=config.teacher.batch_tokens, stats=stats)
-        for rows in rows_iter:
-            writer.append_rows(rows)
-            if progress is not None:
-                progress(stats)
-    summary = {"num_samples": writer.num_samples, "num_tokens": writer.num_tokens, "checksums": writer.checksums()}
-    io.publish_file(local, layout.shard_file(shard), opts)
-    record = {
-        "shard": shard.as_dict(), **summary,
-        "skipped_empty": stats.skipped_empty,
-        "seconds": round(time.perf_counter() - started, 3),
-        "vocab_size": teacher.vocab_size,
-        "tokenizer": getattr(teacher.tokenizer, "name_or_path", None),
-    }
-    io.write_json_atomic(layout.shard_record(shard), record, opts)
+    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock:
+        parts = plan_parts(shard, config.run.part_samples)
+        done = complete_parts(layout, shard, parts, opts)
+        if len(done) < len(parts):
+            if done:
+                log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts), parts[len(done)][0])
+            done += _run_parts(config, layout, shard, parts[len(done):], done, lock, progress)
+        record = {
+            "shard": shard.as_dict(),
+            **{key: sum(p[key] for p in done) for key in ("num_samples", "num_tokens", "skipped_empty")},
+            "seconds": round(sum(p["seconds"] for p in done), 3),
+            "vocab_size": done[0]["vocab_size"], "tokenizer": done[0]["tokenizer"],
+            "parts": done,
+        }
+        lock.check()
+        io.write_json_atomic(layout.shard_record(shard), record, opts)
     log.info("%s: %d samples, %d tokens, %d empty skipped", shard.name, record["num_samples"], record["num_tokens"],
              record["skipped_empty"])
     return record
 
 
+def plan_parts(shard: ShardSpec, part_samples: int) -> list[tuple[int, int]]:
+    """A shard's parts as [start, stop) row ranges of at most part_samples rows."""
+    return [(start, min(start + part_samples, shard.stop)) for start in range(shard.start, shard.stop, part_samples)]
+
+
+def complete_parts(layout: Layout, shard: ShardSpec, parts: list[tuple[int, int]], opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of the shard's leading complete parts: record and file both there, over the planned rows."""
+    done = []
+    for index, (start, stop) in enumerate(parts):
+        record_uri = layout.part_record(shard, index)
+        if not (io.exists(record_uri, opts) and io.exists(layout.part_file(shard, index), opts)):
+            break
+        record = io.read_json(record_uri, opts)
+        if (record["start"], record["stop"]) != (start, stop):  # written under another run.part_samples
+            break
+        done.append(record)
+    return done
+
+
+def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tuple[int, int]],
+               done: list[dict[str, Any]], lock, progress: Callable[[Any], None] | None) -> list[dict[str, Any]]:
+    """Run and publish the parts in `todo` (the shard's last ones, in order); their records."""
+    from kd_core.inference import InferenceStats, run_teacher
+    from kd_core.teacher import load_teacher
+
+    opts = config.output.storage_options
+    source = data.load_source(config.dataset)
+    data.check_text_column(config.dataset, source)
+    teacher = load_teacher(config.teacher)
+    # One reader over all the remaining rows, sliced into parts: a stream is skipped to the resume point once.
+    texts = data.iter_texts(config.dataset, source, todo[0][0], shard.stop)
+    # Progress counts the whole shard, complete parts included.
+    stats = InferenceStats(samples=sum(r["num_samples"] for r in done), tokens=sum(r["num_tokens"] for r in done),
+                           skipped_empty=sum(r["skipped_empty"] for r in done))
+    staging = (io.local_path(io.join(layout.work_dir, shard.name)) if io.is_local(layout.root)
+               else staging_dir(config) / shard.name)
+    first = len(done)
+    records = []
+    for index, (start, stop) in enumerate(todo, start=first):
+        started, skipped_before = time.perf_counter(), stats.skipped_empty
+        # Not the final name: the part's record is published first, then the file moves into place.
+        local = staging / f"part-{index:05d}.h5.staged"
+        attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
+        with cachefile.CacheWriter(local, top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs=attrs) as writer:
+            # One teacher pass per part: batches never straddle a part, so a resumed run batches like a clean one.
+            for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
+                                    max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
+                                    stats=stats):
+                writer.append_rows(rows)
+                if progress is not None:
+                    progress(stats)
+        skipped = stats.skipped_empty - skipped_before
+        if writer.num_samples + skipped != stop - start:
+            raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + writer.num_samples + skipped:,}, "
+                              f"before the {shard.stop:,} rows planned. Fix: dataset.max_samples="
+                              f"{start + writer.num_samples + skipped} or fewer.")
+        record = {
+            "part": index, "start": start, "stop": stop,
+            "num_samples": writer.num_samples, "num_tokens": writer.num_tokens, "checksums": writer.checksums(),
+            "skipped_empty": skipped, "seconds": round(time.perf_counter() - started, 3),
+            "vocab_size": teacher.vocab_size, "tokenizer": getattr(teacher.tokenizer, "name_or_path", None),
+        }
+        lock.check()
+        io.write_json_atomic(layout.part_record(shard, index), record, opts)
+        io.publish_file(local, layout.part_file(shard, index), opts)
+        local.unlink(missing_ok=True)  # uploaded (a local target moved it already)
+        log.info("%s part %d/%d: %d samples, %d tokens", shard.name, index + 1, first + len(todo),
+                 record["num_samples"], record["num_tokens"])
+        records.append(record)
+    return records
+
+
 # -- merge-to-hdf5 ---------------------------------------------------------------------------------------------
 
 def published(config: Config) -> dict[str, Any] | None:
-    """The manifest of this config's version if it is already complete, else None."""
+    """The manifest of this config's version if it is already complete, else None.
+
+    A complete version is made `latest` again if it is not (the config went back to an earlier one), so that
+    "up to date" always means readers of `latest` get this config's cache.
+    """
     layout = Layout(config)
     opts = config.output.storage_options
-    return io.read_json(layout.manifest, opts) if io.exists(layout.manifest, opts) else None
+    if not io.exists(layout.manifest, opts):
+        return None
+    if versions.latest_key(layout.root, opts) != layout.key:
+        versions.set_latest(layout.root, layout.key, opts)
+    return io.read_json(layout.manifest, opts)
 
 
 def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -196,7 +283,19 @@ def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Verify every shard against its record, merge in shard order, publish, write the manifest, move latest."""
+    """Verify every part of every shard against its record, merge in order, publish, write the manifest, move latest.
+
+    Under a lease lock (work/<key>.merge.lock, outside the work directory that a merge removes): a second merge
+    of the same cache refuses instead of racing this one.
+    """
+    from kd_core.locks import LeaseLock
+
+    layout, opts = Layout(config), config.output.storage_options
+    with LeaseLock(io.join(layout.root, "work", f"{layout.key}.merge.lock"), "the merge", opts):
+        return _merge_locked(config, records)
+
+
+def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     layout, opts = Layout(config), config.output.storage_options
     records = sorted(records, key=lambda r: r["shard"]["rank"])
     scratch = Path(tempfile.mkdtemp(prefix="kd-merge-", dir=staging_dir(config)))
@@ -204,15 +303,8 @@ def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
         parts = []
         for record in records:
             shard = ShardSpec(**record["shard"])
-            uri = layout.shard_file(shard)
-            if io.is_local(uri):
-                path = io.local_path(uri)
-            else:
-                path = scratch / f"{shard.name}.h5"
-                fs, remote = io.filesystem(uri, opts)
-                fs.get_file(remote, str(path))
-            cachefile.verify_file(path, expect=record)  # raises CacheFileError naming the shard file
-            parts.append(path)
+            for part in record["parts"]:
+                parts.append(_fetch_verified_part(layout, shard, record, part, scratch, opts))
         merged_local = (io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / "cache.h5")
         summary = cachefile.merge_files(parts, merged_local, attrs=cache_attrs(config, records))
         file_bytes = merged_local.stat().st_size
@@ -226,13 +318,37 @@ def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
         **summary,
         "skipped_empty": sum(r["skipped_empty"] for r in records),
         "shards": len(records), "config": config.public_dict(),
+        "published_at": datetime.now(timezone.utc).isoformat(),  # orders versions for pruning
     }
     io.write_json_atomic(layout.manifest, manifest, opts)  # the version is complete from here on
-    io.write_json_atomic(layout.latest, {"version": layout.key, "path": f"versions/{layout.key}/cache.h5"}, opts)
+    versions.set_latest(layout.root, layout.key, opts)  # readers move to it in one atomic write
+    for key in versions.prune(layout.root, config.output.keep_versions, opts):  # only after latest moved
+        log.info("deleted old version %s (output.keep_versions=%d)", key, config.output.keep_versions)
     fs, work = io.filesystem(layout.work_dir, opts)
     if fs.exists(work):
         fs.rm(work, recursive=True)
     return manifest
+
+
+def _fetch_verified_part(layout: Layout, shard: ShardSpec, record: dict[str, Any], part: dict[str, Any],
+                         scratch: Path, opts: dict[str, Any]) -> Path:
+    """A part's local path (downloaded into scratch from a remote target), verified against its record."""
+    uri = layout.part_file(shard, part["part"])
+    if io.is_local(uri):
+        path = io.local_path(uri)
+    else:
+        path = scratch / shard.name / f"part-{part['part']:05d}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.fetch_file(uri, path, opts)
+    try:
+        cachefile.verify_file(path, expect=part)
+    except CacheFileError as e:
+        raise CacheFileError(
+            f"{shard.name} part {part['part']} ({uri}) fails verification, so nothing was published: {e} "
+            f"Fix: delete {layout.shard_record(shard)} and {layout.part_record(shard, part['part'])}, then run "
+            "again: only that part is recomputed."
+        ) from None
+    return path
 
 
 def resolve_cache_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:

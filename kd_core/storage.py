@@ -16,16 +16,18 @@ from pathlib import Path
 
 from kd_core import cachefile
 
-# Stored bytes per value after shuffle+gzip, measured on real caches (see docs/FORMAT.md, "Size"):
-#  - token and top-k ids carry about log2(vocab) bits; shuffle puts their always-zero high bytes together, and a
-#    teacher's top-k ids are skewed towards frequent tokens, so they store in ~0.85 of log2(vocab) bits;
-#  - fp16 log-probs: the sign/exponent byte compresses well (sorted, similar magnitudes), the mantissa byte does not;
-#  - float32 logsumexp: only its exponent byte compresses.
+# Stored bytes per value after shuffle+gzip, measured on real caches (docs/FORMAT.md, "Size"):
+#  - ids carry at most log2(vocab) bits; shuffle groups their always-zero high bytes, which then cost nothing.
+#    Input tokens are close to that entropy; a teacher's top-k ids are skewed towards frequent tokens and
+#    measured at 0.42-0.65 of it on trained teachers (about 1.0 on an untrained one), so 0.65 is assumed;
+#  - fp16 log-probs: the sign/exponent byte compresses well (sorted, similar magnitudes), the mantissa byte
+#    does not: 1.0-1.2 bytes measured;
+#  - float32 logsumexp: only its exponent byte compresses: 2.7-3.0 bytes measured.
 # The estimate is tested within 25% of real files (tests/test_pipeline.py).
-ID_BITS_FRACTION = 0.85
-LOGPROB_STORED_BYTES = 1.3
-LOGSUMEXP_STORED_BYTES = 3.0
-FILE_OVERHEAD_BYTES = 64 * 1024  # HDF5 superblock, object headers, chunk index, attributes
+TOPK_ID_ENTROPY_FRACTION = 0.65
+LOGPROB_STORED_BYTES = 1.15
+LOGSUMEXP_STORED_BYTES = 2.8
+FILE_OVERHEAD_BYTES = 32 * 1024  # HDF5 superblock, object headers, chunk index, attributes (~25 KB measured)
 
 
 def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int) -> int:
@@ -43,8 +45,9 @@ def human_bytes(n: float) -> str:
 
 def stored_bytes_per_token(top_k: int, vocab_size: int) -> float:
     """Expected bytes one token takes in the file after compression (see the constants above)."""
-    id_bytes = math.log2(max(vocab_size, 2)) / 8 * ID_BITS_FRACTION
-    return id_bytes + top_k * (min(id_bytes, cachefile.index_dtype(vocab_size).itemsize) + LOGPROB_STORED_BYTES) + LOGSUMEXP_STORED_BYTES
+    id_bytes = math.log2(max(vocab_size, 2)) / 8
+    topk_id_bytes = id_bytes * TOPK_ID_ENTROPY_FRACTION
+    return id_bytes + top_k * (topk_id_bytes + LOGPROB_STORED_BYTES) + LOGSUMEXP_STORED_BYTES
 
 
 @dataclass

@@ -65,17 +65,16 @@ def tokenizer_dir(tmp_path_factory, corpus_texts) -> Path:
 
 
 @pytest.fixture(scope="session")
-def teacher_dir(tmp_path_factory, tokenizer_dir, corpus_texts) -> Path:
-    """A tiny Llama (hidden 32, 1 layer, briefly trained) whose vocab, 70000, exceeds its tokenizer's 1000.
+def teacher_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Llama (hidden 32, 1 layer, untrained) whose vocab, 70000, exceeds its tokenizer's 1000.
 
     Its top-k ids need uint32, and it has output rows no tokenizer id maps to, like many hub models.
+    Left untrained on purpose: its top-k ids then spread over the whole 70000 rows, so ids above 65535 (and above
+    the tokenizer) show up in every few tokens; training would also cost ~0.25 s a step for the 70000-row head.
     The directory holds the model and the tokenizer: load both with from_pretrained(teacher_dir).
     """
     out = tmp_path_factory.mktemp("teacher")
-    build_teacher(
-        tokenizer_dir, out, vocab_size=70000, hidden_size=32, num_layers=1,
-        train_texts=corpus_texts, train_steps=20, seq_len=64,
-    )
+    build_teacher(tokenizer_dir, out, vocab_size=70000, hidden_size=32, num_layers=1)
     return out
 
 

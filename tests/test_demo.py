@@ -53,7 +53,10 @@ def test_teacher_vocab_exceeds_tokenizer(teacher_dir):
     assert model.config.vocab_size == 70000 > 65536 > len(tok) == 1000
     assert model.dtype == torch.float32
     ids = tok("Return the value.", return_tensors="pt")["input_ids"]  # (1, L)
-    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 70000)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # (1, L, 70000)
+    assert logits.shape == (1, ids.shape[1], 70000)
+    assert (logits.topk(16).indices > 65535).any()  # untrained: ids that need uint32 do come up
 
 
 def test_small_teacher_vocab_matches_tokenizer(small_teacher_dir):

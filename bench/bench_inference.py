@@ -1,0 +1,368 @@
+"""Benchmark: teacher inference + cache writing against the bare forward pass and the naive way.
+
+One run, one teacher, one set of texts:
+  (a) bare forward   length-sorted batches under the same token budget, logits made and dropped.
+  (b) run_teacher    the real pipeline, writing the cache with kd_core.cachefile.CacheWriter.
+  (b0)               run_teacher with the rows dropped (the pipeline without the writer).
+  (b2)               run_teacher with ParallelGzipWriter below (same file format, compression on all cores).
+  (c) naive          every sample padded to max_length, fixed batch size, float32 log_softmax over (B, T, V),
+                     topk, synchronous uncompressed writes (uint32 ids).
+Then the stored bytes per token, and what lossless stock-filter settings would give.
+
+Text: the standard library's docstrings and, for long documents, its module sources (a real spread of lengths,
+no network). Teacher: a Llama built from config, trained for a few hundred steps on that text so that its
+distributions are peaked like a real teacher's, with a byte-level BPE tokenizer trained on the same text.
+
+    python bench/bench_inference.py --model-size tiny --device cpu                  # CPU smoke
+    python bench/bench_inference.py --model-size 100m --device cuda --samples 8000  # GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kd_core import cachefile  # noqa: E402
+from kd_core.config import TeacherConfig  # noqa: E402
+from kd_core.demo import build_corpus, train_tokenizer  # noqa: E402
+from kd_core.inference import InferenceStats, run_teacher  # noqa: E402
+from kd_core.teacher import Teacher, load_teacher  # noqa: E402
+from kd_core.verify import verify_rows  # noqa: E402
+
+SIZES = {  # Llama shapes; 100m is ~110M parameters with tied embeddings
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096),
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000),
+}
+
+
+def corpus(samples: int, workdir: Path, seed: int = 0) -> list[str]:
+    """Stdlib docstrings plus one module source in four (the long documents), shuffled, deterministic."""
+    build_corpus(workdir / "docstrings.parquet")
+    import pyarrow.parquet as pq
+
+    docs = pq.read_table(workdir / "docstrings.parquet").column("text").to_pylist()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sources = [p.read_text(errors="replace") for p in sorted(root.glob("*.py"))]
+    rng = random.Random(seed)
+    texts = rng.sample(docs, min(len(docs), samples - samples // 4))
+    texts += [sources[i % len(sources)] for i in range(samples - len(texts))]
+    rng.shuffle(texts)
+    return texts
+
+
+def build_teacher(args, texts: list[str], workdir: Path) -> tuple[Teacher, float]:
+    """Tokenizer + Llama from config, briefly trained, saved, then loaded through load_teacher."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    shape = dict(SIZES[args.model_size])
+    train_tokenizer(texts[: args.tokenizer_docs], workdir / "teacher", shape["vocab_size"])
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "teacher")
+    config = LlamaConfig(**shape, max_position_embeddings=args.max_length, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = LlamaForCausalLM(config).to(device)
+    stream = np.concatenate([np.asarray(x) for x in tokenizer(texts[:2000])["input_ids"]])
+    blocks = torch.from_numpy(stream[: len(stream) // 512 * 512].reshape(-1, 512)).to(device)  # (N, 512)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    loss = float("nan")
+    for _ in range(args.train_steps):
+        batch = blocks[torch.randint(len(blocks), (16,), generator=gen).to(device)]  # (16, 512)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss.item()
+    model.save_pretrained(workdir / "teacher")
+    del model, opt
+    teacher = load_teacher(TeacherConfig(model=str(workdir / "teacher"), device=args.device, dtype=args.dtype))
+    return teacher, loss
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def length_sorted_batches(tokenized: list[np.ndarray], batch_tokens: int) -> list[list[np.ndarray]]:
+    batches, batch = [], []
+    for ids in sorted(tokenized, key=len, reverse=True):
+        if batch and (len(batch) + 1) * len(batch[0]) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(ids)
+    return batches + [batch] if batch else batches
+
+
+def padded(batch: list[np.ndarray], width: int, device) -> torch.Tensor:
+    out = np.zeros((len(batch), width), dtype=np.int64)  # (B, T) right-padded
+    for b, ids in enumerate(batch):
+        out[b, : len(ids)] = ids
+    return torch.from_numpy(out).to(device)
+
+
+def bench_forward(teacher: Teacher, tokenized: list[np.ndarray], batch_tokens: int) -> float:
+    """(a): seconds for the bare forward over length-sorted batches (logits made and dropped)."""
+    batches = length_sorted_batches(tokenized, batch_tokens)
+    with torch.inference_mode():
+        sync(teacher.device)
+        start = time.perf_counter()
+        for batch in batches:
+            teacher.model(input_ids=padded(batch, len(batch[0]), teacher.device), use_cache=False).logits  # noqa: B018
+        sync(teacher.device)
+    return time.perf_counter() - start
+
+
+def bench_pipeline(teacher, texts, args, writer) -> dict:
+    """(b)/(b0)/(b2): run_teacher into `writer` (None drops rows). Steady state: 10%..90% of the tokens."""
+    stats, marks = InferenceStats(), []
+    start = time.perf_counter()
+    rows = run_teacher(teacher, enumerate(texts), top_k=args.top_k, max_length=args.max_length,
+                       batch_tokens=args.batch_tokens, stats=stats)
+    for r in rows:
+        if writer is not None:
+            writer.append_rows(r)
+        marks.append((time.perf_counter() - start, stats.tokens))
+    loop_s = time.perf_counter() - start
+    summary = writer.close() if writer is not None else None
+    total_s = time.perf_counter() - start
+    t, n = np.array(marks).T
+    lo, hi = np.searchsorted(n, 0.1 * n[-1]), np.searchsorted(n, 0.9 * n[-1])
+    steady = (n[hi] - n[lo]) / (t[hi] - t[lo]) if t[hi] > t[lo] else float("nan")
+    return {"tokens": stats.tokens, "loop_s": loop_s, "total_s": total_s, "steady": steady, "summary": summary}
+
+
+def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path) -> float:
+    """(c): pad to max_length, fixed batches in input order, fp32 log_softmax on (B, T, V), sync writes."""
+    batch_size = max(1, args.batch_tokens // args.max_length)
+    k, start = args.top_k, time.perf_counter()
+    with h5py.File(path, "w") as f, torch.inference_mode():
+        sets = {name: f.create_dataset(name, (0, *tail), maxshape=(None, *tail), dtype=dt, chunks=True)
+                for name, tail, dt in [("input_ids", (), np.uint32), ("topk_indices", (k,), np.uint32),
+                                       ("topk_logprobs", (k,), np.float16), ("logsumexp", (), np.float32)]}
+        for i in range(0, len(tokenized), batch_size):
+            batch = tokenized[i : i + batch_size]
+            logits = teacher.model(input_ids=padded(batch, args.max_length, teacher.device), use_cache=False).logits
+            logprobs = logits.float().log_softmax(-1)  # (B, T, V) float32
+            top, ids = logprobs.topk(k, dim=-1)  # (B, T, k)
+            lse = logits.float().logsumexp(-1)  # (B, T)
+            top, ids, lse = top.half().cpu().numpy(), ids.cpu().numpy().astype(np.uint32), lse.cpu().numpy()
+            for b, tokens in enumerate(batch):
+                n = len(tokens)
+                for name, data in (("input_ids", tokens), ("topk_indices", ids[b, :n]),
+                                   ("topk_logprobs", top[b, :n]), ("logsumexp", lse[b, :n])):
+                    sets[name].resize(sets[name].shape[0] + n, axis=0)
+                    sets[name][-n:] = data
+    return time.perf_counter() - start
+
+
+class ParallelGzipWriter:
+    """CacheWriter's layout and filters (shuffle + gzip, same chunks), compressed on a thread pool.
+
+    A prototype for kd_core.cachefile: full chunks are shuffled (a byte transpose, as HDF5's filter does) and
+    deflated (zlib, as HDF5's filter does) on worker threads, which zlib lets run in parallel since it
+    releases the GIL, then stored with write_direct_chunk. The bytes are what HDF5's own filters would write,
+    so any stock h5py reads the file (checked after writing).
+    """
+
+    def __init__(self, path: Path, *, top_k: int, vocab_size: int, attrs: dict, level: int = 1):
+        self.path, self.file = path, h5py.File(path, "w")
+        self.layout = cachefile.row_layout(top_k, vocab_size)
+        self.pool, self.level, self.inflight = ThreadPoolExecutor(os.cpu_count()), level, deque()
+        self.buffers = {name: [] for name in self.layout}
+        self.chunks_written = dict.fromkeys(self.layout, 0)
+        self.hashes = {name: hashlib.sha256() for name in self.layout}
+        self.offsets, self.sample_index = [0], []
+        for name, (tail, dtype) in self.layout.items():
+            rows = max(1024, cachefile.CHUNK_BYTES // (int(np.prod(tail, dtype=np.int64)) * dtype.itemsize))
+            self.file.create_dataset(name, (0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(rows, *tail),
+                                     compression="gzip", compression_opts=level, shuffle=True)
+        cachefile.write_attrs(self.file, {**attrs, "format_version": cachefile.FORMAT_VERSION,
+                                          "top_k": top_k, "vocab_size": vocab_size})
+
+    def _deflate(self, chunk: np.ndarray) -> bytes:
+        shuffled = chunk.reshape(-1).view(np.uint8).reshape(-1, chunk.dtype.itemsize).T  # byte planes
+        return zlib.compress(np.ascontiguousarray(shuffled), self.level)
+
+    def _submit(self, name: str, final: bool) -> None:
+        dataset = self.file[name]
+        rows = dataset.chunks[0]
+        data = np.concatenate(self.buffers[name]) if self.buffers[name] else dataset[:0]
+        full = len(data) // rows * rows
+        if final and len(data) > full:  # the last chunk is stored whole, padded; the extent hides the pad
+            data = np.concatenate([data, np.zeros((full + rows - len(data), *data.shape[1:]), data.dtype)])
+            full += rows
+        for start in range(0, full, rows):
+            index = self.chunks_written[name]
+            self.chunks_written[name] += 1
+            self.inflight.append((name, index, self.pool.submit(self._deflate, data[start : start + rows])))
+        self.buffers[name] = [data[full:]] if len(data) > full else []
+
+    def _drain(self, keep: int) -> None:
+        while len(self.inflight) > keep:
+            name, index, future = self.inflight.popleft()
+            dataset = self.file[name]
+            rows = dataset.chunks[0]
+            if dataset.shape[0] < (index + 1) * rows:
+                dataset.resize((index + 1) * rows, axis=0)
+            dataset.id.write_direct_chunk((index * rows,) + (0,) * (dataset.ndim - 1), future.result())
+
+    def append_rows(self, r) -> None:
+        for name, (_, dtype) in self.layout.items():
+            array = np.ascontiguousarray(getattr(r, name), dtype=dtype)
+            self.hashes[name].update(array)
+            self.buffers[name].append(array)
+            if sum(map(len, self.buffers[name])) >= self.file[name].chunks[0]:
+                self._submit(name, final=False)
+        self.offsets.append(self.offsets[-1] + len(r.input_ids))
+        self.sample_index.append(r.sample_index)
+        self._drain(keep=4 * os.cpu_count())
+
+    def close(self) -> dict:
+        for name in self.layout:
+            self._submit(name, final=True)
+        self._drain(keep=0)
+        total = self.offsets[-1]
+        for name in self.layout:
+            self.file[name].resize(total, axis=0)
+        self.file.create_dataset("offsets", data=np.asarray(self.offsets, np.int64), **cachefile.COMPRESSION)
+        self.file.create_dataset("sample_index", data=np.asarray(self.sample_index, np.int64),
+                                 **cachefile.COMPRESSION)
+        self.file.close()
+        self.pool.shutdown()
+        with h5py.File(self.path, "r") as f:  # a stock reader decodes exactly what was appended
+            for name, digest in self.hashes.items():
+                assert hashlib.sha256(f[name][:]).hexdigest() == digest.hexdigest(), name
+        return {"num_tokens": total}
+
+
+def stored_sizes(path: Path) -> dict[str, int]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name].id.get_storage_size() for name in f}
+
+
+def sweep(path: Path, rows: int, threads: int) -> list[tuple[str, float, float]]:
+    """Bytes per row of /topk_indices and /topk_logprobs under other lossless stock settings (HDF5 stores
+    each chunk as deflate(shuffle(chunk)), so zlib on the same bytes gives the stored size)."""
+    with h5py.File(path, "r") as f:
+        data = {name: f[name][:rows] for name in ("topk_indices", "topk_logprobs")}
+
+    def size(array, chunk_bytes, level, shuffle):
+        n = max(1024, chunk_bytes // array[0].nbytes)
+        def one(chunk):
+            b = chunk.reshape(-1).view(np.uint8)
+            b = b.reshape(-1, chunk.dtype.itemsize).T if shuffle else b
+            return len(zlib.compress(np.ascontiguousarray(b), level))
+        with ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(one, [array[i : i + n] for i in range(0, len(array), n)])) / len(array)
+
+    settings = [("gzip1 shuffle 1MiB (CacheWriter)", 1 << 20, 1, True), ("gzip1 no shuffle 1MiB", 1 << 20, 1, False),
+                ("gzip4 shuffle 1MiB", 1 << 20, 4, True), ("gzip9 shuffle 1MiB", 1 << 20, 9, True),
+                ("gzip1 shuffle 4MiB", 1 << 22, 1, True), ("gzip6 shuffle 4MiB", 1 << 22, 6, True),
+                ("gzip1 shuffle 64KiB", 1 << 16, 1, True)]
+    return [(label, size(data["topk_indices"], cb, lv, sh), size(data["topk_logprobs"], cb, lv, sh))
+            for label, cb, lv, sh in settings]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", choices=SIZES, default="tiny")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--batch-tokens", type=int, default=32768)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--train-steps", type=int, default=200)
+    p.add_argument("--tokenizer-docs", type=int, default=3000, help="texts the tokenizer is trained on")
+    p.add_argument("--naive-samples", type=int, default=None, help="run (c) on the first N samples only")
+    p.add_argument("--sweep-rows", type=int, default=1 << 19)
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    texts = corpus(args.samples, workdir)
+    teacher, loss = build_teacher(args, texts, workdir)
+    tokenized = [np.asarray(x, np.int64) for x in teacher.tokenize_many(texts, args.max_length)]
+    tokens = sum(map(len, tokenized))
+    lengths = np.array(list(map(len, tokenized)))
+    params = sum(p.numel() for p in teacher.model.parameters())
+    print(f"# setup {time.perf_counter() - t0:.0f} s: {params / 1e6:.0f}M params, vocab {teacher.vocab_size}, "
+          f"{teacher.dtype}, {teacher.device} ({torch.cuda.get_device_name() if teacher.device.type == 'cuda' else ''})"
+          f", train loss {loss:.2f}; {len(texts)} samples, {tokens} tokens, length p10/p50/p90/max "
+          f"{np.percentile(lengths, [10, 50, 90]).astype(int).tolist()}/{lengths.max()}, "
+          f"{(lengths == args.max_length).mean():.0%} truncated at {args.max_length}", flush=True)
+
+    bench_forward(teacher, tokenized[: max(1, len(tokenized) // 20)], args.batch_tokens)  # warm-up
+    forward_s = bench_forward(teacher, tokenized, args.batch_tokens)
+    attrs = {"teacher": args.model_size}
+    k, vocab = args.top_k, teacher.vocab_size
+    dropped = bench_pipeline(teacher, texts, args, None)
+    ours = bench_pipeline(teacher, texts, args, cachefile.CacheWriter(
+        workdir / "ours.h5", top_k=k, vocab_size=vocab, attrs=attrs))
+    parallel = bench_pipeline(teacher, texts, args, ParallelGzipWriter(
+        workdir / "parallel.h5", top_k=k, vocab_size=vocab, attrs=attrs))
+    naive_tok = tokenized[: args.naive_samples]
+    naive_s = bench_naive(teacher, naive_tok, args, workdir / "naive.h5")
+    naive_tokens = sum(map(len, naive_tok))
+
+    a = tokens / forward_s
+    rate = lambda r: (tokens / r["total_s"], tokens / r["loop_s"], r["steady"])  # noqa: E731
+    rows = [("(a) bare forward, sorted batches", (a, a, a)), ("(b) run_teacher + CacheWriter", rate(ours)),
+            ("(b0) run_teacher, rows dropped", rate(dropped)), ("(b2) run_teacher + ParallelGzipWriter", rate(parallel))]
+    c = naive_tokens / naive_s
+    print(f"\n| step | tok/s incl. close | tok/s until last row | tok/s steady (10-90%) | vs (a) steady |")
+    print("|---|---:|---:|---:|---:|")
+    for label, (total, loop, steady) in rows:
+        print(f"| {label} | {total:,.0f} | {loop:,.0f} | {steady:,.0f} | {steady / a:.2f} |")
+    print(f"| (c) naive (pad to {args.max_length}, fp32 log_softmax, sync writes) | {c:,.0f} | {c:,.0f} | {c:,.0f} "
+          f"| {c / a:.2f} |")
+    print(f"\n(b)/(c) = {tokens / ours['total_s'] / c:.2f} (incl. close), steady {ours['steady'] / c:.2f}")
+
+    print("\n| file | bytes/token | topk_indices | topk_logprobs | input_ids | logsumexp | offsets+sample_index |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, path, n in (("(b) CacheWriter", "ours.h5", tokens), ("(b2) ParallelGzipWriter", "parallel.h5", tokens),
+                           ("(c) naive, uncompressed", "naive.h5", naive_tokens)):
+        sizes = stored_sizes(workdir / path)
+        per = {name: v / n for name, v in sizes.items()}
+        print(f"| {label} | {os.path.getsize(workdir / path) / n:.1f} | {per['topk_indices']:.1f} | "
+              f"{per['topk_logprobs']:.1f} | {per['input_ids']:.1f} | {per['logsumexp']:.1f} | "
+              f"{per.get('offsets', 0) + per.get('sample_index', 0):.2f} |")
+    print(f"naive layout by arithmetic: {4 + 4 + 6 * k} B/token (uint32 ids + fp16 log-probs, + input id + lse)")
+
+    print(f"\n| lossless stock setting (first {args.sweep_rows} rows) | topk_indices B/token | "
+          "topk_logprobs B/token | sum |")
+    print("|---|---:|---:|---:|")
+    for label, ids_b, lp_b in sweep(workdir / "ours.h5", args.sweep_rows, os.cpu_count()):
+        print(f"| {label} | {ids_b:.1f} | {lp_b:.1f} | {ids_b + lp_b:.1f} |")
+
+    with cachefile.CacheReader(workdir / "ours.h5") as reader:
+        sample = [reader[i] for i in range(min(8, len(reader)))]
+    for label, dtype in (("float32", torch.float32), (f"{teacher.dtype} (teacher's own)", teacher.dtype)):
+        rep = verify_rows(teacher, sample, top_k=k, dtype=dtype)
+        print(f"\nverify vs {label} reference, {rep.samples} samples/{rep.positions} positions: max |logprob err| "
+              f"{rep.max_logprob_error:.4f}, max |lse err| {rep.max_logsumexp_error:.4f}, top-k mismatches "
+              f"{rep.topk_mismatches}, logprob outliers {rep.logprob_outliers}, ok={rep.ok}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The five steps end to end: a real run over a real corpus, checked against the teacher recomputed in float32."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from kd_core import pipeline
+from kd_core.cachefile import CacheReader
+from kd_core.config import TeacherConfig
+from kd_core.teacher import load_teacher
+
+
+def overrides(teacher_dir, corpus_path, out, **extra):
+    base = {
+        "teacher": {"model": str(teacher_dir), "batch_tokens": 2048},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 40},
+        "cache": {"top_k": 8, "max_length": 64},
+        "output": {"uri": str(out)},
+        "run": {"num_shards": 3},
+    }
+    for section, values in extra.items():
+        base[section].update(values)
+    return base
+
+
+def run_steps(profile, over):
+    config = pipeline.validate(profile, over)
+    est = pipeline.estimate(config)
+    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config, est)]
+    return config, est, pipeline.merge(config, records)
+
+
+def reference(model, input_ids, k):
+    """The teacher alone in float32 on one sample: full log-probs (L, V), top-k ids and log-probs (L, k), lse (L,)"""
+    with torch.no_grad():
+        logits = model(torch.as_tensor(input_ids)[None]).logits[0].float()  # (L, V)
+    logprobs = logits.log_softmax(-1)
+    top = logprobs.topk(k, dim=-1)
+    return logprobs.numpy(), top.indices.numpy(), top.values.numpy(), logits.logsumexp(-1).numpy()
+
+
+def test_cache_matches_the_teacher_in_float32(teacher_dir, corpus_path, corpus_texts, tmp_path):
+    """vocab 70000 > tokenizer: uint32 ids; three shards merged back in sample order; empty rows skipped."""
+    config, est, manifest = run_steps("testing", overrides(teacher_dir, corpus_path, tmp_path))
+    teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
+    with CacheReader(pipeline.resolve_cache_uri(str(tmp_path))) as reader:
+        assert reader.file["topk_indices"].dtype == np.uint32
+        assert len(reader) == 38 == manifest["num_samples"]  # 40 rows, rows 3 and 7 hold no text
+        assert manifest["skipped_empty"] == 2
+        assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(40) if i not in (3, 7)]
+        saw_big_id = False
+        for i in range(len(reader)):
+            row = reader[i]
+            text = corpus_texts[row["sample_index"]]
+            want_ids = teacher.tokenizer(text, truncation=True, max_length=64)["input_ids"]
+            np.testing.assert_array_equal(row["input_ids"], want_ids)
+            full, ids, logprobs, lse = reference(teacher.model, want_ids, 8)
+            np.testing.assert_allclose(row["logsumexp"], lse, atol=1e-2)
+            np.testing.assert_allclose(row["topk_logprobs"], logprobs, rtol=2e-3, atol=1e-3)
+            # Top-k sets equal, ties aside: an id that differs must tie (in float32) with the k-th log-prob.
+            for t, (got, want) in enumerate(zip(row["topk_indices"], ids)):
+                for extra in set(got) - set(want):
+                    assert abs(full[t, extra] - logprobs[t, -1]) < 1e-4
+            saw_big_id |= bool((row["topk_indices"] > 65535).any())
+        assert saw_big_id
+        attrs = reader.attrs
+    assert attrs["teacher_model"] == str(teacher_dir) and attrs["vocab_size"] == 70000
+    assert attrs["top_k"] == 8 and attrs["max_length"] == 64 and attrs["max_samples"] == 40
+    assert json.loads(attrs["config"])["dataset"]["data_files"] == str(corpus_path)
+
+
+def test_estimate_is_within_25_percent_of_the_real_file(small_teacher_dir, teacher_dir, corpus_path, tmp_path):
+    for name, teacher in (("small", small_teacher_dir), ("big-vocab", teacher_dir)):
+        over = overrides(teacher, corpus_path, tmp_path / name, dataset={"max_samples": 120},
+                         cache={"top_k": 16, "max_length": 128})
+        _, est, manifest = run_steps("testing", over)
+        assert est.upper_bound_bytes >= manifest["file_bytes"]
+        assert abs(est.expected_bytes - manifest["file_bytes"]) <= 0.25 * manifest["file_bytes"], (name, est, manifest)
+        assert abs(est.expected_tokens - manifest["num_tokens"]) <= 0.1 * manifest["num_tokens"]
+
+
+def test_the_seed_figure_is_fixed():
+    from kd_core.storage import upper_bound_bytes
+
+    # 1M samples x 2048 tokens x top-64 at 6 bytes per entry (uint32 id + fp16) is ~786 GB, not 768 MB.
+    entries = 1_000_000 * 2048 * 64 * 6
+    assert entries == 786_432_000_000
+    bound = upper_bound_bytes(num_samples=1_000_000, max_length=2048, top_k=64, vocab_size=151_936)
+    assert entries < bound < entries * 1.03  # plus input ids, logsumexp, offsets
+
+
+def test_rerun_with_the_same_inputs_is_up_to_date(small_teacher_dir, corpus_path, tmp_path):
+    over = overrides(small_teacher_dir, corpus_path, tmp_path, run={"num_shards": 1})
+    config, _, manifest = run_steps("testing", over)
+    assert pipeline.published(config) == manifest
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+
+
+def test_budget_exceeded_fails_in_estimate(small_teacher_dir, corpus_path, tmp_path):
+    from kd_core.errors import StorageError
+
+    config = pipeline.validate("testing", overrides(small_teacher_dir, corpus_path, tmp_path, output={"max_bytes": 1000}))
+    with pytest.raises(StorageError, match=r"output\.max_bytes: the cache is expected to take .* over the limit of 1\.0 KB"):
+        pipeline.estimate(config)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_kd_cache_run_demo_profile(tmp_path):
+    """The README's main command, on the demo profile, read back and checked against the teacher in float32."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    out = tmp_path / "demo"
+    cli = [sys.executable, "-m", "kd_core.cli"]
+    done = subprocess.run([*cli, "run", "--profile", "demo", f"output.uri={out}"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote" in done.stdout and "200 samples" in done.stdout
+    verify = subprocess.run([*cli, "verify", str(out), "--samples", "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr[-2000:]
+    with h5py.File(pipeline.resolve_cache_uri(str(out))) as f:
+        assert f.attrs["num_samples"] == 200 and f["topk_logprobs"].shape[1] == 16
+    inspect = subprocess.run([*cli, "inspect", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 0 and "samples     200" in inspect.stdout
+
+
+def test_guard_refuses_before_anything_is_touched(tmp_path, monkeypatch):
+    """The max_samples guard fires before the teacher's config, the dataset or the output are touched."""
+    import kd_core.teacher
+
+    monkeypatch.setattr(kd_core.teacher, "teacher_vocab_size", lambda cfg: pytest.fail("teacher touched"))
+    monkeypatch.setattr("kd_core.data.load_source", lambda cfg: pytest.fail("dataset touched"))
+    from kd_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dataset.max_samples is required"):
+        pipeline.validate("testing", {"dataset": {"max_samples": None}, "output": {"uri": str(tmp_path / "o")}})
+    assert not (tmp_path / "o").exists()
+    cli = subprocess.run([sys.executable, "-m", "kd_core.cli", "run", "--profile", "testing", "dataset.max_samples=null",
+                          f"output.uri={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2
+    assert cli.stderr.startswith("kd-cache run: dataset.max_samples is required") and "Traceback" not in cli.stderr
+    assert not (tmp_path / "o").exists()

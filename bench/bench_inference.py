@@ -3,7 +3,8 @@
 One run, one teacher, one set of texts:
   (a) bare forward   length-sorted batches under the same token budget, logits made and dropped.
   (b) run_teacher    the real pipeline, writing the cache with kd_core.cachefile.CacheWriter.
-  (b0)               run_teacher with the rows dropped (the pipeline without the writer).
+  (b0)               run_teacher with the rows kept in memory (the pipeline without a writer); then each
+                     writer alone on those rows (how fast it can take them).
   (b2)               run_teacher with ParallelGzipWriter below (same file format, compression on all cores).
   (c) naive          every sample padded to max_length, fixed batch size, float32 log_softmax over (B, T, V),
                      topk, synchronous uncompressed writes (uint32 ids).
@@ -13,8 +14,11 @@ Text: the standard library's docstrings and, for long documents, its module sour
 no network). Teacher: a Llama built from config, trained for a few hundred steps on that text so that its
 distributions are peaked like a real teacher's, with a byte-level BPE tokenizer trained on the same text.
 
-    python bench/bench_inference.py --model-size tiny --device cpu                  # CPU smoke
-    python bench/bench_inference.py --model-size 100m --device cuda --samples 8000  # GPU, bf16
+    # CPU smoke
+    python bench/bench_inference.py --model-size tiny --device cpu --samples 400 --max-length 512 --batch-tokens 4096 --window-tokens 16384 --train-steps 30
+    # GPU, bf16
+    python bench/bench_inference.py --model-size 100m --device cuda --samples 8000 --window-tokens 262144
+(docs/PERFORMANCE.md has the runs and what they show.)
 """
 
 from __future__ import annotations
@@ -45,25 +49,24 @@ from kd_core.inference import InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import Teacher, load_teacher  # noqa: E402
 from kd_core.verify import verify_rows  # noqa: E402
 
-SIZES = {  # Llama shapes; 100m is ~110M parameters with tied embeddings
+SIZES = {  # Llama shapes, tied embeddings: 100m is ~110M parameters, 1b ~1.0B
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096),
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B's shape
 }
 
 
 def corpus(samples: int, workdir: Path, seed: int = 0) -> list[str]:
-    """Stdlib docstrings plus one module source in four (the long documents), shuffled, deterministic."""
-    build_corpus(workdir / "docstrings.parquet")
+    """Stdlib docstrings (short to medium) and module sources (many past 2048 tokens), shuffled, deterministic."""
     import pyarrow.parquet as pq
 
-    docs = pq.read_table(workdir / "docstrings.parquet").column("text").to_pylist()
+    build_corpus(workdir / "docstrings.parquet")
+    pool = pq.read_table(workdir / "docstrings.parquet").column("text").to_pylist()
     root = Path(sysconfig.get_paths()["stdlib"])
-    sources = [p.read_text(errors="replace") for p in sorted(root.glob("*.py"))]
-    rng = random.Random(seed)
-    texts = rng.sample(docs, min(len(docs), samples - samples // 4))
-    texts += [sources[i % len(sources)] for i in range(samples - len(texts))]
-    rng.shuffle(texts)
-    return texts
+    pool += [p.read_text(errors="replace") for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+    random.Random(seed).shuffle(pool)
+    return [pool[i % len(pool)] for i in range(samples)]
 
 
 def build_teacher(args, texts: list[str], workdir: Path) -> tuple[Teacher, float]:
@@ -111,11 +114,26 @@ def length_sorted_batches(tokenized: list[np.ndarray], batch_tokens: int) -> lis
     return batches + [batch] if batch else batches
 
 
-def padded(batch: list[np.ndarray], width: int, device) -> torch.Tensor:
-    out = np.zeros((len(batch), width), dtype=np.int64)  # (B, T) right-padded
+def padded(batch: list[np.ndarray], width: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros((len(batch), width), dtype=torch.int64, pin_memory=device.type == "cuda")  # (B, T)
     for b, ids in enumerate(batch):
-        out[b, : len(ids)] = ids
-    return torch.from_numpy(out).to(device)
+        out[b, : len(ids)] = torch.from_numpy(ids)
+    return out.to(device, non_blocking=True)
+
+
+def real_fraction(lengths: list[int], batch_tokens: int, window_tokens: int) -> float:
+    """Real tokens over computed (padded) tokens when windows of window_tokens are sorted and batched."""
+    from kd_core.inference import _batches
+
+    computed, start = 0, 0
+    while start < len(lengths):
+        end, size = start, 0
+        while end < len(lengths) and size < window_tokens:
+            size, end = size + lengths[end], end + 1
+        window = [(j, range(lengths[j])) for j in range(start, end)]
+        computed += sum(len(b) * lengths[window[b[0]][0]] for b in _batches(window, batch_tokens))
+        start = end
+    return sum(lengths) / computed
 
 
 def bench_forward(teacher: Teacher, tokenized: list[np.ndarray], batch_tokens: int) -> float:
@@ -130,23 +148,72 @@ def bench_forward(teacher: Teacher, tokenized: list[np.ndarray], batch_tokens: i
     return time.perf_counter() - start
 
 
-def bench_pipeline(teacher, texts, args, writer) -> dict:
-    """(b)/(b0)/(b2): run_teacher into `writer` (None drops rows). Steady state: 10%..90% of the tokens."""
-    stats, marks = InferenceStats(), []
+def bench_pipeline(teacher, texts, args, writer, keep: list | None = None) -> dict:
+    """(b)/(b0)/(b2): run_teacher into `writer` (None: rows appended to `keep`). Seconds until the last row
+    (this includes the pipeline's fill: the first look-ahead window runs before any row comes out) and with
+    the writer's close."""
+    stats = InferenceStats()
     start = time.perf_counter()
     rows = run_teacher(teacher, enumerate(texts), top_k=args.top_k, max_length=args.max_length,
-                       batch_tokens=args.batch_tokens, stats=stats)
+                       batch_tokens=args.batch_tokens, stats=stats, window_tokens=args.window_tokens)
     for r in rows:
         if writer is not None:
             writer.append_rows(r)
-        marks.append((time.perf_counter() - start, stats.tokens))
+        else:
+            keep.append(r)
     loop_s = time.perf_counter() - start
-    summary = writer.close() if writer is not None else None
-    total_s = time.perf_counter() - start
-    t, n = np.array(marks).T
-    lo, hi = np.searchsorted(n, 0.1 * n[-1]), np.searchsorted(n, 0.9 * n[-1])
-    steady = (n[hi] - n[lo]) / (t[hi] - t[lo]) if t[hi] > t[lo] else float("nan")
-    return {"tokens": stats.tokens, "loop_s": loop_s, "total_s": total_s, "steady": steady, "summary": summary}
+    if writer is not None:
+        writer.close()
+    return {"tokens": stats.tokens, "loop_s": loop_s, "total_s": time.perf_counter() - start}
+
+
+def bench_writer(rows: list, writer) -> float:
+    """Seconds for a writer alone to take rows already in memory, close included."""
+    start = time.perf_counter()
+    for r in rows:
+        writer.append_rows(r)
+    writer.close()
+    return time.perf_counter() - start
+
+
+def breakdown(teacher: Teacher, tokenized: list[np.ndarray], args) -> list[tuple[str, float]]:
+    """Milliseconds per piece of one full batch (the longest samples), medians of 5 after a warm-up."""
+    from kd_core import inference
+
+    batch = length_sorted_batches(tokenized, args.batch_tokens)[0]
+    x = padded(batch, len(batch[0]), teacher.device)  # (B, T)
+    model, k = teacher.model, args.top_k
+
+    def ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            sync(teacher.device)
+            start = time.perf_counter()
+            fn()
+            sync(teacher.device)
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
+
+    with torch.inference_mode():
+        hidden = model.base_model(input_ids=x, use_cache=False).last_hidden_state.flatten(0, 1)  # (N, H)
+        logits = model.get_output_embeddings()(hidden)  # (N, V)
+        chunks = logits.split(max(1, inference.CHUNK_ELEMENTS // logits.shape[-1]))
+        out = [(f"full forward, logits for all {x.numel()} positions (B={len(batch)}, T={x.shape[1]})",
+                ms(lambda: model(input_ids=x, use_cache=False).logits)),
+               ("body (no lm_head)", ms(lambda: model.base_model(input_ids=x, use_cache=False))),
+               ("lm_head on the real rows", ms(lambda: model.get_output_embeddings()(hidden))),
+               ("logsumexp, eager float32 upcast", ms(lambda: [inference._logsumexp_float32(c) for c in chunks])),
+               ("logsumexp as run (compiled on CUDA)", ms(lambda: [inference._logsumexp(c) for c in chunks])),
+               (f"top-{k}, plain torch.topk", ms(lambda: [c.topk(k, dim=-1) for c in chunks]))]
+        out.append(("topk_logprobs as run", ms(lambda: inference.topk_logprobs(logits, k))))
+        out.append(("run_teacher's forward (body + head on real rows + topk_logprobs)",
+                    ms(lambda: inference._Forward(model, k)(x, torch.arange(x.numel(), device=x.device)))))
+    return out
+
+
+def rates(result: dict, tokens: int) -> tuple[float, float]:
+    return tokens / result["loop_s"], tokens / result["total_s"]
 
 
 def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path) -> float:
@@ -290,6 +357,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=32768)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--window-tokens", type=int, default=None, help="run_teacher's look-ahead (default: its own)")
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--tokenizer-docs", type=int, default=3000, help="texts the tokenizer is trained on")
     p.add_argument("--naive-samples", type=int, default=None, help="run (c) on the first N samples only")
@@ -311,12 +379,24 @@ def main() -> None:
           f", train loss {loss:.2f}; {len(texts)} samples, {tokens} tokens, length p10/p50/p90/max "
           f"{np.percentile(lengths, [10, 50, 90]).astype(int).tolist()}/{lengths.max()}, "
           f"{(lengths == args.max_length).mean():.0%} truncated at {args.max_length}", flush=True)
+    window = args.window_tokens or 32 * args.batch_tokens  # run_teacher's default
+    print(f"# real/computed tokens: (a) whole set sorted {real_fraction(sorted(lengths), args.batch_tokens, 1 << 62):.3f}"
+          f", (b) windows of {window} tokens {real_fraction(lengths.tolist(), args.batch_tokens, window):.3f}"
+          f", (c) padded to max_length {tokens / (len(lengths) * args.max_length):.3f}")
 
+    k, vocab, attrs = args.top_k, teacher.vocab_size, {"teacher": args.model_size}
+    print("\n| piece of one batch | ms |\n|---|---:|")
+    for label, ms in breakdown(teacher, tokenized, args):
+        print(f"| {label} | {ms:.2f} |")
     bench_forward(teacher, tokenized[: max(1, len(tokenized) // 20)], args.batch_tokens)  # warm-up
+    list(run_teacher(teacher, enumerate(texts[:100]), top_k=k, max_length=args.max_length,
+                     batch_tokens=args.batch_tokens))  # warm-up (compiles the logsumexp kernel on CUDA)
     forward_s = bench_forward(teacher, tokenized, args.batch_tokens)
-    attrs = {"teacher": args.model_size}
-    k, vocab = args.top_k, teacher.vocab_size
-    dropped = bench_pipeline(teacher, texts, args, None)
+    kept: list = []
+    no_writer = bench_pipeline(teacher, texts, args, None, keep=kept)
+    alone = {name: tokens / bench_writer(kept, cls(workdir / f"alone-{name}.h5", top_k=k, vocab_size=vocab, attrs=attrs))
+             for name, cls in (("CacheWriter", cachefile.CacheWriter), ("ParallelGzipWriter", ParallelGzipWriter))}
+    del kept
     ours = bench_pipeline(teacher, texts, args, cachefile.CacheWriter(
         workdir / "ours.h5", top_k=k, vocab_size=vocab, attrs=attrs))
     parallel = bench_pipeline(teacher, texts, args, ParallelGzipWriter(
@@ -325,18 +405,16 @@ def main() -> None:
     naive_s = bench_naive(teacher, naive_tok, args, workdir / "naive.h5")
     naive_tokens = sum(map(len, naive_tok))
 
-    a = tokens / forward_s
-    rate = lambda r: (tokens / r["total_s"], tokens / r["loop_s"], r["steady"])  # noqa: E731
-    rows = [("(a) bare forward, sorted batches", (a, a, a)), ("(b) run_teacher + CacheWriter", rate(ours)),
-            ("(b0) run_teacher, rows dropped", rate(dropped)), ("(b2) run_teacher + ParallelGzipWriter", rate(parallel))]
-    c = naive_tokens / naive_s
-    print(f"\n| step | tok/s incl. close | tok/s until last row | tok/s steady (10-90%) | vs (a) steady |")
-    print("|---|---:|---:|---:|---:|")
-    for label, (total, loop, steady) in rows:
-        print(f"| {label} | {total:,.0f} | {loop:,.0f} | {steady:,.0f} | {steady / a:.2f} |")
-    print(f"| (c) naive (pad to {args.max_length}, fp32 log_softmax, sync writes) | {c:,.0f} | {c:,.0f} | {c:,.0f} "
-          f"| {c / a:.2f} |")
-    print(f"\n(b)/(c) = {tokens / ours['total_s'] / c:.2f} (incl. close), steady {ours['steady'] / c:.2f}")
+    a, c = tokens / forward_s, naive_tokens / naive_s
+    rows = [("(a) bare forward, sorted batches", a, a), ("(b) run_teacher + CacheWriter", *rates(ours, tokens)),
+            ("(b0) run_teacher, rows kept in memory", *rates(no_writer, tokens)),
+            ("(b2) run_teacher + ParallelGzipWriter", *rates(parallel, tokens)),
+            (f"(c) naive (pad to {args.max_length}, fp32 log_softmax, sync writes)", c, c),
+            *((f"{name} alone, rows from memory", r, r) for name, r in alone.items())]
+    print("\n| step | tok/s until last row | vs (a) | tok/s incl. close | vs (a) |\n|---|---:|---:|---:|---:|")
+    for label, loop, total in rows:
+        print(f"| {label} | {loop:,.0f} | {loop / a:.2f} | {total:,.0f} | {total / a:.2f} |")
+    print(f"\n(b)/(c) = {tokens / ours['loop_s'] / c:.2f} until last row, {tokens / ours['total_s'] / c:.2f} incl. close")
 
     print("\n| file | bytes/token | topk_indices | topk_logprobs | input_ids | logsumexp | offsets+sample_index |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -250,6 +250,8 @@ def describe_validation_error(error: ValidationError) -> str:
             lines.append(f"{key}: required, set it in the profile or as {key}=VALUE.")
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}).")
+    if len(lines) == 1:  # the usual case: one line that names the key
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -60,6 +60,9 @@ def load_source(cfg: DatasetConfig):
         raise ConfigError(f"dataset.name / dataset.data_files: dataset not found ({e}). Fix the name or the file paths.") from None
     except ValueError as e:
         raise ConfigError(f"dataset: could not load {cfg.name!r} split {cfg.split!r}: {e}") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # e.g. an empty parquet file: the cause says which
+        raise ConfigError(f"dataset: could not read {cfg.name!r} split {cfg.split!r} ({e.__cause__ or e}). "
+                          "An empty or damaged data file reads like this: fix dataset.data_files.") from None
 
 
 def _column_names(source) -> list[str] | None:
@@ -111,4 +114,8 @@ def probe_texts(cfg: DatasetConfig, source, n: int) -> list[str]:
     stop = n if cfg.max_samples is None else min(n, cfg.max_samples)
     if not cfg.streaming:
         stop = min(stop, len(source))
-    return [text for _, text in iter_texts(cfg, source, 0, stop)]
+    try:
+        return [text for _, text in iter_texts(cfg, source, 0, stop)]
+    except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors: an empty parquet file fails this way
+        raise ConfigError(f"dataset: could not read {cfg.name!r} split {cfg.split!r} ({type(e).__name__}: {e}). "
+                          "An empty or damaged data file reads like this: fix dataset.data_files.") from None

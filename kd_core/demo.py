@@ -27,6 +27,9 @@ import torch
 
 from kd_core.errors import ConfigError
 
+# tokenizers and transformers are imported inside the builders: resolve_path on a built cache (config
+# validation) should not pay their seconds of import time.
+
 log = logging.getLogger("kd_core.demo")
 
 DEMO_PREFIX = "@demo/"
@@ -42,7 +45,7 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 _DEMO_VOCAB = 4096
 _DEMO_HIDDEN = 128
 _DEMO_LAYERS = 2
-_DEMO_TRAIN_STEPS = 300
+_DEMO_TRAIN_STEPS = 200
 _DEMO_SEQ_LEN = 128
 
 
@@ -163,20 +166,24 @@ def _train(model, blocks: torch.Tensor, steps: int, seed: int, batch_size: int =
         model.train()
         return loss
 
-    before, start = probe_loss(), time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]  # (B, L)
-        model(input_ids=batch, labels=batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    # One thread: these matrices are too small to split well, and when another process holds a core (a Prefect
+    # server, a test run) two threads that sync on every op were measured 5-10x slower; one thread, about 2x.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before, start = probe_loss(), time.perf_counter()
+        for _ in range(steps):
+            batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]  # (B, L)
+            model(input_ids=batch, labels=batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        seconds, after = time.perf_counter() - start, probe_loss()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
-    log.info(
-        "trained teacher %d steps in %.1f s: loss %.2f -> %.2f", steps, time.perf_counter() - start, before,
-        probe_loss(),
-    )
+    log.info("trained teacher %d steps in %.1f s: loss %.2f -> %.2f", steps, seconds, before, after)
 
 
 def build_teacher(

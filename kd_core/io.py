@@ -59,7 +59,7 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
                     f"{what}: still failing after {attempt} attempts ({type(e).__name__}: {e}). Check the endpoint, "
                     "network and credentials, then run again: completed parts are kept and nothing was published."
                 ) from None
-            log.warning("%s: %s (attempt %d), retrying in %.0f s", what, type(e).__name__, attempt, delay)
+            log.warning("%s: %s (attempt %d), retrying in %.1f s", what, type(e).__name__, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -77,7 +77,11 @@ def join(uri: str, *parts: str) -> str:
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(uri, **(storage_options or {}))
+    if is_local(uri):
+        return url_to_fs(uri, **(storage_options or {}))
+    # No listings cache: other processes (shard workers, a concurrent run) write here, and a stale listing
+    # would hide their records and locks from this one.
+    return url_to_fs(uri, **{"use_listings_cache": False, **(storage_options or {})})
 
 
 def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -28,6 +28,11 @@ LEASE_SECONDS = 120.0  # a dead holder's lock is taken over after this long
 REFRESH_SECONDS = LEASE_SECONDS / 4
 
 
+# Tokens of locks this process held but could not remove (the target was down): a later run in this process
+# may take them over at once, since their holder is known to be gone.
+_unreleased: set[str] = set()
+
+
 class LockedError(StorageError):
     """Another live run holds the lock."""
 
@@ -62,7 +67,7 @@ class LeaseLock:
             return None
 
     def _stale(self, held: dict[str, Any]) -> bool:
-        if held.get("expires", 0) < time.time():
+        if held.get("expires", 0) < time.time() or held.get("token") in _unreleased:
             return True
         return held.get("host") == self.owner["host"] and not _pid_alive(int(held.get("pid", -1)))
 
@@ -105,9 +110,14 @@ class LeaseLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        held = self._read()
-        if held is not None and held.get("token") == self.owner["token"]:
-            io.remove(self.uri, self.opts)
+        try:
+            held = self._read()
+            if held is not None and held.get("token") == self.owner["token"]:
+                io.remove(self.uri, self.opts)
+        except Exception as e:  # never hide the error that ended the run; the lease expires by itself
+            _unreleased.add(self.owner["token"])
+            log.warning("could not release the lock of %s (%s: %s); it expires in %.0f s",
+                        self.what, type(e).__name__, e, LEASE_SECONDS)
 
     def __enter__(self) -> "LeaseLock":
         self.acquire()

@@ -52,18 +52,23 @@ def teacher_inference(config: Config, shard: ShardSpec) -> dict[str, Any]:
     return record
 
 
+class ShardFailedError(KDCacheError):
+    """A shard's flow run on gpu-pool ended in a state other than Completed (after its own retries)."""
+
+
 @task(name="teacher-inference")
 def teacher_inference_on_pool(profile: str, overrides: dict[str, Any], config: Config, shard: ShardSpec) -> dict[str, Any]:
     """Run one shard as a flow run of the GPU deployment and wait for it; fail with the shard's error.
 
     The child gets the profile and overrides, never the resolved config, so credentials that live in a profile
-    file or the worker's environment never travel as parameters.
+    file or the worker's environment never travel as parameters. run_deployment returns whatever state the child
+    ended in (a failed child does not raise), so the state is checked here. The record is read from the output
+    target, not from the child's result, so no result storage has to be shared between machines.
     """
     child = run_deployment(SHARD_DEPLOYMENT, parameters={"profile": profile, "overrides": overrides,
                                                          "shard": shard.as_dict()},
-                           flow_run_name=f"{shard.name}", poll_interval=2)
-    if not child.state or not child.state.is_completed():
-        message = child.state.message if child.state else "no state"
-        raise RuntimeError(f"{shard.name} ended {child.state.name if child.state else 'unknown'}: {message}")
-    layout = pipeline.Layout(config)
-    return io.read_json(layout.shard_record(shard), config.output.storage_options)
+                           flow_run_name=shard.name, poll_interval=2)
+    if not child.state.is_completed():
+        raise ShardFailedError(f"{shard.name} (flow run {child.name} on {child.work_pool_name}) ended "
+                               f"{child.state.name}: {child.state.message}")
+    return io.read_json(pipeline.Layout(config).shard_record(shard), config.output.storage_options)

@@ -1,0 +1,138 @@
+"""A real Prefect deployment for the end-to-end tests, started once per session and torn down whatever happens.
+
+`prefect server start` on a free loopback port (temporary PREFECT_HOME: its own SQLite database) with basic
+auth on, the two process work pools, `prefect deploy --all` from this checkout's prefect.yaml, one cpu-pool worker
+and two gpu-pool workers, all as separate processes in their own process groups, exactly as docs/DEPLOYMENT.md
+tells a user to run them. Every process started here is killed at the end of the session, group and all (a
+worker's flow-run subprocesses included), even when startup fails halfway.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+AUTH = "kd-cache:e2e-password"  # user:password, the server's PREFECT_SERVER_API_AUTH_STRING
+STARTUP_SECONDS = 90
+
+
+@dataclass
+class PrefectStack:
+    api_url: str
+    logs: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def client(self, auth: tuple[str, str] | None = tuple(AUTH.split(":", 1))) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, auth=auth, timeout=30)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of every process's log, for assertion messages."""
+        return "\n".join(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                         for path in sorted(self.logs.glob("*.log")))
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # its own process group: killed with its children
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process, signal.SIGKILL)  # the group may outlive its leader (flow-run subprocesses)
+            process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(stack: PrefectStack, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {server.returncode}\n{stack.log_tail()}")
+        try:
+            if httpx.get(f"{stack.api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server not healthy after {STARTUP_SECONDS} s\n{stack.log_tail()}")
+
+
+def _run(args: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory) -> PrefectStack:
+    home = tmp_path_factory.mktemp("prefect-home")
+    logs = tmp_path_factory.mktemp("prefect-logs")
+    stack = PrefectStack(api_url=f"http://127.0.0.1:{_free_port()}/api", logs=logs)
+    base = {
+        **os.environ,  # tests/conftest.py has set the offline and no-telemetry variables
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    server_env = {
+        **base,
+        "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+        # No scheduler: the nightly deployment's cron must not start a real build during the tests.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    client_env = {
+        **base,
+        "PREFECT_API_URL": stack.api_url,
+        "PREFECT_API_AUTH_STRING": AUTH,
+        "PREFECT_CLI_PROMPT": "false",
+        "KD_CACHE_ROOT": str(REPO),  # the deployments' pull step: run the flows from this checkout
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # workers pick up runs within a second (default 10)
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
+    try:
+        port = stack.api_url.split(":")[-1].split("/")[0]
+        server = stack.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port], server_env)
+        _wait_healthy(stack, server)
+        for pool in ("cpu-pool", "gpu-pool"):
+            _run([PREFECT, "work-pool", "create", pool, "--type", "process"], client_env)
+        _run([PREFECT, "--no-prompt", "deploy", "--all"], client_env)
+        stack.start("worker-cpu", [PREFECT, "worker", "start", "--pool", "cpu-pool", "--type", "process",
+                                   "--name", "cpu-worker"], client_env)
+        for gpu in range(2):  # one worker per GPU, each seeing only its own
+            stack.start(f"worker-gpu{gpu}", [PREFECT, "worker", "start", "--pool", "gpu-pool", "--type", "process",
+                                             "--name", f"gpu-worker-{gpu}", "--limit", "1"],
+                        {**client_env, "CUDA_VISIBLE_DEVICES": str(gpu)})
+        yield stack
+    finally:
+        stack.stop_all()

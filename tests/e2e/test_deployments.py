@@ -1,0 +1,153 @@
+"""build-teacher-cache as users run it: deployed, triggered over the REST API, shards on gpu-pool workers.
+
+Everything goes through HTTP against the real server of tests/e2e/conftest.py (basic auth on), the way
+docs/DEPLOYMENT.md's curl example does it.
+"""
+
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kd_core import pipeline
+from kd_core.cachefile import CacheReader
+from kd_core.config import TeacherConfig
+from kd_core.teacher import load_teacher
+from kd_core.verify import verify_rows
+
+pytestmark = pytest.mark.slow
+
+RUN_SECONDS = 240
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def tiny(small_teacher_dir, corpus_path, out) -> dict:
+    return {
+        "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 16},
+        "cache": {"top_k": 8, "max_length": 64},
+        "output": {"uri": str(out)},
+        "run": {"num_shards": 2},
+    }
+
+
+def deployment(client, name: str) -> dict:
+    response = client.get(f"/deployments/name/{name}")
+    response.raise_for_status()
+    return response.json()
+
+
+def trigger(client, parameters: dict):
+    dep = deployment(client, "build-teacher-cache/default")
+    return client.post(f"/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})
+
+
+def wait(stack, client, flow_run_id: str) -> dict:
+    deadline = time.monotonic() + RUN_SECONDS
+    while time.monotonic() < deadline:
+        run = client.get(f"/flow_runs/{flow_run_id}").json()
+        if run["state_type"] in FINAL:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not final after {RUN_SECONDS} s\n{stack.log_tail()}")
+
+
+def children(client, flow_run_id: str) -> list[dict]:
+    response = client.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
+    response.raise_for_status()
+    return response.json()
+
+
+def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack, small_teacher_dir, corpus_path,
+                                                                    tmp_path):
+    out = tmp_path / "out"
+    with prefect_stack.client() as client:
+        response = trigger(client, {"profile": "testing", "overrides": tiny(small_teacher_dir, corpus_path, out)})
+        assert response.status_code == 201, response.text
+        run = wait(prefect_stack, client, response.json()["id"])
+        assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{prefect_stack.log_tail()}"
+        assert run["work_pool_name"] == "cpu-pool"
+
+        # One teacher-inference-shard/gpu flow run per shard, each run by a gpu-pool worker.
+        gpu = deployment(client, "teacher-inference-shard/gpu")
+        shards = children(client, run["id"])
+        assert sorted(s["name"] for s in shards) == ["shard-00000-of-00002", "shard-00001-of-00002"]
+        for shard in shards:
+            assert shard["deployment_id"] == gpu["id"] and shard["work_pool_name"] == "gpu-pool"
+            assert shard["state_type"] == "COMPLETED"
+
+        response = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+        artifacts = {}
+        for artifact in sorted(response.json(), key=lambda a: a["created"]):  # the newest version of each key
+            artifacts[artifact["key"]] = artifact
+    assert {k: a["type"] for k, a in artifacts.items()} == {
+        "storage-estimate": "table", "shard-progress": "progress", "shard-throughput": "table", "cache-summary": "markdown",
+    }
+    assert artifacts["shard-progress"]["data"] == 100.0
+    assert "all (2/2 done)" in str(artifacts["shard-throughput"]["data"])
+    assert "| tokens |" in artifacts["cache-summary"]["data"]
+
+    # The published cache: every sample, and it agrees with the teacher recomputed in float32.
+    teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), dtype="float32", device="cpu"))
+    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+        assert len(reader) == 14  # 16 rows, two of them blank
+        report = verify_rows(teacher, [reader[i] for i in range(len(reader))], top_k=reader.top_k)
+    assert report.ok, report
+
+
+def test_a_failing_shard_fails_the_parent_with_the_shard_error(prefect_stack, small_teacher_dir, corpus_path,
+                                                              tmp_path):
+    short = tmp_path / "short.parquet"  # 5 rows, 8 asked for: the second shard runs out of data
+    pq.write_table(pa.table({"text": pq.read_table(corpus_path).column("text").to_pylist()[10:15]}), short)
+    overrides = tiny(small_teacher_dir, short, tmp_path / "out")
+    overrides["dataset"]["max_samples"] = 8
+    with prefect_stack.client() as client:
+        response = trigger(client, {"profile": "testing", "overrides": overrides})
+        assert response.status_code == 201, response.text
+        run = wait(prefect_stack, client, response.json()["id"])
+        shards = {s["name"]: s for s in children(client, run["id"])}
+        # The parent fails as soon as one shard has failed; the others run on, and a re-run reuses their work.
+        assert wait(prefect_stack, client, shards["shard-00000-of-00002"]["id"])["state_type"] == "COMPLETED"
+    assert shards["shard-00001-of-00002"]["state_type"] == "FAILED"
+    assert run["state_type"] == "FAILED"
+    assert run["state"]["message"].startswith("shard-00001-of-00002 (flow run shard-00001-of-00002 on gpu-pool) "
+                                              "ended Failed: dataset.max_samples: the dataset ended at row 5")
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+def test_guard_failure_ends_failed_with_its_message_and_starts_nothing(prefect_stack, small_teacher_dir,
+                                                                       corpus_path, tmp_path):
+    out = tmp_path / "out"
+    overrides = tiny(small_teacher_dir, corpus_path, out)
+    overrides["dataset"]["max_samples"] = None  # streaming and no limit
+    with prefect_stack.client() as client:
+        response = trigger(client, {"profile": "testing", "overrides": overrides})
+        assert response.status_code == 201, response.text
+        run = wait(prefect_stack, client, response.json()["id"])
+        task_runs = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+        shards = children(client, run["id"])
+    assert run["state_type"] == "FAILED"
+    assert run["state"]["message"].startswith("dataset.max_samples is required when dataset.streaming=true.")
+    assert [t["name"].rsplit("-", 1)[0] for t in task_runs] == ["validate-config"]
+    assert shards == []
+    assert not out.exists()
+
+
+def test_bad_parameters_are_refused_with_a_clear_message(prefect_stack):
+    with prefect_stack.client() as client:
+        unknown = trigger(client, {"profile": "demo", "overrides": {"dataset": {"max_sample": 10}}})
+        no_profile = trigger(client, {"profile": "nope"})
+    assert unknown.status_code == 409
+    assert "overrides.dataset" in unknown.text and "'max_sample' was unexpected" in unknown.text
+    assert no_profile.status_code == 409 and "'nope' is not one of ['demo'" in no_profile.text
+
+
+def test_basic_auth_is_required(prefect_stack):
+    with prefect_stack.client(auth=None) as anonymous, prefect_stack.client(auth=("kd-cache", "wrong")) as wrong:
+        assert anonymous.get("/deployments/name/build-teacher-cache/default").status_code == 401
+        assert wrong.get("/deployments/name/build-teacher-cache/default").status_code == 401
+        with prefect_stack.client() as client:
+            dep_id = deployment(client, "build-teacher-cache/default")["id"]
+        response = anonymous.post(f"/deployments/{dep_id}/create_flow_run", json={"parameters": {"profile": "demo"}})
+        assert response.status_code == 401

@@ -1,0 +1,123 @@
+"""Helpers for the reliability tests: a real S3 API (moto's server on loopback), small runs, array comparison.
+
+Import the fixtures into a test module with `from s3helpers import moto_endpoint, bucket  # noqa: F401`.
+The server's state lives in this process (moto's backends), so a server stopped and restarted on the same port
+keeps its buckets: the endpoint-down tests rely on that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from kd_core import cachefile, io, pipeline
+from kd_core.config import deep_merge
+
+# Fake credentials, distinctive enough to grep for: they must never show up in files, attributes or logs.
+ACCESS_KEY = "AKIAKDCACHETESTONLY"
+SECRET_KEY = "kdcache-test-secret-never-logged-0123456789"
+DATASETS = ("input_ids", "offsets", "sample_index", "topk_indices", "topk_logprobs", "logsumexp")
+
+
+def start_moto(port: int = 0):
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """http://127.0.0.1:PORT of a moto S3 server, with fake credentials in the environment for the session."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
+    server = start_moto()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    # One botocore attempt per request and a short connect timeout, so that a dead endpoint fails in seconds:
+    # the retries under test are kd_core.io's.
+    return {"endpoint_url": endpoint, "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+
+
+@pytest.fixture
+def bucket(moto_endpoint):
+    """A fresh, empty bucket on the moto server."""
+    import s3fs
+
+    name = f"kd-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
+    fs.mkdir(name)
+    yield name
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def reference_arrays(tmp_path_factory, small_teacher_dir, corpus_path):
+    """The arrays of a clean, uninterrupted local run of `overrides` (same parts)."""
+    uri = str(tmp_path_factory.mktemp("reference") / "out")
+    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri)))
+    return read_arrays(uri)
+
+
+def overrides(teacher_dir: Path, corpus_path: Path, uri: str, **extra: Any) -> dict[str, Any]:
+    """A fast run: the small teacher, 60 streamed docstrings, 2 shards of 3 parts each."""
+    base = {
+        "teacher": {"model": str(teacher_dir), "batch_tokens": 2048, "device": "cpu"},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "split": "train", "text_column": "text",
+                    "streaming": True, "max_samples": 60},
+        "cache": {"top_k": 8, "max_length": 64},
+        "output": {"uri": uri},
+        "run": {"num_shards": 2, "part_samples": 10},
+    }
+    return deep_merge(base, extra) if extra else base
+
+
+def build(config) -> dict[str, Any]:
+    """The whole pipeline, as the flow runs it locally."""
+    est = pipeline.estimate(config)
+    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config, est)]
+    return pipeline.merge(config, records)
+
+
+def read_arrays(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Every dataset of the cache at `uri` (a cache file or an output.uri)."""
+    f, _ = io.open_for_read(pipeline.resolve_cache_uri(uri, storage_options), storage_options)
+    with h5py.File(f if f is not None else io.local_path(pipeline.resolve_cache_uri(uri)), "r") as h5:
+        return {name: h5[name][:] for name in DATASETS}
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for name in DATASETS:
+        assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
+
+
+def listing(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Every file under `uri`, relative to it."""
+    fs, root = io.filesystem(uri, storage_options)
+    if not fs.exists(root):
+        return []
+    return sorted(p[len(root.rstrip("/")) + 1:] for p in fs.find(root))
+
+
+def cache_attrs_text(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    f, _ = io.open_for_read(pipeline.resolve_cache_uri(uri, storage_options), storage_options)
+    with h5py.File(f if f is not None else io.local_path(pipeline.resolve_cache_uri(uri)), "r") as h5:
+        return repr(cachefile.read_attrs(h5))

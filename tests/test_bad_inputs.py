@@ -1,0 +1,155 @@
+"""Bad inputs: each is one clear line that names the key, exit code 2 from the CLI without a traceback, and
+nothing written at the output. Checked through kd_core.pipeline and through `kd-cache validate/estimate`."""
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from s3helpers import bucket, listing, moto_endpoint, overrides, s3_options  # noqa: F401
+
+from kd_core import cli, pipeline
+from kd_core.errors import KDCacheError
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def _empty_parquet(tmp_path) -> str:
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    return str(path)
+
+
+# name -> (overrides on top of a good run, the step that must refuse, what the message must say)
+CASES = {
+    "unknown key": ({"cache": {"top_kk": 3}}, "validate", r"cache\.top_kk: unknown key\. Did you mean cache\.top_k\?"),
+    "wrong type": ({"cache": {"top_k": "many"}}, "validate", r"cache\.top_k: .*integer.*'many'"),
+    "nonexistent teacher path": ({"teacher": {"model": "/nonexistent/teacher"}}, "validate",
+                                 r"teacher\.model: local path '/nonexistent/teacher' does not exist"),
+    "no text column": ({"dataset": {"text_column": "body"}}, "estimate",
+                       r"dataset\.text_column: the dataset has no column 'body'; its columns are \['text'\]"),
+    "max_samples over a non-streaming split": ({"dataset": {"streaming": False, "max_samples": 10_000}}, "estimate",
+                                              r"dataset\.max_samples \(10,000\) is larger than the split, which has 302 samples"),
+    "empty dataset (streaming)": ({"dataset": {"data_files": "EMPTY"}}, "estimate", r"dataset: .*(empty|no samples)"),
+    "empty dataset": ({"dataset": {"data_files": "EMPTY", "streaming": False, "max_samples": None}}, "estimate",
+                      r"dataset: .*empty"),
+}
+
+
+def _resolve(extra, tmp_path):
+    data_files = (extra.get("dataset") or {}).get("data_files")
+    if data_files == "EMPTY":
+        extra = {**extra, "dataset": {**extra["dataset"], "data_files": _empty_parquet(tmp_path)}}
+    return extra
+
+
+def _refuse(step: str, over: dict) -> str:
+    with pytest.raises(KDCacheError) as e:
+        config = pipeline.validate("demo", over)
+        assert step == "estimate", "validate should have refused"
+        pipeline.estimate(config)
+    return str(e.value)
+
+
+def _cli(command: str, over: dict, capsys) -> str:
+    logging.root.handlers.clear()  # main() sets up logging to the current stderr, which capsys swaps per test
+    argv = [command, "--profile", "demo", *(f"{k}={v}" for k, v in _flatten(over))]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    # No traceback through our code. (Under pytest, `datasets` may report a logging error on a stale captured
+    # stream; the real CLI prints its own one-line log there: see test_cli_subprocess_empty_dataset.)
+    assert "Traceback" not in err or "--- Logging error ---" in err, err
+    # Progress bars of `datasets` may come first (on \r lines); the error is the last line, alone.
+    last = re.split(r"[\r\n]", err.strip())[-1]
+    assert last.startswith(f"kd-cache {command}: ") and err.count(f"kd-cache {command}: ") == 1, err
+    return last
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if k == "storage_options":
+            yield f"{prefix}{k}", json.dumps(v)  # JSON is YAML: one KEY=VALUE
+        elif isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        elif v is None:
+            yield f"{prefix}{k}", "null"
+        else:
+            yield f"{prefix}{k}", (f"'{v}'" if isinstance(v, str) and ":" in v else v)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, out, small_teacher_dir, corpus_path, capsys,
+                                                         monkeypatch):
+    extra, step, message = CASES[case]
+    monkeypatch.setattr("kd_core.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher must not load"))
+    over = overrides(small_teacher_dir, corpus_path, str(out), **_resolve(extra, tmp_path))
+    error = _refuse(step, over)
+    assert len(error.splitlines()) == 1 and re.search(message, error), error
+    err = _cli(step, over, capsys)
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_unreadable_profile_yaml(tmp_path, capsys):
+    profile = tmp_path / "broken.yaml"
+    profile.write_text("teacher: {model: [unclosed\n")
+    with pytest.raises(KDCacheError, match=r"profile: .*broken\.yaml is not valid YAML"):
+        pipeline.validate(str(profile))
+    assert cli.main(["validate", "--profile", str(profile)]) == 2
+    err = capsys.readouterr().err
+    assert "is not valid YAML" in err and "Traceback" not in err
+
+
+def test_unwritable_local_path(tmp_path, small_teacher_dir, corpus_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    over = overrides(small_teacher_dir, corpus_path, str(blocker / "out"))
+    with pytest.raises(KDCacheError, match=r"output\.uri: .*a-file/out cannot be created, .*a-file is a file"):
+        pipeline.validate("demo", over)
+    _cli("validate", over, capsys)
+    assert blocker.read_text() == "not a directory"
+
+
+def test_missing_bucket(moto_endpoint, small_teacher_dir, corpus_path, capsys):
+    opts = s3_options(moto_endpoint)
+    over = overrides(small_teacher_dir, corpus_path, "s3://no-such-bucket-kd/run", output={"storage_options": opts})
+    with pytest.raises(KDCacheError, match=r"output\.uri: bucket 'no-such-bucket-kd' does not exist"):
+        pipeline.validate("demo", over)
+    assert "does not exist" in _cli("validate", over, capsys)
+    assert not s3fs.S3FileSystem(endpoint_url=moto_endpoint).exists("no-such-bucket-kd")
+
+
+def test_cli_subprocess_exit_code_and_stderr(tmp_path, small_teacher_dir, corpus_path):
+    """The installed entry point, end to end: exit 2, one line on stderr, nothing on stdout, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_core.cli", "validate", f"teacher.model={small_teacher_dir}", "cache.top_kk=3",
+         f"output.uri={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "kd-cache validate: invalid config: cache.top_kk: unknown key. Did you mean cache.top_k? "
+        "Known keys: top_k, max_length."
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_subprocess_empty_dataset(tmp_path, small_teacher_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kd_core.cli", "estimate", f"teacher.model={small_teacher_dir}", "dataset.name=parquet",
+         f"dataset.data_files={_empty_parquet(tmp_path)}", "dataset.streaming=false", "dataset.max_samples=null",
+         f"output.uri={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd-cache estimate: dataset: could not read 'parquet'")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,205 @@
+"""Faults against a real S3 API (moto's server on loopback): kill -9 mid-shard, corrupt parts, endpoint down,
+output budget exceeded. Each must cost at most a part of redone work and never publish a partial cache."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import s3fs
+from s3helpers import (  # noqa: F401
+    assert_same_arrays, bucket, build, listing, moto_endpoint, overrides, read_arrays, reference_arrays, s3_options,
+    start_moto,
+)
+
+from kd_core import io, pipeline
+from kd_core.errors import CacheFileError, StorageError
+
+# Runs the pipeline in a child process, a little slowed down (50 ms per sample) so that the test can kill it
+# while a shard is half done.
+DRIVER = """
+import json, sys, time
+from kd_core import cachefile, pipeline
+real_append = cachefile.CacheWriter.append_rows
+def slow_append(self, rows):
+    time.sleep(0.05)
+    real_append(self, rows)
+cachefile.CacheWriter.append_rows = slow_append
+config = pipeline.validate("demo", json.loads(sys.argv[1]))
+est = pipeline.estimate(config)
+pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config, est)])
+"""
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # ~15 s: a child process imports torch and transformers before it can be killed
+def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
+    bucket, moto_endpoint, small_teacher_dir, corpus_path, reference_arrays, monkeypatch
+):
+    uri = f"s3://{bucket}/kd"
+    opts = s3_options(moto_endpoint)
+    over = overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})
+    config = pipeline.validate("demo", over)
+    layout = pipeline.Layout(config)
+    shard0 = pipeline.plan(config, pipeline.estimate(config))[0]
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
+
+    def part_done(index: int) -> bool:
+        fs.invalidate_cache()
+        return fs.exists(io.filesystem(layout.part_file(shard0, index), opts)[1])
+
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(over)], env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: part_done(1), timeout=120, proc=proc)  # shard 0: 2 of 3 parts done, the third running
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # Nothing at the output looks complete: no latest, no version, no shard record, no file without its record.
+    files = listing(uri, opts)
+    assert not [f for f in files if not f.startswith("work/")], files
+    assert f"work/{layout.key}/{shard0.name}.json" not in files
+    parts = [f for f in files if f.endswith(".h5")]
+    assert parts and all(p.removesuffix(".h5") + ".json" in files for p in parts), files
+    done_before = set(parts)
+
+    published = []
+    real_publish = io.publish_file
+    monkeypatch.setattr(io, "publish_file", lambda local, dest, o=None: (published.append(dest), real_publish(local, dest, o)))
+    build(config)  # the re-run, on this host: the dead run's shard lock is taken over at once
+
+    redone = {d.removeprefix(f"{uri}/") for d in published if "/part-" in d}
+    assert not redone & done_before, "a complete part was computed again"
+    assert len(redone) == 6 - len(done_before) and len(done_before) >= 2
+    assert listing(uri, opts) == ["latest.json", f"versions/{layout.key}/cache.h5",
+                                  f"versions/{layout.key}/manifest.json"]
+    assert_same_arrays(read_arrays(uri, opts), reference_arrays)
+
+
+def _run_shards(config):
+    return [pipeline.run_shard(config, s) for s in pipeline.plan(config, pipeline.estimate(config))]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
+def test_a_damaged_part_makes_merge_refuse_naming_it(damage, bucket, moto_endpoint, small_teacher_dir, corpus_path):
+    uri = f"s3://{bucket}/kd"
+    opts = s3_options(moto_endpoint)
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    records = _run_shards(config)
+    layout = pipeline.Layout(config)
+    shard1 = pipeline.plan(config, pipeline.estimate(config))[1]
+    fs, victim = io.filesystem(layout.part_file(shard1, 1), opts)
+    data = fs.cat(victim)
+    if damage == "truncate":
+        fs.pipe(victim, data[: len(data) // 2])
+    elif damage == "corrupt":  # same size, 64 bytes flipped inside the data
+        at = int(len(data) * 0.6)
+        fs.pipe(victim, data[:at] + bytes(b ^ 0xFF for b in data[at:at + 64]) + data[at + 64:])
+    else:
+        fs.rm(victim)
+
+    error = CacheFileError if damage != "delete" else StorageError
+    with pytest.raises(error, match="shard-00001-of-00002") as e:
+        pipeline.merge(config, records)
+    assert damage == "delete" or "part 1" in str(e.value)
+    assert not [f for f in listing(uri, opts) if not f.startswith("work/")]  # nothing published
+
+
+def test_a_damaged_local_part_makes_merge_refuse(tmp_path, small_teacher_dir, corpus_path):
+    uri = str(tmp_path / "out")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    records = _run_shards(config)
+    victim = io.local_path(pipeline.Layout(config).part_file(pipeline.ShardSpec(**records[0]["shard"]), 2))
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CacheFileError, match="shard-00000-of-00002 part 2 .* fails verification, so nothing was published"):
+        pipeline.merge(config, records)
+    assert not [f for f in listing(uri) if not f.startswith("work/")]
+
+
+def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_nothing(
+    bucket, moto_endpoint, small_teacher_dir, corpus_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(io, "RETRY_DELAYS", (0.1, 0.2))
+    flaky = start_moto()  # a second endpoint onto the same moto state, to be taken down mid-run
+    host, port = flaky.get_host_and_port()
+    uri = f"s3://{bucket}/kd"
+    flaky_opts = s3_options(f"http://{host}:{port}")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri,
+                                                 output={"storage_options": flaky_opts}))
+    records = _run_shards(config)
+
+    real_merge_files = pipeline.cachefile.merge_files
+
+    def merge_then_endpoint_dies(*args, **kwargs):
+        summary = real_merge_files(*args, **kwargs)
+        flaky.stop()  # the merged file is ready locally; its upload meets a dead endpoint
+        return summary
+
+    monkeypatch.setattr(pipeline.cachefile, "merge_files", merge_then_endpoint_dies)
+    caplog.set_level(logging.WARNING, logger="kd_core.io")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"uploading s3://.*/cache\.h5: still failing after 3 attempts") as e:
+        pipeline.merge(config, records)
+    assert "Could not connect to the endpoint" in str(e.value) and time.monotonic() - started < 30
+    assert caplog.text.count("retrying in") == 2
+
+    # Seen through the live endpoint: nothing published, nothing half-uploaded, the parts kept for a re-run.
+    opts = s3_options(moto_endpoint)
+    files = listing(uri, opts)
+    assert files and all(f.startswith("work/") for f in files), files
+    monkeypatch.setattr(pipeline.cachefile, "merge_files", real_merge_files)
+    live = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    assert pipeline.merge(live, records)["num_samples"] == sum(r["num_samples"] for r in records)
+
+
+def test_a_transient_upload_error_is_retried(bucket, moto_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "RETRY_DELAYS", (0.01, 0.01))
+    opts = s3_options(moto_endpoint)
+    fs, _ = io.filesystem(f"s3://{bucket}/x.bin", opts)  # fsspec hands the same instance to publish_file
+    calls = []
+    real_put = fs.put_file
+
+    def flaky_put(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionResetError("connection reset by peer")
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", flaky_put)
+    local = tmp_path / "x.bin"
+    local.write_bytes(b"payload")
+    io.publish_file(local, f"s3://{bucket}/x.bin", opts)
+    assert len(calls) == 2 and io.read_text(f"s3://{bucket}/x.bin", opts) == "payload"
+    assert listing(f"s3://{bucket}", opts) == ["x.bin"]
+
+
+@pytest.mark.parametrize("limit", ["max_bytes", "free_space"])
+def test_over_budget_fails_in_estimate_before_the_teacher_loads(limit, tmp_path, small_teacher_dir, corpus_path,
+                                                                monkeypatch):
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher must not load")
+
+    monkeypatch.setattr("kd_core.teacher.load_teacher", no_teacher)
+    extra = {"output": {"max_bytes": 10_000}} if limit == "max_bytes" else {}
+    if limit == "free_space":
+        monkeypatch.setattr("kd_core.storage.local_free_bytes", lambda path: 10_000)
+    uri = tmp_path / "out"
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(uri), **extra))
+    match = "output.max_bytes: the cache is expected to take" if limit == "max_bytes" else "output.uri: the target has"
+    with pytest.raises(StorageError, match=match):
+        pipeline.estimate(config)
+    assert not uri.exists()

@@ -1,0 +1,100 @@
+"""The build-teacher-cache flow in-process (Prefect's test harness: a temporary SQLite API, no workers).
+
+What is checked here: a failing guard ends the run FAILED with its own message and nothing else happens; and the
+nightly refresh: same inputs do no teacher work, changed inputs build a new version beside the old one, readers
+of `latest` never see the new one before it is complete, and old versions are pruned to output.keep_versions.
+"""
+
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+import kd_core.teacher
+from flows.build_teacher_cache import build_teacher_cache
+from kd_core import pipeline, versions
+from kd_core.cachefile import CacheReader
+from kd_core.errors import ConfigError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness():
+        yield
+
+
+def tiny(small_teacher_dir, corpus_path, out, top_k=8, **output):
+    return {
+        "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 12},
+        "cache": {"top_k": top_k, "max_length": 64},
+        "output": {"uri": str(out), **output},
+        "run": {"num_shards": 2},
+    }
+
+
+def task_run_names(flow_run_id) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run.name.rsplit("-", 1)[0] for run in runs]  # run names are "<task name>-<3 hex digits>"
+
+
+def test_failing_guard_fails_the_run_with_its_message_and_does_nothing_else(small_teacher_dir, corpus_path, tmp_path):
+    out = tmp_path / "out"
+    over = tiny(small_teacher_dir, corpus_path, out)
+    over["dataset"]["max_samples"] = None  # streaming with no limit: the guard refuses
+
+    state = build_teacher_cache(profile="testing", overrides=over, return_state=True)
+
+    assert state.is_failed()
+    assert state.message.startswith("dataset.max_samples is required when dataset.streaming=true.")
+    assert "Fix: set a limit" in state.message
+    with pytest.raises(ConfigError):
+        state.result()
+    assert task_run_names(state.state_details.flow_run_id) == ["validate-config"]
+    assert not out.exists()
+
+
+def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, keep_versions=1))
+    assert not first["up_to_date"] and first["num_samples"] == 10  # 12 rows, two of them blank
+    assert versions.latest_key(str(out)) == first["key"]
+
+    # Same inputs: no teacher work at all (loading it would fail), "up to date".
+    def no_teacher(cfg):
+        raise AssertionError("the teacher was loaded for an up-to-date cache")
+
+    monkeypatch.setattr(kd_core.teacher, "load_teacher", no_teacher)
+    again = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, keep_versions=1))
+    assert again["up_to_date"] and again["key"] == first["key"]
+    monkeypatch.undo()
+
+    # A changed input builds a new version beside the old; while it builds, `latest` still gives the old one.
+    seen_while_building = []
+    run_shard = pipeline.run_shard
+
+    def watching_run_shard(config, shard, progress=None):
+        with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+            seen_while_building.append(reader.attrs["content_key"])
+        return run_shard(config, shard, progress)
+
+    monkeypatch.setattr(pipeline, "run_shard", watching_run_shard)
+    second = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 4, keep_versions=1))
+    assert second["key"] != first["key"] and not second["up_to_date"]
+    assert seen_while_building == [first["key"]] * 2
+    assert json.loads((out / "latest.json").read_text())["version"] == second["key"]
+    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+        assert reader.top_k == 4
+    assert {p.name for p in (out / "versions").iterdir()} == {first["key"], second["key"]}  # one old one kept
+
+    # A third version with keep_versions=1: the oldest goes, after latest moved; the previous one stays.
+    third = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 2, keep_versions=1))
+    assert {p.name for p in (out / "versions").iterdir()} == {second["key"], third["key"]}
+    assert versions.latest_key(str(out)) == third["key"]
+
+    # Going back to the previous config is up to date and points latest back at its version.
+    back = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 4, keep_versions=1))
+    assert back["up_to_date"] and versions.latest_key(str(out)) == second["key"]

@@ -3,9 +3,8 @@
 One run, one teacher, one set of texts:
   (a) bare forward   length-sorted batches under the same token budget, logits made and dropped.
   (b) run_teacher    the real pipeline, writing the cache with kd_core.cachefile.CacheWriter.
-  (b0)               run_teacher with the rows kept in memory (the pipeline without a writer); then each
+  (b0)               run_teacher with the rows kept in memory (the pipeline without a writer); then the
                      writer alone on those rows (how fast it can take them).
-  (b2)               run_teacher with ParallelGzipWriter below (same file format, compression on all cores).
   (c) naive          every sample padded to max_length, fixed batch size, float32 log_softmax over (B, T, V),
                      topk, synchronous uncompressed writes (uint32 ids).
 Then the stored bytes per token, and what lossless stock-filter settings would give.
@@ -24,7 +23,6 @@ distributions are peaked like a real teacher's, with a byte-level BPE tokenizer 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import random
 import sys
@@ -32,7 +30,6 @@ import sysconfig
 import tempfile
 import time
 import zlib
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,7 +146,7 @@ def bench_forward(teacher: Teacher, tokenized: list[np.ndarray], batch_tokens: i
 
 
 def bench_pipeline(teacher, texts, args, writer, keep: list | None = None) -> dict:
-    """(b)/(b0)/(b2): run_teacher into `writer` (None: rows appended to `keep`). Seconds until the last row
+    """(b)/(b0): run_teacher into `writer` (None: rows appended to `keep`). Seconds until the last row
     (this includes the pipeline's fill: the first look-ahead window runs before any row comes out) and with
     the writer's close."""
     stats = InferenceStats()
@@ -240,86 +237,6 @@ def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path)
     return time.perf_counter() - start
 
 
-class ParallelGzipWriter:
-    """CacheWriter's layout and filters (shuffle + gzip, same chunks), compressed on a thread pool.
-
-    A prototype for kd_core.cachefile: full chunks are shuffled (a byte transpose, as HDF5's filter does) and
-    deflated (zlib, as HDF5's filter does) on worker threads, which zlib lets run in parallel since it
-    releases the GIL, then stored with write_direct_chunk. The bytes are what HDF5's own filters would write,
-    so any stock h5py reads the file (checked after writing).
-    """
-
-    def __init__(self, path: Path, *, top_k: int, vocab_size: int, attrs: dict, level: int = 1):
-        self.path, self.file = path, h5py.File(path, "w")
-        self.layout = cachefile.row_layout(top_k, vocab_size)
-        self.pool, self.level, self.inflight = ThreadPoolExecutor(os.cpu_count()), level, deque()
-        self.buffers = {name: [] for name in self.layout}
-        self.chunks_written = dict.fromkeys(self.layout, 0)
-        self.hashes = {name: hashlib.sha256() for name in self.layout}
-        self.offsets, self.sample_index = [0], []
-        for name, (tail, dtype) in self.layout.items():
-            rows = max(1024, cachefile.CHUNK_BYTES // (int(np.prod(tail, dtype=np.int64)) * dtype.itemsize))
-            self.file.create_dataset(name, (0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(rows, *tail),
-                                     compression="gzip", compression_opts=level, shuffle=True)
-        cachefile.write_attrs(self.file, {**attrs, "format_version": cachefile.FORMAT_VERSION,
-                                          "top_k": top_k, "vocab_size": vocab_size})
-
-    def _deflate(self, chunk: np.ndarray) -> bytes:
-        shuffled = chunk.reshape(-1).view(np.uint8).reshape(-1, chunk.dtype.itemsize).T  # byte planes
-        return zlib.compress(np.ascontiguousarray(shuffled), self.level)
-
-    def _submit(self, name: str, final: bool) -> None:
-        dataset = self.file[name]
-        rows = dataset.chunks[0]
-        data = np.concatenate(self.buffers[name]) if self.buffers[name] else dataset[:0]
-        full = len(data) // rows * rows
-        if final and len(data) > full:  # the last chunk is stored whole, padded; the extent hides the pad
-            data = np.concatenate([data, np.zeros((full + rows - len(data), *data.shape[1:]), data.dtype)])
-            full += rows
-        for start in range(0, full, rows):
-            index = self.chunks_written[name]
-            self.chunks_written[name] += 1
-            self.inflight.append((name, index, self.pool.submit(self._deflate, data[start : start + rows])))
-        self.buffers[name] = [data[full:]] if len(data) > full else []
-
-    def _drain(self, keep: int) -> None:
-        while len(self.inflight) > keep:
-            name, index, future = self.inflight.popleft()
-            dataset = self.file[name]
-            rows = dataset.chunks[0]
-            if dataset.shape[0] < (index + 1) * rows:
-                dataset.resize((index + 1) * rows, axis=0)
-            dataset.id.write_direct_chunk((index * rows,) + (0,) * (dataset.ndim - 1), future.result())
-
-    def append_rows(self, r) -> None:
-        for name, (_, dtype) in self.layout.items():
-            array = np.ascontiguousarray(getattr(r, name), dtype=dtype)
-            self.hashes[name].update(array)
-            self.buffers[name].append(array)
-            if sum(map(len, self.buffers[name])) >= self.file[name].chunks[0]:
-                self._submit(name, final=False)
-        self.offsets.append(self.offsets[-1] + len(r.input_ids))
-        self.sample_index.append(r.sample_index)
-        self._drain(keep=4 * os.cpu_count())
-
-    def close(self) -> dict:
-        for name in self.layout:
-            self._submit(name, final=True)
-        self._drain(keep=0)
-        total = self.offsets[-1]
-        for name in self.layout:
-            self.file[name].resize(total, axis=0)
-        self.file.create_dataset("offsets", data=np.asarray(self.offsets, np.int64), **cachefile.COMPRESSION)
-        self.file.create_dataset("sample_index", data=np.asarray(self.sample_index, np.int64),
-                                 **cachefile.COMPRESSION)
-        self.file.close()
-        self.pool.shutdown()
-        with h5py.File(self.path, "r") as f:  # a stock reader decodes exactly what was appended
-            for name, digest in self.hashes.items():
-                assert hashlib.sha256(f[name][:]).hexdigest() == digest.hexdigest(), name
-        return {"num_tokens": total}
-
-
 def stored_sizes(path: Path) -> dict[str, int]:
     with h5py.File(path, "r") as f:
         return {name: f[name].id.get_storage_size() for name in f}
@@ -340,7 +257,7 @@ def sweep(path: Path, rows: int, threads: int) -> list[tuple[str, float, float]]
         with ThreadPoolExecutor(threads) as pool:
             return sum(pool.map(one, [array[i : i + n] for i in range(0, len(array), n)])) / len(array)
 
-    settings = [("gzip1 shuffle 1MiB (CacheWriter)", 1 << 20, 1, True), ("gzip1 no shuffle 1MiB", 1 << 20, 1, False),
+    settings = [("gzip1 shuffle 1MiB", 1 << 20, 1, True), ("gzip1 no shuffle 1MiB (CacheWriter: ids)", 1 << 20, 1, False),
                 ("gzip4 shuffle 1MiB", 1 << 20, 4, True), ("gzip9 shuffle 1MiB", 1 << 20, 9, True),
                 ("gzip1 shuffle 4MiB", 1 << 22, 1, True), ("gzip6 shuffle 4MiB", 1 << 22, 6, True),
                 ("gzip1 shuffle 64KiB", 1 << 16, 1, True)]
@@ -394,13 +311,10 @@ def main() -> None:
     forward_s = bench_forward(teacher, tokenized, args.batch_tokens)
     kept: list = []
     no_writer = bench_pipeline(teacher, texts, args, None, keep=kept)
-    alone = {name: tokens / bench_writer(kept, cls(workdir / f"alone-{name}.h5", top_k=k, vocab_size=vocab, attrs=attrs))
-             for name, cls in (("CacheWriter", cachefile.CacheWriter), ("ParallelGzipWriter", ParallelGzipWriter))}
+    alone = tokens / bench_writer(kept, cachefile.CacheWriter(workdir / "alone.h5", top_k=k, vocab_size=vocab, attrs=attrs))
     del kept
     ours = bench_pipeline(teacher, texts, args, cachefile.CacheWriter(
         workdir / "ours.h5", top_k=k, vocab_size=vocab, attrs=attrs))
-    parallel = bench_pipeline(teacher, texts, args, ParallelGzipWriter(
-        workdir / "parallel.h5", top_k=k, vocab_size=vocab, attrs=attrs))
     naive_tok = tokenized[: args.naive_samples]
     naive_s = bench_naive(teacher, naive_tok, args, workdir / "naive.h5")
     naive_tokens = sum(map(len, naive_tok))
@@ -408,9 +322,8 @@ def main() -> None:
     a, c = tokens / forward_s, naive_tokens / naive_s
     rows = [("(a) bare forward, sorted batches", a, a), ("(b) run_teacher + CacheWriter", *rates(ours, tokens)),
             ("(b0) run_teacher, rows kept in memory", *rates(no_writer, tokens)),
-            ("(b2) run_teacher + ParallelGzipWriter", *rates(parallel, tokens)),
             (f"(c) naive (pad to {args.max_length}, fp32 log_softmax, sync writes)", c, c),
-            *((f"{name} alone, rows from memory", r, r) for name, r in alone.items())]
+            ("CacheWriter alone, rows from memory", alone, alone)]
     print("\n| step | tok/s until last row | vs (a) | tok/s incl. close | vs (a) |\n|---|---:|---:|---:|---:|")
     for label, loop, total in rows:
         print(f"| {label} | {loop:,.0f} | {loop / a:.2f} | {total:,.0f} | {total / a:.2f} |")
@@ -418,8 +331,7 @@ def main() -> None:
 
     print("\n| file | bytes/token | topk_indices | topk_logprobs | input_ids | logsumexp | offsets+sample_index |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, path, n in (("(b) CacheWriter", "ours.h5", tokens), ("(b2) ParallelGzipWriter", "parallel.h5", tokens),
-                           ("(c) naive, uncompressed", "naive.h5", naive_tokens)):
+    for label, path, n in (("(b) CacheWriter", "ours.h5", tokens), ("(c) naive, uncompressed", "naive.h5", naive_tokens)):
         sizes = stored_sizes(workdir / path)
         per = {name: v / n for name, v in sizes.items()}
         print(f"| {label} | {os.path.getsize(workdir / path) / n:.1f} | {per['topk_indices']:.1f} | "

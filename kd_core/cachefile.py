@@ -10,9 +10,10 @@ One HDF5 file per cache, samples concatenated CSR-style (no padding stored):
     /logsumexp      (T,)    float32  logsumexp of the raw logits (raw logit = logprob + logsumexp)
 
 Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t. Root attributes record
-provenance (see docs/FORMAT.md). Datasets are chunked with shuffle + gzip: lossless, and readable by any stock
-HDF5 reader. Files are written under a temporary name and renamed only after they verify, so a file with the
-final name is always complete.
+provenance (see docs/FORMAT.md). Datasets are chunked with gzip (and shuffle, but for the top-k ids): lossless,
+and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
+structure checks out, so a file with the final name is always complete; checksums are verified where files are
+consumed (merge).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +35,10 @@ FORMAT_VERSION = 1
 TOKEN_DATASETS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")  # one row per token
 SAMPLE_DATASETS = ("sample_index",)  # one row per sample (plus /offsets, S+1)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
-COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
+# Shuffle helps every dataset but the top-k ids, whose bytes are all informative (measured: 5.0-5.5 B/token
+# smaller without it at k=64 on the H100 benchmark, docs/PERFORMANCE.md).
+UNSHUFFLED = {"topk_indices"}
 
 
 def index_dtype(vocab_size: int) -> np.dtype:
@@ -61,39 +68,106 @@ def temporary_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-class CacheWriter:
-    """Append samples as they arrive; memory is bounded by `flush_tokens`, never by the number of samples.
+def _encode_chunk(chunk: np.ndarray, shuffle: bool) -> bytes:
+    """What HDF5's shuffle + deflate filters would store for this chunk (run on a worker thread: zlib releases
+    the GIL, so chunks compress on several cores at once)."""
+    raw = chunk.reshape(-1).view(np.uint8)
+    if shuffle:  # byte k of every element together: the high bytes of small ids and similar floats compress well
+        raw = raw.reshape(-1, chunk.dtype.itemsize).T
+    return zlib.compress(np.ascontiguousarray(raw).tobytes(), COMPRESSION["compression_opts"])
 
-    Writes to `<path>.partial`; `close()` verifies the file and renames it to `path`. On an exception inside a
-    `with` block the partial file is removed, so nothing with the final name is ever incomplete.
+
+class _Column:
+    """One dataset filled chunk by chunk. Full chunks are hashed (in order, on one thread) and compressed (on the
+    pool), then written with write_direct_chunk in order; at most `max_pending` chunks wait, so memory stays flat."""
+
+    def __init__(self, dataset: h5py.Dataset, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, shuffle: bool):
+        self.dataset, self.pool, self.hasher, self.shuffle = dataset, pool, hasher, shuffle
+        self.chunk_rows, self.tail = dataset.chunks[0], dataset.shape[1:]
+        self.hash = hashlib.sha256()
+        self.rows = 0  # rows appended so far
+        self.max_pending = 2 * pool._max_workers
+        self._pending: deque = deque()  # (chunk number, future of its compressed bytes)
+        self._chunks = 0
+        self._new_buffer()
+
+    def _new_buffer(self) -> None:
+        self.buffer = np.zeros((self.chunk_rows, *self.tail), dtype=self.dataset.dtype)
+        self.fill = 0
+
+    def append(self, data: np.ndarray) -> None:
+        while len(data):
+            take = min(self.chunk_rows - self.fill, len(data))
+            self.buffer[self.fill:self.fill + take] = data[:take]
+            self.fill += take
+            self.rows += take
+            data = data[take:]
+            if self.fill == self.chunk_rows:
+                self._submit()
+
+    def _submit(self) -> None:
+        chunk = self.buffer
+        self.hasher.submit(self.hash.update, chunk[:self.fill])  # one hashing thread: updates stay in order
+        self._pending.append((self._chunks, self.pool.submit(_encode_chunk, chunk, self.shuffle)))
+        self._chunks += 1
+        self._new_buffer()
+        while len(self._pending) > self.max_pending or (self._pending and self._pending[0][1].done()):
+            self._write_next()
+
+    def _write_next(self) -> None:
+        number, future = self._pending.popleft()
+        start = number * self.chunk_rows
+        if self.dataset.shape[0] < start + self.chunk_rows:
+            self.dataset.resize((start + self.chunk_rows, *self.tail))
+        self.dataset.id.write_direct_chunk((start, *(0 for _ in self.tail)), future.result())
+
+    def close(self) -> None:
+        """Write the last, partial chunk (zero-padded, as HDF5 stores edge chunks) and trim to the rows appended."""
+        if self.fill:
+            self._submit()
+        while self._pending:
+            self._write_next()
+        self.dataset.resize((self.rows, *self.tail))
+
+
+class CacheWriter:
+    """Append samples as they arrive; memory is a few chunks per dataset, never the number of samples.
+
+    Writes to `<path>.partial`; `close()` checks the file's structure and renames it to `path`. On an exception
+    inside a `with` block the partial file is removed, so nothing with the final name is ever incomplete.
+    Compression runs on a thread pool, hashing on a thread of its own: the caller only copies rows into buffers.
     """
 
-    def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any], flush_tokens: int = 1 << 16):
+    def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any]):
         self.path = Path(path)
         self.tmp_path = temporary_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.top_k, self.vocab_size = top_k, vocab_size
         self.layout = row_layout(top_k, vocab_size)
-        self.flush_tokens = flush_tokens
         self.num_samples = 0
         self.num_tokens = 0
-        self._hashes = {name: hashlib.sha256() for name in (*TOKEN_DATASETS, *SAMPLE_DATASETS)}
-        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in (*TOKEN_DATASETS, *SAMPLE_DATASETS)}
-        self._pending_offsets: list[int] = []
-        self._pending_tokens = 0
+        self._checksums: dict[str, str] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kd-gzip")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-hash")
 
         self.file = h5py.File(self.tmp_path, "w")
+        self.columns: dict[str, _Column] = {}
         for name, (tail, dtype) in self.layout.items():
             row_bytes = max(1, int(np.prod(tail, dtype=np.int64))) * dtype.itemsize
             chunk_rows = max(1024, CHUNK_BYTES // row_bytes)
-            self.file.create_dataset(
-                name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail), **COMPRESSION
-            )
+            self._create(name, tail, dtype, chunk_rows)
         for name in ("offsets", "sample_index"):
-            self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1 << 16,), **COMPRESSION)
-        self.file["offsets"].resize((1,))
-        self.file["offsets"][0] = 0
+            self._create(name, (), np.dtype(np.int64), 1 << 16)
+        self.columns["offsets"].append(np.zeros(1, dtype=np.int64))
         write_attrs(self.file, {**attrs, "format_version": FORMAT_VERSION, "top_k": top_k, "vocab_size": vocab_size})
+
+    def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
+        shuffle = name not in UNSHUFFLED
+        dataset = self.file.create_dataset(
+            name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail),
+            compression=COMPRESSION["compression"], compression_opts=COMPRESSION["compression_opts"], shuffle=shuffle,
+        )
+        self.columns[name] = _Column(dataset, self._pool, self._hasher, shuffle)
 
     def append(self, sample_index: int, input_ids: np.ndarray, topk_indices: np.ndarray,
                topk_logprobs: np.ndarray, logsumexp: np.ndarray) -> None:
@@ -104,47 +178,43 @@ class CacheWriter:
             tail, dtype = self.layout[name]
             if array.shape != (length, *tail):
                 raise ValueError(f"{name}: expected shape {(length, *tail)}, got {array.shape}")
-            self._pending[name].append(np.ascontiguousarray(array, dtype=dtype))
-        self._pending["sample_index"].append(np.array([sample_index], dtype=np.int64))
+            self.columns[name].append(np.asarray(array, dtype=dtype))
         self.num_samples += 1
         self.num_tokens += length
-        self._pending_offsets.append(self.num_tokens)
-        self._pending_tokens += length
-        if self._pending_tokens >= self.flush_tokens:
-            self.flush()
+        self.columns["sample_index"].append(np.array([sample_index], dtype=np.int64))
+        self.columns["offsets"].append(np.array([self.num_tokens], dtype=np.int64))
 
     def append_rows(self, rows) -> None:
         """Append a kd_core.inference.SampleRows (or anything with the same attributes)."""
         self.append(rows.sample_index, rows.input_ids, rows.topk_indices, rows.topk_logprobs, rows.logsumexp)
 
-    def flush(self) -> None:
-        for name, parts in self._pending.items():
-            if parts:
-                data = np.concatenate(parts)
-                self._hashes[name].update(data.tobytes())
-                _append(self.file[name], data)
-                parts.clear()
-        if self._pending_offsets:
-            _append(self.file["offsets"], np.asarray(self._pending_offsets, dtype=np.int64))
-            self._pending_offsets.clear()
-        self._pending_tokens = 0
-
     def checksums(self) -> dict[str, str]:
-        return {name: h.hexdigest() for name, h in self._hashes.items()}
+        """sha256 of each dataset's raw bytes as appended; known once the writer is closed."""
+        if self._checksums is None:
+            raise RuntimeError("checksums are known after close()")
+        return self._checksums
 
     def close(self) -> dict[str, Any]:
-        """Flush, record counts and checksums, verify, and publish under the final name. Returns the summary."""
-        self.flush()
-        summary = {"num_samples": self.num_samples, "num_tokens": self.num_tokens, "checksums": self.checksums()}
+        """Write what is buffered, record counts and checksums, check the structure, publish under the final name."""
+        for column in self.columns.values():
+            column.close()
+        self._pool.shutdown()
+        self._hasher.shutdown()  # waits for the last hash updates
+        self._checksums = {name: self.columns[name].hash.hexdigest() for name in (*TOKEN_DATASETS, *SAMPLE_DATASETS)}
+        summary = {"num_samples": self.num_samples, "num_tokens": self.num_tokens, "checksums": self._checksums}
         write_attrs(self.file, {"num_samples": self.num_samples, "num_tokens": self.num_tokens,
-                                "checksums": json.dumps(summary["checksums"], sort_keys=True)})
+                                "checksums": json.dumps(self._checksums, sort_keys=True)})
         self.file.close()
-        verify_file(self.tmp_path, expect=summary)
+        # Shapes and offsets only: re-reading every byte here would stall the teacher. Checksums are checked
+        # where files are consumed (merge verifies every part, and the merged cache before it is published).
+        verify_file(self.tmp_path, expect=summary, checksums=False)
         os.replace(self.tmp_path, self.path)
         return summary
 
     def abort(self) -> None:
         """Drop everything written so far."""
+        self._pool.shutdown(cancel_futures=True)
+        self._hasher.shutdown(cancel_futures=True)
         try:
             self.file.close()
         finally:
@@ -158,12 +228,6 @@ class CacheWriter:
             self.close()
         else:
             self.abort()
-
-
-def _append(dataset: h5py.Dataset, data: np.ndarray) -> None:
-    start = dataset.shape[0]
-    dataset.resize((start + len(data), *dataset.shape[1:]))
-    dataset[start:] = data
 
 
 def write_attrs(file: h5py.File, attrs: dict[str, Any]) -> None:
@@ -191,11 +255,12 @@ def iter_blocks(file: h5py.File, name: str, block_rows: int = 1 << 18) -> Iterat
         yield dataset[start:start + block_rows]
 
 
-def verify_file(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check structure, counts and checksums of a cache file; raise CacheFileError naming what is wrong.
+def verify_file(path: str | Path, expect: dict[str, Any] | None = None, checksums: bool = True) -> dict[str, Any]:
+    """Check structure, counts and (unless checksums=False) checksums of a cache file; raise CacheFileError
+    naming what is wrong.
 
     `expect` may hold num_samples, num_tokens and checksums recorded by the writer (e.g. a shard's completion
-    record). Returns {num_samples, num_tokens, checksums}.
+    record). Returns {num_samples, num_tokens, checksums} (checksums empty when not computed).
     """
     from kd_core.errors import CacheFileError
 
@@ -219,27 +284,28 @@ def verify_file(path: str | Path, expect: dict[str, Any] | None = None) -> dict[
             for name in TOKEN_DATASETS:
                 if file[name].shape[0] != num_tokens:
                     problems.append(f"{name} has {file[name].shape[0]} rows, offsets say {num_tokens}")
-            checksums = {}
-            for name in (*TOKEN_DATASETS, *SAMPLE_DATASETS):
+            computed = {}
+            for name in (*TOKEN_DATASETS, *SAMPLE_DATASETS) if checksums else ():
                 digest = hashlib.sha256()
                 for block in iter_blocks(file, name):
                     digest.update(np.ascontiguousarray(block).tobytes())
-                checksums[name] = digest.hexdigest()
+                computed[name] = digest.hexdigest()
         except CacheFileError:
             raise
         except (OSError, KeyError, ValueError) as e:  # a damaged chunk fails to decompress on read
             raise CacheFileError(f"{path}: unreadable data ({e}); it is truncated or corrupt.") from None
-    recorded = json.loads(attrs.get("checksums", "{}"))
-    for source, values in (("the file's attributes", recorded), ("the completion record", (expect or {}).get("checksums", {}))):
-        bad = [n for n, v in values.items() if checksums.get(n) != v]
-        if bad:
-            problems.append(f"checksums of {', '.join(bad)} differ from {source}")
-    for key in ("num_samples", "num_tokens"):
-        if expect and key in expect and expect[key] != locals()[key]:
-            problems.append(f"{key} is {locals()[key]}, expected {expect[key]}")
+    expect = expect or {}
+    if checksums:
+        recorded = json.loads(attrs.get("checksums", "{}"))
+        for source, values in (("the file's attributes", recorded), ("the completion record", expect.get("checksums", {}))):
+            bad = [n for n, v in values.items() if computed.get(n) != v]
+            if bad:
+                problems.append(f"checksums of {', '.join(bad)} differ from {source}")
+    found = {"num_samples": num_samples, "num_tokens": num_tokens}
+    problems += [f"{key} is {found[key]}, expected {expect[key]}" for key in found if key in expect and expect[key] != found[key]]
     if problems:
         raise CacheFileError(f"{path}: " + "; ".join(problems) + ".")
-    return {"num_samples": num_samples, "num_tokens": num_tokens, "checksums": checksums}
+    return {**found, "checksums": computed}
 
 
 def merge_files(parts: list[str | Path], path: str | Path, attrs: dict[str, Any], block_rows: int = 1 << 18) -> dict[str, Any]:

@@ -169,6 +169,7 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
             **{key: sum(p[key] for p in done) for key in ("num_samples", "num_tokens", "skipped_empty")},
             "seconds": round(sum(p["seconds"] for p in done), 3),
             "vocab_size": done[0]["vocab_size"], "tokenizer": done[0]["tokenizer"],
+            "teacher_dtype": done[0]["teacher_dtype"],
             "parts": done,
         }
         lock.check()
@@ -239,6 +240,7 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
             "num_samples": writer.num_samples, "num_tokens": writer.num_tokens, "checksums": writer.checksums(),
             "skipped_empty": skipped, "seconds": round(time.perf_counter() - started, 3),
             "vocab_size": teacher.vocab_size, "tokenizer": getattr(teacher.tokenizer, "name_or_path", None),
+            "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
         }
         lock.check()
         io.write_json_atomic(layout.part_record(shard, index), record, opts)
@@ -273,6 +275,7 @@ def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]
         "producer": f"kd-cache {kd_core.__version__}",
         "teacher_model": config.teacher.model, "teacher_revision": config.teacher.revision,
         "vocab_size": records[0]["vocab_size"], "tokenizer": records[0]["tokenizer"],
+        "teacher_dtype": records[0]["teacher_dtype"],
         "dataset_name": ds.name, "dataset_config": ds.config, "dataset_split": ds.split,
         "dataset_revision": ds.revision, "dataset_data_files": ds.data_files,
         "max_samples": ds.max_samples, "max_length": config.cache.max_length,
@@ -307,6 +310,7 @@ def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, An
                 parts.append(_fetch_verified_part(layout, shard, record, part, scratch, opts))
         merged_local = (io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / "cache.h5")
         summary = cachefile.merge_files(parts, merged_local, attrs=cache_attrs(config, records))
+        cachefile.verify_file(merged_local, expect=summary)  # every byte, once, before anyone can see it
         file_bytes = merged_local.stat().st_size
         io.publish_file(merged_local, layout.cache_file, opts)
     finally:

@@ -24,8 +24,8 @@ from kd_core import cachefile
 #    does not: 1.0-1.2 bytes measured;
 #  - float32 logsumexp: only its exponent byte compresses: 2.7-3.0 bytes measured.
 # The estimate is tested within 25% of real files (tests/test_pipeline.py).
-TOPK_ID_ENTROPY_FRACTION = 0.65
-LOGPROB_STORED_BYTES = 1.15
+TOPK_ID_ENTROPY_FRACTION = 0.58
+LOGPROB_STORED_BYTES = 1.1
 LOGSUMEXP_STORED_BYTES = 2.8
 FILE_OVERHEAD_BYTES = 32 * 1024  # HDF5 superblock, object headers, chunk index, attributes (~25 KB measured)
 

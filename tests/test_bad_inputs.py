@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from s3helpers import bucket, listing, moto_endpoint, overrides, s3_options  # noqa: F401
+from s3helpers import bucket, moto_endpoint, overrides, s3_options  # noqa: F401
 
 from kd_core import cli, pipeline
 from kd_core.errors import KDCacheError

@@ -14,6 +14,7 @@ from kd_core import pipeline
 from kd_core.cachefile import CacheReader
 from kd_core.config import TeacherConfig
 from kd_core.teacher import load_teacher
+from s3helpers import build
 
 
 def overrides(teacher_dir, corpus_path, out, **extra):
@@ -30,10 +31,9 @@ def overrides(teacher_dir, corpus_path, out, **extra):
 
 
 def run_steps(profile, over):
+    """validate, then the pipeline as the flow runs it locally; with the storage estimate for comparisons."""
     config = pipeline.validate(profile, over)
-    est = pipeline.estimate(config)
-    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config, est)]
-    return config, est, pipeline.merge(config, records)
+    return config, pipeline.estimate(config), build(config)
 
 
 def reference(model, input_ids, k):

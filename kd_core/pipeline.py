@@ -3,7 +3,7 @@
     validate(profile, overrides)   -> Config            every check that needs no data; the max_samples guard first
     estimate(config)               -> StorageEstimate   exact upper bound + expected size from a probe; size limits
     plan(config, estimate)         -> [ShardSpec]        contiguous, deterministic, covering exactly the run's rows
-    run_shard(config, shard)       -> shard record       teacher inference for one shard, written as one HDF5 file
+    run_shard(config, shard)       -> shard record       teacher inference for one shard, written in parts
     merge(config, records)         -> manifest           verify every shard, merge, publish, move `latest`
 
 Where things live under output.uri (a local directory or an fsspec URL):
@@ -13,7 +13,8 @@ Where things live under output.uri (a local directory or an fsspec URL):
     versions/<key>/manifest.json        written last: its presence marks the version complete
     work/<key>/<shard>/part-*.h5 (+ .json)   a shard's parts and their completion records
     work/<key>/<shard>.json             the shard's completion record (lists its parts), written after its last part
-    work/<key>/<shard>.lock, merge.lock lease locks: one writer per shard and per merge (kd_core.locks)
+    work/<key>/<shard>.lock             lease lock: one writer per shard (kd_core.locks)
+    work/<key>.merge.lock               lease lock: one merge at a time (outside work/<key>/, which the merge removes)
                                         work/<key>/ is removed after publishing
 
 <key> is Config.content_key(): a hash of what determines the cache's content, so a rerun with the same inputs
@@ -59,6 +60,7 @@ class Layout:
         self.cache_file = io.join(self.version_dir, "cache.h5")
         self.manifest = io.join(self.version_dir, "manifest.json")
         self.work_dir = io.join(self.root, "work", self.key)
+        self.merge_lock = io.join(self.root, "work", f"{self.key}.merge.lock")
 
     def shard_record(self, shard: ShardSpec) -> str:
         return io.join(self.work_dir, f"{shard.name}.json")
@@ -288,13 +290,12 @@ def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]
 def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Verify every part of every shard against its record, merge in order, publish, write the manifest, move latest.
 
-    Under a lease lock (work/<key>.merge.lock, outside the work directory that a merge removes): a second merge
-    of the same cache refuses instead of racing this one.
+    Under a lease lock (Layout.merge_lock): a second merge of the same cache refuses instead of racing this one.
     """
     from kd_core.locks import LeaseLock
 
     layout, opts = Layout(config), config.output.storage_options
-    with LeaseLock(io.join(layout.root, "work", f"{layout.key}.merge.lock"), "the merge", opts):
+    with LeaseLock(layout.merge_lock, "the merge", opts):
         return _merge_locked(config, records)
 
 
@@ -328,9 +329,7 @@ def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, An
     versions.set_latest(layout.root, layout.key, opts)  # readers move to it in one atomic write
     for key in versions.prune(layout.root, config.output.keep_versions, opts):  # only after latest moved
         log.info("deleted old version %s (output.keep_versions=%d)", key, config.output.keep_versions)
-    fs, work = io.filesystem(layout.work_dir, opts)
-    if fs.exists(work):
-        fs.rm(work, recursive=True)
+    io.remove(layout.work_dir, opts)
     return manifest
 
 
@@ -359,9 +358,8 @@ def resolve_cache_uri(uri: str, storage_options: dict[str, Any] | None = None) -
     """A cache file's URI from either the file itself or an output.uri directory (follows latest.json)."""
     if uri.endswith((".h5", ".hdf5")):
         return uri
-    latest = io.join(uri, "latest.json")
-    if not io.exists(latest, storage_options):
+    key = versions.latest_key(uri, storage_options)
+    if key is None:
         raise ConfigError(f"{uri}: no cache here (no latest.json and not an .h5 file). Pass the output.uri of a "
                           "finished run or the path of a cache.h5.")
-    return io.join(uri, io.read_json(latest, storage_options)["path"])
-
+    return io.join(uri.rstrip("/"), "versions", key, "cache.h5")

@@ -25,6 +25,22 @@ AUTH = "kd-cache:e2e-password"  # user:password, the server's PREFECT_SERVER_API
 STARTUP_SECONDS = 90
 
 
+class RetryBusyTransport(httpx.HTTPTransport):
+    """Retry 429/502/503 with backoff, as Prefect's own client does: a SQLite-backed server answers 503 while its
+    database is locked by a concurrent write (workers, the parent's child runs), and a REST caller should retry."""
+
+    RETRY_CODES = {429, 502, 503}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for delay in (0.5, 1, 2, 4, 8):
+            response = super().handle_request(request)
+            if response.status_code not in self.RETRY_CODES:
+                return response
+            response.close()
+            time.sleep(delay)
+        return super().handle_request(request)
+
+
 @dataclass
 class PrefectStack:
     api_url: str
@@ -32,7 +48,7 @@ class PrefectStack:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def client(self, auth: tuple[str, str] | None = tuple(AUTH.split(":", 1))) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, auth=auth, timeout=30)
+        return httpx.Client(base_url=self.api_url, auth=auth, timeout=30, transport=RetryBusyTransport())
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of every process's log, for assertion messages."""

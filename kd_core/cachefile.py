@@ -217,6 +217,8 @@ class CacheWriter:
         self._hasher.shutdown(cancel_futures=True)
         try:
             self.file.close()
+        except Exception:  # noqa: BLE001 - the file is being dropped; the error that got us here is what counts
+            pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
 
@@ -224,10 +226,14 @@ class CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # e.g. a full disk while flushing: no .partial left behind
+            self.abort()
+            raise
 
 
 def write_attrs(file: h5py.File, attrs: dict[str, Any]) -> None:

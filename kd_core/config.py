@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from kd_core import io
 from kd_core.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -77,6 +78,12 @@ class OutputConfig(_Section):
         3, ge=0, description="Older complete versions kept beside the latest one; older ones are deleted after "
                              "a new version is published."
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _one_form(cls, uri: str) -> str:
+        # Normalised once, here: the layout, locks, clean-up and messages all derive from this value.
+        return io.normalise_uri(uri)
 
 
 class RunConfig(_Section):

@@ -73,7 +73,9 @@ def _column_names(source) -> list[str] | None:
 
 
 def check_text_column(cfg: DatasetConfig, source) -> None:
+    """The text column exists and holds strings (an integer column would crash tokenization much later)."""
     names = _column_names(source)
+    first = None
     if names is None:  # a stream whose schema is unknown until read: look at the first row
         first = next(iter(source.take(1)), None)
         names = list(first) if first is not None else []
@@ -82,6 +84,22 @@ def check_text_column(cfg: DatasetConfig, source) -> None:
             f"dataset.text_column: the dataset has no column {cfg.text_column!r}; its columns are {names}. "
             f"Fix: dataset.text_column={names[0] if names else 'NAME'}."
         )
+    features = getattr(source, "features", None)
+    if features is not None and cfg.text_column in features:
+        kind = getattr(features[cfg.text_column], "dtype", type(features[cfg.text_column]).__name__)
+        if kind not in ("string", "large_string"):
+            raise ConfigError(_not_text(cfg, kind, _string_columns(features)))
+    elif first is not None and not isinstance(first[cfg.text_column], (str, type(None))):
+        raise ConfigError(_not_text(cfg, type(first[cfg.text_column]).__name__, []))
+
+
+def _string_columns(features) -> list[str]:
+    return [name for name, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+
+
+def _not_text(cfg: DatasetConfig, kind: str, candidates: list[str]) -> str:
+    fix = f"dataset.text_column={candidates[0]}" if candidates else "dataset.text_column=<a column of strings>"
+    return f"dataset.text_column: column {cfg.text_column!r} holds {kind} values, not text. Fix: {fix}."
 
 
 def total_samples(cfg: DatasetConfig, source) -> int:
@@ -106,7 +124,11 @@ def iter_texts(cfg: DatasetConfig, source, start: int, stop: int) -> Iterator[tu
     else:
         rows = source.select(range(start, stop))
     for row_number, row in zip(itertools.count(start), rows):
-        yield row_number, row[cfg.text_column]
+        text = row[cfg.text_column]
+        if not isinstance(text, (str, type(None))):  # a stream whose schema was not known up front
+            raise ConfigError(f"dataset.text_column: row {row_number} of column {cfg.text_column!r} holds "
+                              f"{type(text).__name__}, not text. Fix: dataset.text_column=<a column of strings>.")
+        yield row_number, text
 
 
 def probe_texts(cfg: DatasetConfig, source, n: int) -> list[str]:

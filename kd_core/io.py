@@ -12,10 +12,12 @@ output.storage_options) and never appear in a message here: errors quote URIs an
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +39,38 @@ _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 def _transient(e: BaseException) -> bool:
-    if isinstance(e, _PERMANENT) or (isinstance(e, OSError) and e.errno in _PERMANENT_ERRNOS):
+    if isinstance(e, _PERMANENT) or (isinstance(e, OSError) and e.errno in _PERMANENT_ERRNOS) or is_disk_full(e):
         return False
     try:
         from botocore.exceptions import BotoCoreError  # connection refused/reset, timeouts, bad responses
     except ImportError:
         BotoCoreError = OSError
     return isinstance(e, (OSError, TimeoutError, ConnectionError, BotoCoreError))
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as HDF5 reports it (an OSError whose errno h5py may leave unset)."""
+    return isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+                                       or "errno = 28" in str(e))
+
+
+@contextlib.contextmanager
+def disk_full_is_fatal(where: str | Path):
+    """Turn a full local disk into one StorageError (not retried: a retry fails the same way)."""
+    try:
+        yield
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        try:
+            free = f"{shutil.disk_usage(where).free / 1e9:.2f} GB free now"
+        except OSError:
+            free = "free space unknown"
+        raise StorageError(
+            f"no space left on the disk holding {where} ({free}). Nothing incomplete was kept under a final name "
+            "and completed parts are kept. Fix: free space there (or point KD_CACHE_STAGING at a larger disk when "
+            "the target is remote), then run again: it continues after the last complete part."
+        ) from None
 
 
 def retrying(what: str, fn: Callable[[], T]) -> T:
@@ -62,6 +89,37 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
             log.warning("%s: %s (attempt %d), retrying in %.1f s", what, type(e).__name__, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def normalise_uri(uri: str, key: str = "output.uri") -> str:
+    """The one form of a location that every path under it derives from: an absolute local path, or
+    PROTOCOL://BUCKET/PREFIX without a trailing slash. ConfigError (naming `key`) for a value that would write
+    somewhere other than meant: empty (an unset shell variable), no bucket, `s3:/x` (a local dir named `s3:`),
+    the filesystem root, or credentials inside the URL."""
+    text = uri.strip()
+    if not text:
+        raise ConfigError(f"{key} is empty (an unset shell variable?). Set it to a directory or a URL such as "
+                          "s3://bucket/prefix.")
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
+    elif "://" in text:
+        protocol, _, rest = text.partition("://")
+        rest = rest.strip("/")
+        bucket = rest.split("/")[0]
+        if not bucket:
+            raise ConfigError(f"{key}: {uri!r} names no bucket. Fix: {key}={protocol}://BUCKET/PREFIX.")
+        if "@" in bucket:
+            raise ConfigError(f"{key}: credentials inside the URL are not accepted (they would be recorded). Put "
+                              "them in the worker's environment or a Prefect Secret block (docs/DEPLOYMENT.md).")
+        return f"{protocol}://{rest}"
+    first = text.split("/")[0]
+    if first.endswith(":") or not text:
+        raise ConfigError(f"{key}: {uri!r} looks like a URL with a slash missing (it would be a local directory "
+                          f"named {first!r}). Fix: e.g. {key}=s3://bucket/prefix, or a directory path.")
+    path = os.path.abspath(os.path.expanduser(text))
+    if path == os.path.abspath(os.sep):
+        raise ConfigError(f"{key}: the filesystem root is not an output directory. Choose a directory below it.")
+    return path
 
 
 def is_local(uri: str) -> bool:

@@ -15,6 +15,7 @@ Where things live under output.uri (a local directory or an fsspec URL):
     work/<key>/<shard>.json             the shard's completion record (lists its parts), written after its last part
     work/<key>/<shard>.lock             lease lock: one writer per shard (kd_core.locks)
     work/<key>.merge.lock               lease lock: one merge at a time (outside work/<key>/, which the merge removes)
+    work/publish.lock                   lease lock: one run at a time writes a manifest, moves latest and prunes
                                         work/<key>/ is removed after publishing
 
 <key> is Config.content_key(): a hash of what determines the cache's content, so a rerun with the same inputs
@@ -60,7 +61,7 @@ class Layout:
         self.cache_file = io.join(self.version_dir, "cache.h5")
         self.manifest = io.join(self.version_dir, "manifest.json")
         self.work_dir = io.join(self.root, "work", self.key)
-        self.merge_lock = io.join(self.root, "work", f"{self.key}.merge.lock")
+        self.merge_lock = versions.merge_lock_uri(self.root, self.key)
 
     def shard_record(self, shard: ShardSpec) -> str:
         return io.join(self.work_dir, f"{shard.name}.json")
@@ -108,6 +109,9 @@ def estimate(config: Config) -> storage.StorageEstimate:
     if not texts:
         raise ConfigError(f"dataset: {config.dataset.name!r} split {config.dataset.split!r} has no samples. "
                           "Fix dataset.split or dataset.data_files.")
+    if len(texts) == total and not any(t and t.strip() for t in texts):  # the probe saw every row: all blank
+        raise ConfigError(f"dataset.text_column: all {total:,} rows of column {config.dataset.text_column!r} are "
+                          "empty, so the cache would hold no samples. Fix: dataset.text_column or dataset.data_files.")
     tokenizer = load_tokenizer(config.teacher)
     max_length = config.cache.max_length
     lengths = [len(tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) if t and t.strip() else 0
@@ -159,7 +163,8 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
         log.info("%s already complete, skipping", shard.name)
         return io.read_json(layout.shard_record(shard), opts)
 
-    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock:
+    staging = io.local_path(layout.work_dir) if io.is_local(layout.root) else staging_dir(config)
+    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(staging):
         parts = plan_parts(shard, config.run.part_samples)
         done = complete_parts(layout, shard, parts, opts)
         if len(done) < len(parts):
@@ -263,12 +268,7 @@ def published(config: Config) -> dict[str, Any] | None:
     "up to date" always means readers of `latest` get this config's cache.
     """
     layout = Layout(config)
-    opts = config.output.storage_options
-    if not io.exists(layout.manifest, opts):
-        return None
-    if versions.latest_key(layout.root, opts) != layout.key:
-        versions.set_latest(layout.root, layout.key, opts)
-    return io.read_json(layout.manifest, opts)
+    return versions.make_latest(layout.root, layout.key, config.output.storage_options)
 
 
 def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -295,7 +295,12 @@ def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     from kd_core.locks import LeaseLock
 
     layout, opts = Layout(config), config.output.storage_options
-    with LeaseLock(layout.merge_lock, "the merge", opts):
+    if sum(r["num_samples"] for r in records) == 0:
+        rows = sum(r["skipped_empty"] for r in records)
+        raise ConfigError(f"dataset.text_column: all {rows:,} rows of column {config.dataset.text_column!r} were "
+                          "empty, so the cache would hold no samples; nothing was published. Fix: "
+                          "dataset.text_column or dataset.data_files.")
+    with LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(staging_dir(config)):
         return _merge_locked(config, records)
 
 
@@ -325,9 +330,9 @@ def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, An
         "shards": len(records), "config": config.public_dict(),
         "published_at": datetime.now(timezone.utc).isoformat(),  # orders versions for pruning
     }
-    io.write_json_atomic(layout.manifest, manifest, opts)  # the version is complete from here on
-    versions.set_latest(layout.root, layout.key, opts)  # readers move to it in one atomic write
-    for key in versions.prune(layout.root, config.output.keep_versions, opts):  # only after latest moved
+    # The manifest makes the version complete, then latest moves, then old versions go: one step under the
+    # output's publish lock, so no other run prunes this version in between.
+    for key in versions.publish(layout.root, layout.key, manifest, config.output.keep_versions, opts):
         log.info("deleted old version %s (output.keep_versions=%d)", key, config.output.keep_versions)
     io.remove(layout.work_dir, opts)
     return manifest
@@ -356,6 +361,7 @@ def _fetch_verified_part(layout: Layout, shard: ShardSpec, record: dict[str, Any
 
 def resolve_cache_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """A cache file's URI from either the file itself or an output.uri directory (follows latest.json)."""
+    uri = io.normalise_uri(uri, key="URI")
     if uri.endswith((".h5", ".hdf5")):
         return uri
     key = versions.latest_key(uri, storage_options)

@@ -4,13 +4,62 @@ A version is versions/<key>/ and is complete once its manifest.json exists (merg
 names the version readers get; it is replaced in one atomic write, and only ever points at a complete version,
 so a reader that follows it never sees a half-built one. Old complete versions are deleted only after latest
 has moved, oldest first; a version without a manifest may be another run still building, and is never touched.
+
+Writing a manifest, moving latest and pruning happen together under one lock per output (work/publish.lock):
+two runs of different configs publishing at once would otherwise each prune the other's version between its
+manifest and its latest.json, leaving latest pointing at a deleted version. Inside the lock, latest is read
+again before pruning, and a version whose merge lock is live (a rebuild in progress) is never deleted.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kd_core import io
+from kd_core.locks import LEASE_SECONDS, LeaseLock, is_held
+
+log = logging.getLogger("kd_core.versions")
+
+# Publishing takes seconds (a manifest, latest.json, a few deletes); a holder that died is taken over once its
+# lease ends, so waiting a few leases always ends.
+PUBLISH_WAIT_SECONDS = 3 * LEASE_SECONDS
+
+
+def publish_lock(root: str, storage_options: dict[str, Any] | None = None) -> LeaseLock:
+    """The output-wide lock held while a version becomes complete and latest, and while old ones are pruned."""
+    return LeaseLock(io.join(root, "work", "publish.lock"), "the publishing step", storage_options,
+                     wait_seconds=PUBLISH_WAIT_SECONDS)
+
+
+def merge_lock_uri(root: str, key: str) -> str:
+    """The lease lock a merge of version `key` holds (pipeline.Layout uses the same path)."""
+    return io.join(root, "work", f"{key}.merge.lock")
+
+
+def publish(root: str, key: str, manifest: dict[str, Any], keep: int,
+            storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Write versions/<key>/manifest.json (the version is complete), point latest at it, prune; the pruned keys."""
+    with publish_lock(root, storage_options):
+        io.write_json_atomic(io.join(root, "versions", key, "manifest.json"), manifest, storage_options)
+        set_latest(root, key, storage_options)  # readers move to it in one atomic write
+        return prune(root, keep, storage_options)  # only after latest moved
+
+
+def make_latest(root: str, key: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The manifest of version `key` if it is complete, made latest again if it is not; None if incomplete.
+
+    Under the publish lock, so that a version pruned by another run at this moment is not made latest.
+    """
+    manifest = io.join(root, "versions", key, "manifest.json")
+    if not io.exists(manifest, storage_options):
+        return None
+    with publish_lock(root, storage_options):
+        if not io.exists(manifest, storage_options):  # pruned while we waited
+            return None
+        if latest_key(root, storage_options) != key:
+            set_latest(root, key, storage_options)
+        return io.read_json(manifest, storage_options)
 
 
 def latest_key(root: str, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -39,10 +88,18 @@ def complete_versions(root: str, storage_options: dict[str, Any] | None = None) 
 
 
 def prune(root: str, keep: int, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Delete all but the `keep` newest complete versions besides the latest one; return the deleted keys."""
+    """Delete all but the `keep` newest complete versions besides the latest one; return the deleted keys.
+
+    Call it under publish_lock (publish does): latest cannot move while it runs.
+    """
     current = latest_key(root, storage_options)
     old = [m["key"] for m in complete_versions(root, storage_options) if m["key"] != current]
-    deleted = old[keep:]
+    deleted = []
+    for key in old[keep:]:
+        if is_held(merge_lock_uri(root, key), storage_options):
+            log.info("keeping old version %s: a merge of it is in progress", key)
+        else:
+            deleted.append(key)
     for key in deleted:
         fs, path = io.filesystem(io.join(root, "versions", key), storage_options)
         # The manifest goes first: if the delete is interrupted, what is left is an incomplete version,

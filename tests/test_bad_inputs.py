@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from s3helpers import bucket, moto_endpoint, overrides, s3_options  # noqa: F401
+from s3helpers import bucket, build, listing, moto_endpoint, overrides, s3_options  # noqa: F401
 
 from kd_core import cli, pipeline
 from kd_core.errors import KDCacheError
@@ -42,6 +42,31 @@ CASES = {
     "empty dataset (streaming)": ({"dataset": {"data_files": "EMPTY"}}, "estimate", r"dataset: .*(empty|no samples)"),
     "empty dataset": ({"dataset": {"data_files": "EMPTY", "streaming": False, "max_samples": None}}, "estimate",
                       r"dataset: .*empty"),
+    "text column of integers": ({"dataset": {"data_files": "INTS", "streaming": False, "max_samples": 40}},
+                                "estimate", r"dataset\.text_column: column 'text' holds int64 values, not text"),
+    "text column of integers (streaming)": ({"dataset": {"data_files": "INTS", "max_samples": 20}}, "estimate",
+                                            r"dataset\.text_column: column 'text' holds int64 values, not text"),
+    "all-empty text column": ({"dataset": {"data_files": "BLANK", "streaming": False, "max_samples": 40}},
+                              "estimate", r"dataset\.text_column: all 40 rows of column 'text' are empty"),
+    "output.uri with no bucket": ({"output": {"uri": "s3://"}}, "validate", r"output\.uri: 's3://' names no bucket"),
+    "empty output.uri": ({"output": {"uri": ""}}, "validate", r"output\.uri is empty \(an unset shell variable\?\)"),
+    "output.uri with a slash missing": ({"output": {"uri": "s3:/bucket/kd"}}, "validate",
+                                        r"output\.uri: 's3:/bucket/kd' looks like a URL with a slash missing"),
+    "output.uri at the filesystem root": ({"output": {"uri": "/"}}, "validate",
+                                          r"output\.uri: the filesystem root is not an output directory"),
+}
+
+
+def _parquet(tmp_path, name: str, column) -> str:
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(pa.table({"text": column}), path)
+    return str(path)
+
+
+# Stand-ins for data files made per test: a text column of integers, or of 40 empty/blank strings.
+DATA_FILES = {
+    "INTS": lambda tmp_path: _parquet(tmp_path, "ints", pa.array(range(40), pa.int64())),
+    "BLANK": lambda tmp_path: _parquet(tmp_path, "blank", pa.array(["", "  \n"] * 20, pa.string())),
 }
 
 
@@ -49,6 +74,8 @@ def _resolve(extra, tmp_path):
     data_files = (extra.get("dataset") or {}).get("data_files")
     if data_files == "EMPTY":
         extra = {**extra, "dataset": {**extra["dataset"], "data_files": _empty_parquet(tmp_path)}}
+    elif data_files in DATA_FILES:
+        extra = {**extra, "dataset": {**extra["dataset"], "data_files": DATA_FILES[data_files](tmp_path)}}
     return extra
 
 
@@ -90,6 +117,7 @@ def _flatten(d: dict, prefix: str = ""):
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, out, small_teacher_dir, corpus_path, capsys,
                                                          monkeypatch):
     extra, step, message = CASES[case]
+    monkeypatch.chdir(tmp_path)  # a URI that writes elsewhere than meant would write here (./s3:, ./file:)
     monkeypatch.setattr("kd_core.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher must not load"))
     over = overrides(small_teacher_dir, corpus_path, str(out), **_resolve(extra, tmp_path))
     error = _refuse(step, over)
@@ -97,6 +125,23 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, out, sma
     err = _cli(step, over, capsys)
     assert re.search(message, err), err
     assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".parquet"]
+
+
+def test_file_uri_is_one_local_directory_for_data_locks_and_clean_up(tmp_path, small_teacher_dir, corpus_path,
+                                                                      monkeypatch):
+    """output.uri=file://DIR once put the data in ./file:/DIR but its locks and clean-up at DIR."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"file://{out}/",
+                                                 dataset={"max_samples": 20}, run={"num_shards": 1}))
+    assert config.output.uri == str(out)  # normalised once; everything below derives from it
+    layout = pipeline.Layout(config)
+    assert all(p.startswith(f"{out}/") for p in (layout.cache_file, layout.work_dir, layout.merge_lock))
+    build(config)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert listing(str(out)) == ["latest.json", f"versions/{layout.key}/cache.h5",
+                                 f"versions/{layout.key}/manifest.json"]
 
 
 def test_unreadable_profile_yaml(tmp_path, capsys):

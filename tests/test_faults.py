@@ -1,6 +1,7 @@
 """Faults against a real S3 API (moto's server on loopback): kill -9 mid-shard, corrupt parts, endpoint down,
 output budget exceeded. Each must cost at most a part of redone work and never publish a partial cache."""
 
+import errno
 import json
 import logging
 import os
@@ -16,8 +17,9 @@ from s3helpers import (  # noqa: F401
     start_moto,
 )
 
-from kd_core import io, pipeline
+from kd_core import cachefile, io, pipeline
 from kd_core.errors import CacheFileError, StorageError
+from tasks.teacher_inference import _not_a_user_error
 
 # Runs the pipeline in a child process, a little slowed down (50 ms per sample) so that the test can kill it
 # while a shard is half done.
@@ -203,3 +205,40 @@ def test_over_budget_fails_in_estimate_before_the_teacher_loads(limit, tmp_path,
     with pytest.raises(StorageError, match=match):
         pipeline.estimate(config)
     assert not uri.exists()
+
+
+class _FailedState:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+
+def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path, small_teacher_dir, corpus_path,
+                                                                       monkeypatch):
+    """ENOSPC while a part is closed: once retried as transient (three tracebacks) with a .partial left behind."""
+    uri = str(tmp_path / "out")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    layout, shard = pipeline.Layout(config), pipeline.plan(config, pipeline.estimate(config))[0]
+    real_close, closed = cachefile._Column.close, []
+
+    def close_on_a_full_disk(self):  # six columns per part: the second part meets a full disk
+        closed.append(self)
+        if len(closed) > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_close(self)
+
+    monkeypatch.setattr(cachefile._Column, "close", close_on_a_full_disk)
+    with pytest.raises(StorageError, match=r"^no space left on the disk holding .*Fix: free space") as e:
+        pipeline.run_shard(config, shard)
+    assert "\n" not in str(e.value)
+    files = listing(uri)
+    assert not [f for f in files if f.endswith((".partial", ".staged"))], files
+    assert f"work/{layout.key}/{shard.name}/part-00000.h5" in files  # the complete part is kept
+    assert f"work/{layout.key}/{shard.name}/part-00001.h5" not in files
+    # Not retried: neither by kd_core.io's backoff nor by the teacher-inference task's retry condition.
+    hdf5_style = OSError("Can't synchronously write data (file write failed: errno = 28, error message = "
+                         "'No space left on device')")
+    assert not io._transient(OSError(errno.ENOSPC, "No space left on device")) and not io._transient(hdf5_style)
+    assert _not_a_user_error(None, None, _FailedState(e.value)) is False

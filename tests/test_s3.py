@@ -118,3 +118,21 @@ def test_lease_is_refreshed_while_held(tmp_path, monkeypatch):
         first = io.read_json(uri)["expires"]
         time.sleep(0.3)
         assert io.read_json(uri)["expires"] > first
+
+
+@pytest.mark.parametrize("content", ['{"host": "h", "pid": "x", "token": 1, "expires": "soon"}', '{"pid": 1}',
+                                     '[1, 2]', 'not json at all', ''])
+def test_a_damaged_lock_file_is_held_for_a_lease_then_taken_over(tmp_path, content):
+    """A lock file with wrong types or missing keys once crashed with TypeError/KeyError."""
+    uri = tmp_path / "work" / "x.lock"
+    uri.parent.mkdir()
+    uri.write_text(content)
+    with pytest.raises(locks.LockedError, match=r"another run is writing x of this cache right now \(a damaged lock"):
+        locks.LeaseLock(str(uri), "x").acquire()
+    assert locks.is_held(str(uri))
+    written = time.time() - 2 * locks.LEASE_SECONDS  # last written two leases ago: its writer is gone
+    os.utime(uri, (written, written))
+    assert not locks.is_held(str(uri))
+    with locks.LeaseLock(str(uri), "x") as lock:
+        assert io.read_json(str(uri))["token"] == lock.owner["token"]
+    assert not uri.exists()

@@ -1,9 +1,13 @@
 """kd_core.versions on a local directory and on S3 (moto): the latest pointer and pruning of old versions."""
 
-import pytest
-from s3helpers import bucket, moto_endpoint  # noqa: F401
+import logging
+import threading
+import time
 
-from kd_core import io, versions
+import pytest
+from s3helpers import bucket, moto_endpoint, overrides  # noqa: F401
+
+from kd_core import io, pipeline, versions
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -43,3 +47,73 @@ def test_prune_keeps_latest_and_the_newest_old_versions_and_never_an_incomplete_
     assert remaining(root, opts) == ["b", "e"]
     assert versions.latest_key(root, opts) == "b"
     assert io.read_json(io.join(root, "latest.json"), opts) == {"version": "b", "path": "versions/b/cache.h5"}
+
+
+class _Seen(logging.Handler):
+    """Sets an event when a log record's message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__(logging.INFO)
+        self.text, self.event = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_two_configs_publishing_at_once_with_keep_0_leave_latest_readable(tmp_path, small_teacher_dir, corpus_path,
+                                                                         monkeypatch):
+    """Run A pauses between its manifest and latest.json while run B (another config) publishes and prunes with
+    output.keep_versions=0. Before the publish lock, B deleted A's version, then A pointed latest at it and deleted
+    B's: both caches gone. Now B waits for A, and latest always names a complete version."""
+    uri = str(tmp_path / "out")
+    small = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1, "part_samples": 20},
+             "output": {"keep_versions": 0}}
+    a = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, **small))
+    b = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, cache={"top_k": 4}, **small))
+    records = {c.content_key(): [pipeline.run_shard(c, s) for s in pipeline.plan(c, pipeline.estimate(c))]
+               for c in (a, b)}
+
+    paused, resume = threading.Event(), threading.Event()
+    real_set_latest = versions.set_latest
+
+    def set_latest_pausing_a(root, key, opts=None):
+        if key == a.content_key() and not resume.is_set():
+            paused.set()
+            resume.wait(60)
+        real_set_latest(root, key, opts)
+
+    monkeypatch.setattr(versions, "set_latest", set_latest_pausing_a)
+    b_waits = _Seen("waiting for another run to finish the publishing step")
+    logging.getLogger("kd_core.locks").addHandler(b_waits)
+    logging.getLogger("kd_core.locks").setLevel(logging.INFO)
+    errors = []
+
+    def merge(config):
+        try:
+            pipeline.merge(config, records[config.content_key()])
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    try:
+        run_a = threading.Thread(target=merge, args=(a,))
+        run_a.start()
+        assert paused.wait(60), "run A never reached latest.json"
+        run_b = threading.Thread(target=merge, args=(b,))
+        run_b.start()
+        deadline = time.monotonic() + 60
+        while run_b.is_alive() and not b_waits.event.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        resume.set()
+        run_a.join(60)
+        run_b.join(60)
+    finally:
+        resume.set()
+        logging.getLogger("kd_core.locks").removeHandler(b_waits)
+    assert not errors, errors
+    assert b_waits.event.is_set(), "run B published while run A was between its manifest and latest.json"
+    latest = versions.latest_key(uri)
+    assert latest == b.content_key()
+    assert (tmp_path / "out" / "versions" / latest / "manifest.json").exists()
+    assert (tmp_path / "out" / "versions" / latest / "cache.h5").exists()
+    assert remaining(uri, {}) == [latest]  # keep_versions=0: A's version pruned once B was latest

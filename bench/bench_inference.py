@@ -205,7 +205,7 @@ def breakdown(teacher: Teacher, tokenized: list[np.ndarray], args) -> list[tuple
                (f"top-{k}, plain torch.topk", ms(lambda: [c.topk(k, dim=-1) for c in chunks]))]
         out.append(("topk_logprobs as run", ms(lambda: inference.topk_logprobs(logits, k))))
         out.append(("run_teacher's forward (body + head on real rows + topk_logprobs)",
-                    ms(lambda: inference._Forward(model, k)(x, torch.arange(x.numel(), device=x.device)))))
+                    ms(lambda: inference._Forward(model, inference.RowSpec(top_k=k))(x, torch.arange(x.numel(), device=x.device)))))
     return out
 
 

@@ -13,7 +13,10 @@ joined by bounded queues (memory stays flat on a shard of any length):
 
 Exactness: batches are right-padded. Under a causal mask a real position never sees a pad to its right, so a
 sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
-fast is_causal kernels. Log-probs and logsumexp are computed in float32 from the logits (see topk_logprobs).
+fast is_causal kernels. The output layer runs in float32 on the body's hidden states (Float32Head), so the
+log-probs, logsumexp and draws come from the teacher's own logits to float32 precision even for a bf16
+teacher; ties at rank k go to the lowest id (topk_logprobs). Each row is then either its top-k (cache.mode
+topk) or N draws from its softmax, stored as distinct ids and counts (cache.mode sampled, kd_core.sampling).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kd_core.sampling import sample_rows
 from kd_core.teacher import Teacher
 
 # Logit elements handled at once (rows * V): bounds the head's output and any float32 upcast; 2048 rows at 32k.
@@ -44,13 +48,37 @@ _POLL_S = 0.1  # how often a blocked thread checks whether the caller has gone a
 
 @dataclass
 class SampleRows:
-    """One sample's cache rows. Row t is the teacher's distribution for token t+1 given tokens 0..t."""
+    """One sample's cache rows. Row t is the teacher's distribution for token t+1 given tokens 0..t.
+
+    Top-k mode fills topk_*, sampled mode sampled_*; the other pair is None.
+    """
 
     sample_index: int
     input_ids: np.ndarray  # (L,) uint32
-    topk_indices: np.ndarray  # (L, k) uint32, best first
-    topk_logprobs: np.ndarray  # (L, k) float16
+    topk_indices: np.ndarray | None  # (L, k) uint32, best first (ties: lowest id first)
+    topk_logprobs: np.ndarray | None  # (L, k) float16
     logsumexp: np.ndarray  # (L,) float32, of the raw logits
+    sampled_ids: np.ndarray | None = None  # (L, m) uint32, distinct drawn ids ascending, 0 where count is 0
+    sampled_counts: np.ndarray | None = None  # (L, m) uint16, times drawn; each row sums to N; 0 = padding
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What a cache row holds: the top_k best ids (mode topk) or `draws` draws at temperature 1 (mode sampled)."""
+
+    mode: str = "topk"
+    top_k: int = 64
+    draws: int = 64
+
+    def __post_init__(self):
+        if self.mode not in ("topk", "sampled"):
+            raise ValueError(f"mode must be 'topk' or 'sampled', got {self.mode!r}")
+        if not 1 <= self.draws <= 32767:  # counts travel as int16
+            raise ValueError(f"draws must be in 1..32767, got {self.draws}")
+
+    @property
+    def width(self) -> int:
+        return self.top_k if self.mode == "topk" else self.draws
 
 
 @dataclass
@@ -69,6 +97,10 @@ class InferenceStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+# Candidates beyond k that topk_logprobs takes so that a tie at rank k is settled by id without a second pass.
+TIE_SLACK = 16
+
+
 def topk_logprobs(
     logits: torch.Tensor, k: int, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,20 +108,69 @@ def topk_logprobs(
 
     Float32 whatever the logits' dtype, without a (…, V) float32 log_softmax: rows are taken a chunk at a
     time, so any upcast is bounded by chunk_rows * V. The top-k is taken on the raw logits (same order as on
-    the log-probs, since logsumexp is a per-row constant) and log p = logit - logsumexp.
+    the log-probs, since logsumexp is a per-row constant) and log p = logit - logsumexp. Order: best first,
+    equal logits by lowest id, on any device (torch.topk's order among equal values is unspecified).
     """
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)  # (N, V)
     chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
     ids, logprobs, lses = [], [], []
     for chunk in flat.split(chunk_rows) if len(flat) else [flat]:
+        chunk = chunk.float()  # (n, V); no copy when the head already gave float32
         lse = _logsumexp(chunk)  # (n,)
-        top, idx = chunk.topk(k, dim=-1)  # (n, k), best first
+        top, idx = topk_lowest_id(chunk, k)  # (n, k), best first
         ids.append(idx)
-        logprobs.append(top.float() - lse[:, None])
+        logprobs.append(top - lse[:, None])
         lses.append(lse)
     lead = logits.shape[:-1]
     return torch.cat(ids).view(*lead, k), torch.cat(logprobs).view(*lead, k), torch.cat(lses).view(lead)
+
+
+def topk_lowest_id(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) float32 -> the k largest values (n, k) and their ids (n, k) int64; equal values by lowest id.
+
+    torch.topk over k + TIE_SLACK candidates, then a (value desc, id asc) sort of the candidates: exact unless
+    more than TIE_SLACK + 1 ids tie at rank k, and those rows (rare: a degenerate teacher) are redone exactly.
+    """
+    vocab = x.shape[-1]
+    values, ids = x.topk(min(k + TIE_SLACK, vocab), dim=-1)  # (n, c), best first, ties in any order
+    by_id = ids.sort(-1)  # (n, c): ascending ids, then a stable sort on value keeps them ascending within ties
+    values, order = values.gather(1, by_id.indices).sort(dim=-1, descending=True, stable=True)
+    ids = by_id.values.gather(1, order)
+    if values.shape[1] > k:
+        overflow = values[:, -1] == values[:, k - 1]  # (n,) the tie at rank k may go past the candidates
+        if bool(overflow.any()):  # one device sync per chunk; the fix-up itself is rare
+            rows = overflow.nonzero().squeeze(1)
+            exact_values, exact_ids = _topk_by_key(x[rows], k)
+            values[rows, :k], ids[rows, :k] = exact_values, exact_ids
+    return values[:, :k], ids[:, :k]
+
+
+def _topk_by_key(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of (r, V) float32 by one int64 key per logit: value's order in the high half, -id in the low."""
+    bits = (x + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float's value
+    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    key = (ordered << 32) | (0xFFFFFFFF - ids)  # larger value first, then lower id
+    top_ids = 0xFFFFFFFF - (key.topk(k, dim=-1).values & 0xFFFFFFFF)  # (r, k)
+    return x.gather(1, top_ids), top_ids
+
+
+def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor, position: torch.Tensor):
+    """(n, V) logits (float32 from Float32Head) -> what the cache stores for those rows, narrowed for the copy.
+
+    topk:    ids (n, k) int32, log-probs (n, k) float16, logsumexp (n,) float32
+    sampled: distinct ids (n, N) int32, counts (n, N) int16 (0 = padding), logsumexp (n,) float32
+    sample_index, position (n,) int64 seed the draws (sampled mode only).
+    """
+    if spec.mode == "topk":
+        ids, logprobs, lse = topk_logprobs(logits, spec.top_k, chunk_rows=len(logits) or 1)
+        # Narrow on the device: 4 + 2 bytes per entry cross the bus instead of 8 + 4.
+        return ids.to(torch.int32), logprobs.to(torch.float16), lse
+    logits = logits.float()
+    lse = _logsumexp(logits)
+    ids, counts = sample_rows(logits, lse, sample_index, position, spec.draws)
+    return ids.to(torch.int32), counts.to(torch.int16), lse
 
 
 def _logsumexp_float32(x: torch.Tensor) -> torch.Tensor:
@@ -118,16 +199,47 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
         return _logsumexp_float32(x)
 
 
-class _Forward:
-    """The teacher on a right-padded batch -> top-k of the real rows only.
+class Float32Head:
+    """The output layer in float32: logits (n, V) float32 from hidden states (n, H) in the model's dtype.
 
-    When the model is a body plus a plain linear head (most HF causal LMs), the head runs on the real rows
-    alone, a chunk at a time: no (B, T, V) logits for the padding, and peak memory bounded by the chunk.
-    Otherwise (logit post-processing, exotic heads) it falls back to the full logits, then gathers.
+    A bf16 head rounds every logit to bf16 (up to 0.06 nats at |logit| 16..32) and makes false ties at rank k.
+    Products of two bf16 (or fp16) numbers are exact in float32, so a float32 accumulation of them is the
+    teacher's own logit to float32 precision. On CUDA that is one matmul with float32 output (torch.mm's
+    out_dtype: bf16 tensor cores, float32 accumulate and store); elsewhere, or where that is missing, both sides
+    are upcast (a float32 copy of the weight, made once: V * H * 4 bytes).
     """
 
-    def __init__(self, model: torch.nn.Module, top_k: int):
-        self.model, self.top_k = model, top_k
+    def __init__(self, head: torch.nn.Linear):
+        self.head = head
+        self.bias = head.bias.float() if head.bias is not None else None
+        self._weight32: torch.Tensor | None = None
+        self._mixed = head.weight.dtype != torch.float32 and head.weight.device.type == "cuda"
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._mixed:
+            try:
+                logits = torch.mm(hidden, self.head.weight.t(), out_dtype=torch.float32)  # (n, V)
+                return logits if self.bias is None else logits + self.bias
+            except (RuntimeError, TypeError) as e:  # an older torch or another accelerator
+                warnings.warn(f"float32-output matmul unavailable ({e}); upcasting the head instead", stacklevel=2)
+                self._mixed = False
+        if self._weight32 is None:
+            weight = self.head.weight
+            self._weight32 = weight if weight.dtype == torch.float32 else weight.float()
+        return torch.nn.functional.linear(hidden.float(), self._weight32, self.bias)
+
+
+class _Forward:
+    """The teacher on a right-padded batch -> the cache's results (row_results) for the real rows only.
+
+    When the model is a body plus a plain linear head (most HF causal LMs), the head runs in float32 on the real
+    rows alone, a chunk at a time: no (B, T, V) logits for the padding, and peak memory bounded by the chunk.
+    Otherwise (logit post-processing, exotic heads) it falls back to the model's own logits, then gathers: those
+    carry the model dtype's rounding.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: RowSpec):
+        self.model, self.spec = model, spec
         self.body, self.head = model.base_model, model.get_output_embeddings()
         config = model.config.get_text_config()
         self.split = (
@@ -135,17 +247,27 @@ class _Forward:
             and isinstance(self.head, torch.nn.Linear)
             and not any(getattr(config, name, None) for name in _LOGIT_POSTPROCESSING)
         )
+        self.head32 = Float32Head(self.head) if self.split else None
 
-    def __call__(self, input_ids: torch.Tensor, rows: torch.Tensor):
-        """input_ids (B, T) right-padded; rows (N,) flat indices b*T+t of the real positions."""
+    def __call__(self, input_ids: torch.Tensor, rows: torch.Tensor, sample_index: torch.Tensor | None = None,
+                 position: torch.Tensor | None = None):
+        """input_ids (B, T) right-padded; rows (N,) flat indices b*T+t of the real positions; sample_index and
+        position (N,) int64, each row's source row and t (they seed sampled mode's draws)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
+        if sample_index is None:  # top-k callers need no keys
+            sample_index = position = torch.zeros_like(rows)
         if not self.split:
             logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits  # (B, T, V)
-            return topk_logprobs(logits.flatten(0, 1).index_select(0, rows), self.top_k)
-        hidden = self.body(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
-        hidden = hidden.flatten(0, 1).index_select(0, rows)  # (N, H)
-        step = max(1, CHUNK_ELEMENTS // self.head.out_features)
-        parts = [topk_logprobs(self.head(h), self.top_k, step) for h in hidden.split(step)]  # (n, V) each
+            hidden, project = logits.flatten(0, 1).index_select(0, rows), (lambda x: x)  # (N, V)
+        else:
+            hidden = self.body(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+            hidden, project = hidden.flatten(0, 1).index_select(0, rows), self.head32  # (N, H)
+        vocab = self.head.out_features if self.split else hidden.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        parts = [
+            row_results(project(h), self.spec, s, p)  # (n, V) float32 logits in, (n, width) results out
+            for h, s, p in zip(hidden.split(step), sample_index.split(step), position.split(step))
+        ]
         return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -231,9 +353,9 @@ class _Window:
 class _DeviceLoop:
     """The device thread: windows -> batches -> forward + async copy -> complete windows on `out`."""
 
-    def __init__(self, teacher: Teacher, top_k: int, batch_tokens: int):
-        self.device, self.batch_tokens = teacher.device, batch_tokens
-        self.forward = _Forward(teacher.model, top_k)
+    def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int):
+        self.device, self.batch_tokens, self.spec = teacher.device, batch_tokens, spec
+        self.forward = _Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
@@ -270,9 +392,12 @@ class _DeviceLoop:
         for b, j in enumerate(batch):
             ids[b, : lengths[b]] = window.samples[j][1]
         rows = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)])  # (N,)
-        top_ids, top_lp, lse = self.forward(self._to_device(ids), self._to_device(rows))
-        # Narrow on the device: 4 + 2 bytes per entry cross the bus instead of 8 + 4.
-        results = (top_ids.to(torch.int32), top_lp.to(torch.float16), lse)  # (N, k), (N, k), (N,)
+        # Each row's source row and position: the seed of its draws in sampled mode, whatever the batch.
+        sample_index = np.repeat([window.samples[j][0] for j in batch], lengths).astype(np.int64)  # (N,)
+        position = np.concatenate([np.arange(n) for n in lengths])  # (N,)
+        keys = (sample_index, position) if self.spec.mode == "sampled" else ()
+        # (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32
+        results = self.forward(self._to_device(ids), self._to_device(rows), *map(self._to_device, keys))
         if not self.cuda:
             return window, batch, lengths, results, None
         self.copy_stream.wait_stream(torch.cuda.current_stream())
@@ -290,44 +415,55 @@ class _DeviceLoop:
         if done is not None:
             done.synchronize()
         # Copied off the pinned buffers so they go straight back to the allocator for later batches.
-        ids, logprobs, lse = (h.numpy().copy() for h in host)
+        ids, values, lse = (h.numpy().copy() for h in host)
         ids = ids.view(np.uint32)
         start = 0
         for j, n in zip(batch, lengths):
             index, tokens = window.samples[j]
             end = start + n
-            window.rows[j] = SampleRows(index, tokens, ids[start:end], logprobs[start:end], lse[start:end])
+            window.rows[j] = self._sample_rows(index, tokens, ids[start:end], values[start:end], lse[start:end])
             start = end
         window.missing -= len(batch)
         if window.missing == 0 and not _put(out, window.rows, stop):
             raise _Stopped
+
+    def _sample_rows(self, index: int, tokens, ids: np.ndarray, values: np.ndarray, lse: np.ndarray) -> SampleRows:
+        if self.spec.mode == "topk":
+            return SampleRows(index, tokens, ids, values, lse)
+        width = max(1, int((values > 0).sum(-1).max()))  # the sample's most distinct ids in a row
+        counts = values[:, :width].astype(np.uint16)  # (L, m)
+        return SampleRows(index, tokens, None, None, lse, sampled_ids=ids[:, :width].copy(), sampled_counts=counts)
 
 
 def run_teacher(
     teacher: Teacher,
     samples: Iterable[tuple[int, str]],
     *,
-    top_k: int,
+    top_k: int = 64,
     max_length: int,
     batch_tokens: int,
     stats: InferenceStats | None = None,
     window_tokens: int | None = None,
+    mode: str = "topk",
+    draws: int = 64,
 ) -> Iterator[SampleRows]:
     """(sample_index, text) pairs -> SampleRows in input order; empty/whitespace texts skipped and counted.
 
     batch_tokens bounds a batch's padded size (batch_size * longest sample). window_tokens is the look-ahead
     that is sorted by length (default 32 batches' worth): larger means less padding (on stdlib text, real
-    tokens are 91% of those computed at 16 batches, 95% at 32, 97% at 64) but more host memory (6 * top_k + 8
-    bytes per token for each of up to three windows in flight: ~1.2 GB at 32 x 32768 tokens and k=64).
+    tokens are 91% of those computed at 16 batches, 95% at 32, 97% at 64) but more host memory (6 * width + 8
+    bytes per token for each of up to three windows in flight: ~1.2 GB at 32 x 32768 tokens and width 64).
+    mode "topk" keeps each row's top_k; mode "sampled" keeps `draws` draws per row as distinct ids and counts.
     """
-    if top_k > teacher.vocab_size:
+    spec = RowSpec(mode=mode, top_k=top_k, draws=draws)
+    if mode == "topk" and top_k > teacher.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the teacher's vocab size {teacher.vocab_size}")
     stats = stats if stats is not None else InferenceStats()
     window_tokens = window_tokens or 32 * batch_tokens
     stop = threading.Event()
     tokenized: queue.Queue = queue.Queue(maxsize=max(2, window_tokens // (_TOKENIZE_CHUNK * 64)))
     windows: queue.Queue = queue.Queue(maxsize=1)  # one finished window waits while the caller takes another
-    loop = _DeviceLoop(teacher, top_k, batch_tokens)
+    loop = _DeviceLoop(teacher, spec, batch_tokens)
     threads = [
         threading.Thread(target=_tokenize_loop, args=(teacher, samples, max_length, tokenized, stop, stats)),
         threading.Thread(target=loop.run, args=(tokenized, windows, stop, window_tokens)),

@@ -136,10 +136,10 @@ def test_topk_logprobs_chunked_equals_unchunked_reference(dtype):
 
 def test_head_on_real_rows_equals_full_forward(teachers, texts):
     """The lm_head-on-real-rows path gives the rows the full logits give."""
-    from kd_core.inference import _Forward
+    from kd_core.inference import RowSpec, _Forward
 
     model = teachers["small"].model
-    forward = _Forward(model, TOP_K)
+    forward = _Forward(model, RowSpec(top_k=TOP_K))
     assert forward.split
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])  # (B, T) right-padded
     rows = torch.tensor([0, 1, 2, 3, 4, 5])

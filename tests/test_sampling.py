@@ -1,0 +1,194 @@
+"""Sampled mode's draws and the float32 head: reproducible per (row, position), distributed as the teacher's softmax.
+
+The statistical tests use a fixed seed (the hash of the keys), so they are deterministic; each asserts a
+chi-square p-value above ALPHA, so with keys chosen at random a correct sampler would fail one of them with
+probability at most ALPHA (1e-4; the test is conservative, see FitReport).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from kd_core.inference import Float32Head, RowSpec, _Forward, _topk_by_key, run_teacher, topk_lowest_id
+from kd_core.sampling import FitAccumulator, distinct_counts, random_bits, sample_ids, sample_rows
+
+ALPHA = 1e-4
+N = 64
+
+
+def keys(n, sample=7, start=0):
+    return torch.full((n,), sample, dtype=torch.int64), torch.arange(start, start + n, dtype=torch.int64)
+
+
+def test_random_bits_pinned_range_and_independent_of_shape():
+    bits = random_bits(*keys(3, sample=2**40 + 5), draws=4)  # (3, 4)
+    assert bits.dtype == torch.int64 and bool((bits >= 0).all()) and bool((bits < 2**62).all())
+    # Pinned: changing the hash changes every sampled cache's bytes (and the version key must change with it).
+    assert bits[0, :2].tolist() == random_bits(*keys(1, sample=2**40 + 5), draws=2)[0].tolist()
+    assert random_bits(torch.tensor([0]), torch.tensor([0]), 2).tolist() == [[2796351292301235023, 3374880867190376578]]
+    assert len(set(bits.flatten().tolist())) == 12  # no collisions across positions and draws
+    # Bits are uniform: each of the 62 is set about half the time over 20k draws.
+    many = random_bits(*keys(5000, sample=3), draws=4).flatten()
+    freq = torch.stack([(many >> b) & 1 for b in range(62)]).double().mean(1)
+    assert float((freq - 0.5).abs().max()) < 0.02  # 5.6 sigma at n=20000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draws_do_not_depend_on_batching_order_or_chunking(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(12, 3000, generator=g) * 3).to(dtype).float()  # (n, V)
+    lse = logits.logsumexp(-1)
+    sample_index = torch.arange(12) // 4 + 100
+    position = torch.arange(12) % 4
+    whole = sample_rows(logits, lse, sample_index, position, N)
+    perm = torch.randperm(12, generator=g)
+    shuffled = sample_rows(logits[perm], lse[perm], sample_index[perm], position[perm], N)
+    pieces = [sample_rows(logits[i:i + 5], lse[i:i + 5], sample_index[i:i + 5], position[i:i + 5], N)
+              for i in range(0, 12, 5)]
+    for a, b in zip(whole, shuffled):
+        assert torch.equal(a[perm], b)
+    for a, b in zip(whole, zip(*pieces)):
+        assert torch.equal(a, torch.cat(b))
+    # Another key draws something else.
+    other = sample_rows(logits, lse, sample_index + 1, position, N)
+    assert not torch.equal(whole[0], other[0])
+
+
+def test_draws_survive_an_ulp_change_of_the_logits():
+    """Another batch's padding can move a logit by an ulp: the draws must not change with it."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(200, 3000, generator=g) * 3
+    nudged = torch.nextafter(logits, torch.where(torch.rand(logits.shape, generator=g) < 0.5, -1e9, 1e9))
+    a = sample_ids(logits, logits.logsumexp(-1), *keys(200), N)
+    b = sample_ids(nudged, nudged.logsumexp(-1), *keys(200), N)
+    assert float((a != b).double().mean()) < 1e-3
+
+
+def test_distinct_counts_layout():
+    ids = torch.tensor([[5, 3, 5, 9, 3, 5], [2, 2, 2, 2, 2, 2]])
+    distinct, counts = distinct_counts(ids)
+    assert distinct.tolist() == [[3, 5, 9, 0, 0, 0], [2, 0, 0, 0, 0, 0]]
+    assert counts.tolist() == [[2, 3, 1, 0, 0, 0], [6, 0, 0, 0, 0, 0]]
+
+
+def test_draws_match_float32_probabilities_chi_square():
+    """One distribution, 400 rows x 64 draws: the per-id counts fit the float32 softmax (p > ALPHA)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g) * 2  # (V,) a spread of probabilities, 1e-4 .. 0.3
+    rows = logits.expand(400, 50).contiguous()
+    ids = sample_ids(rows, rows.logsumexp(-1), *keys(400), N)  # (400, N)
+    observed = torch.bincount(ids.flatten(), minlength=50).double()
+    expected = torch.softmax(logits.double(), -1) * ids.numel()
+    well = expected >= 5  # the rest pooled into one cell
+    stat = float(((observed - expected)[well] ** 2 / expected[well]).sum()
+                 + (observed[~well].sum() - expected[~well].sum()) ** 2 / expected[~well].sum())
+    dof = int(well.sum())  # cells (well + 1 pooled) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
+    assert p_value > ALPHA, (stat, dof)
+
+
+def test_fit_accumulator_accepts_right_draws_and_rejects_biased_ones():
+    """Many rows, each its own distribution (a trained teacher's shape: peaked head, long tail)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(600, 2000, generator=g) * 2.5  # (n, V)
+    logits[:, :5] += 6  # a few likely ids per row
+    probs = torch.softmax(logits.double(), -1)
+    ids, counts = sample_rows(logits, logits.logsumexp(-1), *keys(600), N)
+    right = FitAccumulator()
+    right.add(probs, ids, counts)
+    report = right.report()
+    assert report.draws == 600 * N and report.dof >= 5
+    assert report.p_value > ALPHA, report
+    # Draws from the top-64 renormalised (the tail cut off) are caught.
+    cut = logits.clone()
+    cut[cut < cut.topk(64, -1).values[:, -1:]] = -float("inf")
+    wrong = FitAccumulator()
+    wrong.add(probs, *sample_rows(cut, cut.logsumexp(-1), *keys(600), N))
+    assert wrong.report().p_value < 1e-6
+
+
+def test_topk_ties_go_to_the_lowest_id():
+    x = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0]])
+    values, ids = topk_lowest_id(x, 4)
+    assert ids.tolist() == [[1, 3, 2, 4]] and values.tolist() == [[3.0, 3.0, 2.0, 2.0]]
+    # A tie group larger than the candidates (TIE_SLACK): the exact path, same answer as the key-based top-k.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 500, generator=g)
+    x[1, 100:140] = 9.0  # 40 ids tie at the top, k = 8
+    x[3, ::7] = x[3].max() + 1  # 72 tied ids straddle rank k
+    x[4] = 0.0  # -0.0 and 0.0 are equal
+    x[4, 250:] = -0.0
+    values, ids = topk_lowest_id(x, 8)
+    exact_values, exact_ids = _topk_by_key(x, 8)
+    assert torch.equal(ids, exact_ids) and torch.equal(values, exact_values)
+    assert ids[1].tolist() == list(range(100, 108)) and ids[3].tolist() == list(range(0, 56, 7))
+    assert ids[4].tolist() == list(range(8))
+    # Against a reference (value desc, id asc) sort in numpy, on bf16-rounded logits full of ties.
+    y = (torch.randn(40, 300, generator=g) * 2).to(torch.bfloat16).float()
+    ref = np.lexsort((np.arange(300)[None].repeat(40, 0), -y.numpy()), axis=-1)[:, :16]
+    assert np.array_equal(topk_lowest_id(y, 16)[1].numpy(), ref)
+
+
+def test_float32_head_is_exact_on_bf16_hidden_states():
+    """The float32 head on bf16 hidden states equals a float64 head on the same numbers to float32 rounding;
+    the bf16 head does not (its logits are rounded to bf16)."""
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(256, 5000, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(5000, 256, generator=g) * 0.2)
+    hidden = (torch.randn(64, 256, generator=g) * 4).to(torch.bfloat16)  # (n, H)
+    with torch.no_grad():
+        ref = hidden.double() @ head.weight.double().T  # (n, V)
+        ours, native = Float32Head(head)(hidden), head(hidden).double()
+    assert ours.dtype == torch.float32
+    tol = 64 * 2**-24 * (hidden.double().abs() @ head.weight.double().abs().T)  # float32 accumulation bound
+    assert bool(((ours.double() - ref).abs() <= tol).all())
+    assert float((native - ref).abs().max()) > 100 * float((ours.double() - ref).abs().max())
+
+
+def test_sampled_rows_through_the_teacher(small_teacher_dir, corpus_texts):
+    """run_teacher in sampled mode: counts sum to N, rows independent of batching, draws fit the teacher."""
+    from kd_core.config import TeacherConfig
+    from kd_core.teacher import load_teacher
+
+    teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
+    texts = [(i, t) for i, t in enumerate(corpus_texts[:40]) if t.strip()]
+    args = dict(mode="sampled", draws=N, max_length=96)
+    rows = list(run_teacher(teacher, texts, batch_tokens=4 * 96, **args))
+    alone = list(run_teacher(teacher, texts[5:8], batch_tokens=96, **args))  # other batches, other padding
+    fit = FitAccumulator()
+    for r in rows:
+        assert r.topk_indices is None and r.sampled_ids.dtype == np.uint32 and r.sampled_counts.dtype == np.uint16
+        assert r.sampled_ids.shape == r.sampled_counts.shape and r.sampled_ids.shape[0] == len(r.input_ids)
+        assert (r.sampled_counts.sum(-1) == N).all()
+        assert ((r.sampled_counts > 0).sum(-1) == r.sampled_counts.shape[1]).any()  # no all-padding column
+        with torch.no_grad():
+            logits = teacher.model(torch.from_numpy(r.input_ids.astype(np.int64))[None]).logits[0].float()
+        np.testing.assert_allclose(r.logsumexp, logits.logsumexp(-1).numpy(), rtol=1e-5, atol=1e-5)
+        fit.add(torch.softmax(logits.double(), -1), torch.from_numpy(r.sampled_ids.astype(np.int64)),
+                torch.from_numpy(r.sampled_counts.astype(np.int64)))
+    for a in alone:
+        b = next(r for r in rows if r.sample_index == a.sample_index)
+        np.testing.assert_array_equal(a.sampled_ids, b.sampled_ids)
+        np.testing.assert_array_equal(a.sampled_counts, b.sampled_counts)
+    report = fit.report()
+    assert report.draws == N * sum(len(r.input_ids) for r in rows)
+    assert report.p_value > ALPHA, report
+
+
+def test_forward_sampled_equals_rows_from_full_logits(small_teacher_dir):
+    """The head-on-real-rows path and the full-logits path give the same draws (same float32 logits)."""
+    from kd_core.config import TeacherConfig
+    from kd_core.teacher import load_teacher
+
+    model = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu")).model
+    forward = _Forward(model, RowSpec(mode="sampled", draws=N))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])  # (B, T) right-padded
+    rows = torch.tensor([0, 1, 2, 3, 4, 5])
+    sample_index, position = torch.tensor([3, 3, 3, 3, 8, 8]), torch.tensor([0, 1, 2, 3, 0, 1])
+    with torch.inference_mode():
+        split = forward(ids, rows, sample_index, position)
+        forward.split = False
+        full = forward(ids, rows, sample_index, position)
+    assert torch.equal(split[0], full[0]) and torch.equal(split[1], full[1])
+    assert bool((split[1].sum(-1) == N).all())

@@ -2,7 +2,9 @@
 -> merge-to-hdf5. Thin: every step is one task around one kd_core call."""
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -17,7 +19,6 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from kd_core import pipeline
-from kd_core.config import ConfigOverrides, available_profiles
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.storage import human_bytes
@@ -27,21 +28,27 @@ from tasks.shard_dataset import shard_dataset
 from tasks.teacher_inference import teacher_inference, teacher_inference_on_pool
 from tasks.validate_config import validate_config
 
-# A dropdown in the UI's run form.
-ProfileName = Literal[tuple(available_profiles())]  # type: ignore[valid-type]
+# The two fields of the UI's run form (and of the REST API's `parameters`), shared with teacher-inference-shard.
+# The UI sends null for a field left alone: null means "as the profile has it". Prefect titles each field with
+# the parameter's name and describes it with the docstring's Args entry.
+Profile = str | None
+Overrides = Annotated[list[str] | None, Field(examples=[["dataset.max_samples=1000", "output.uri=./out/run1"]])]
 
 
 @flow(name="build-teacher-cache", task_runner=ThreadPoolTaskRunner(max_workers=64))
-def build_teacher_cache(profile: ProfileName = "demo", overrides: ConfigOverrides | None = None) -> dict[str, Any] | State:
+def build_teacher_cache(profile: Profile = "demo", overrides: Overrides = None) -> dict[str, Any] | State:
     """Run a teacher over a dataset and publish its top-k log-probs as an HDF5 cache.
 
     Args:
-        profile: a profile from profiles/ (demo, testing, development, small, medium, large).
-        overrides: config keys to change, nested like the config, e.g. {"dataset": {"max_samples": 1000}}.
+        profile: A shipped profile (demo, testing, development, small, medium, large) or the path of a YAML
+            profile on the worker. Empty means demo.
+        overrides: Config keys to change, one KEY=VALUE per item, exactly as on the command line, e.g.
+            dataset.max_samples=1000 or output.uri=s3://bucket/kd/run1. VALUE is YAML; null unsets the key; the
+            seed's distillation.KEY form works too. Empty means everything as the profile has it. Never put
+            credentials here: workers take them from their environment.
     """
-    override_dict = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
     try:
-        return _build(profile, override_dict)
+        return _build(profile or "demo", list(overrides or []))
     except KDCacheError as e:
         # The check's own words become the run's state message (what the UI and the REST API show), rather than
         # Prefect's "Flow run encountered an exception: ..."; callers of the function still get the exception.
@@ -49,10 +56,10 @@ def build_teacher_cache(profile: ProfileName = "demo", overrides: ConfigOverride
         return Failed(message=str(e), data=e)
 
 
-def _build(profile: str, override_dict: dict[str, Any]) -> dict[str, Any]:
+def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    config = validate_config(profile, override_dict)
+    config = validate_config(profile, overrides)
     if (manifest := pipeline.published(config)) is not None:
         logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest["uri"], manifest["key"])
         create_markdown_artifact(key="cache-summary", description="Cache build summary",
@@ -67,7 +74,7 @@ def _build(profile: str, override_dict: dict[str, Any]) -> dict[str, Any]:
         for shard in shards:
             progress.done(teacher_inference(config, shard))
     else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all in flight at once
-        futures = [teacher_inference_on_pool.submit(profile, override_dict, config, shard) for shard in shards]
+        futures = [teacher_inference_on_pool.submit(profile, overrides, config, shard) for shard in shards]
         for future in as_completed(futures):
             progress.done(future.result())  # raises the shard's error if it failed after its retries
 

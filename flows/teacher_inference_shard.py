@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 
-from kd_core.config import ConfigOverrides
+from flows.build_teacher_cache import Overrides, Profile
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from tasks.teacher_inference import teacher_inference
@@ -16,11 +16,18 @@ from tasks.validate_config import validate_config
 
 
 @flow(name="teacher-inference-shard")
-def teacher_inference_shard(profile: str, overrides: ConfigOverrides | None, shard: dict[str, int]) -> dict[str, Any] | State:
-    """Run the teacher over rows [shard.start, shard.stop) and publish the shard's files and its record."""
-    override_dict = overrides.model_dump(exclude_unset=True) if overrides is not None else {}
+def teacher_inference_shard(
+    profile: Profile, overrides: Overrides, shard: dict[str, int]
+) -> dict[str, Any] | State:
+    """Run the teacher over rows [shard.start, shard.stop) and publish the shard's files and its record.
+
+    Args:
+        profile: The parent run's profile (a shipped profile or a YAML path on the worker). Empty means demo.
+        overrides: The parent run's KEY=VALUE overrides, unchanged. Empty means none.
+        shard: The rows to run, {rank, world_size, start, stop}, as planned by build-teacher-cache.
+    """
     try:
-        config = validate_config(profile, override_dict)
+        config = validate_config(profile or "demo", list(overrides or []))
         return teacher_inference(config, ShardSpec(**shard))
     except KDCacheError as e:  # the error's own words as the state message, which the parent quotes
         get_run_logger().error("%s", e)

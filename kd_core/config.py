@@ -1,8 +1,11 @@
 """The one config model, and how a profile plus overrides becomes a Config.
 
 A run's config is a YAML profile (profiles/NAME.yaml, or a path to any YAML file) with overrides on top.
-Overrides come as CLI strings (`dataset.max_samples=1000`, VALUE parsed as YAML, `null` unsets) or as a
-nested dict (the Prefect flow's `overrides` parameter). Unknown keys are refused with a "did you mean".
+Overrides are `KEY=VALUE` strings, the same from the command line and from the Prefect flow's `overrides`
+parameter (VALUE is a strict YAML 1.2 scalar: `yes` is a string, `010` is 10, `null` unsets). Every key is
+also accepted under the seed system's `distillation.` prefix. Unknown keys are refused with a "did you mean";
+credentials are refused (run parameters are stored by Prefect and shown in its UI). Python callers (tests)
+may pass a nested dict instead of strings.
 
 Types are checked here; values that need a longer explanation (the max_samples guard, ranges) are checked in
 kd_core.guards so that the messages live in one place.
@@ -14,19 +17,25 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from kd_core import io
 from kd_core.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
-# The seed system's key, kept so old commands keep working.
-KEY_ALIASES = {"distillation.dataset.max_samples": "dataset.max_samples"}
+# The seed system put every key under `distillation.`: `distillation.dataset.streaming=true` is
+# `dataset.streaming=true`. The one place that knows about aliases.
+SEED_PREFIX = "distillation."
+
+# YAML 1.2 (ruamel's pure safe loader): `yes`/`on` are strings, `010` is 10, not YAML 1.1's octal 8.
+_YAML = YAML(typ="safe", pure=True)
 
 
 class _Section(BaseModel):
@@ -43,8 +52,8 @@ class TeacherConfig(_Section):
     device_map: str | None = Field(
         None, description="Set to 'auto' to spread a teacher too large for one GPU over the worker's GPUs."
     )
-    trust_remote_code: bool = Field(False, description="Allow the teacher's repository to run its own code.")
-    batch_tokens: int = Field(16384, description="Token budget of one forward batch (padding included).")
+    trust_remote_code: StrictBool = Field(False, description="Allow the teacher's repository to run its own code.")
+    batch_tokens: StrictInt = Field(16384, description="Token budget of one forward batch (padding included).")
 
 
 class DatasetConfig(_Section):
@@ -56,15 +65,15 @@ class DatasetConfig(_Section):
     )
     revision: str | None = Field(None, description="Hub revision of the dataset.")
     text_column: str = Field("text", description="Column that holds the text.")
-    streaming: bool = Field(False, description="Stream the dataset instead of downloading it first.")
-    max_samples: int | None = Field(
+    streaming: StrictBool = Field(False, description="Stream the dataset instead of downloading it first.")
+    max_samples: StrictInt | None = Field(
         None, description="Read exactly this many samples (required when streaming)."
     )
 
 
 class CacheConfig(_Section):
-    top_k: int = Field(64, description="How many of the teacher's most likely next tokens to keep per position.")
-    max_length: int = Field(2048, description="Tokens per sample; longer samples are truncated.")
+    top_k: StrictInt = Field(64, description="How many of the teacher's most likely next tokens to keep per position.")
+    max_length: StrictInt = Field(2048, description="Tokens per sample; longer samples are truncated.")
 
 
 class OutputConfig(_Section):
@@ -73,8 +82,8 @@ class OutputConfig(_Section):
         default_factory=dict,
         description="fsspec options for the target (endpoint, profile). Prefer credentials from the environment.",
     )
-    max_bytes: int | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
-    keep_versions: int = Field(
+    max_bytes: StrictInt | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
+    keep_versions: StrictInt = Field(
         3, ge=0, description="Older complete versions kept beside the latest one; older ones are deleted after "
                              "a new version is published."
     )
@@ -87,8 +96,8 @@ class OutputConfig(_Section):
 
 
 class RunConfig(_Section):
-    num_shards: int = Field(1, description="Independent pieces of the dataset, each one teacher-inference run.")
-    part_samples: int = Field(
+    num_shards: StrictInt = Field(1, description="Independent pieces of the dataset, each one teacher-inference run.")
+    part_samples: StrictInt = Field(
         10_000, ge=1,
         description="A shard is written in parts of this many samples, each published with a completion record: "
                     "a killed shard resumes after its last complete part, so a kill costs at most one part.",
@@ -117,34 +126,6 @@ class Config(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
-    """The same keys, types and descriptions with every field optional: the shape of an override."""
-    fields: dict[str, Any] = {}
-    for key, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            annotation = _partial(annotation, f"{annotation.__name__.removesuffix('Config')}Overrides")
-        fields[key] = (annotation | None, Field(None, description=field.description))
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
-
-
-class _SeedDataset(_Section):
-    max_samples: int | None = Field(None, description="Alias of dataset.max_samples.")
-
-
-class _SeedAlias(_Section):
-    dataset: _SeedDataset | None = None
-
-
-# The Prefect flow's `overrides` parameter: nested like Config, every key optional and documented, so the UI's
-# "Custom run" form shows each field with its description. Plus the seed's distillation.dataset.max_samples.
-ConfigOverrides = create_model(
-    "ConfigOverrides",
-    __base__=_partial(Config, "_ConfigOverridesBase"),
-    distillation=(_SeedAlias | None, Field(None, description="Seed form: distillation.dataset.max_samples.")),
-)
-
-
 _SECRET_WORDS = ("key", "secret", "token", "password", "auth", "credential")
 
 
@@ -166,37 +147,108 @@ def available_profiles() -> list[str]:
 
 def read_profile(profile: str) -> dict[str, Any]:
     """A profile by name (profiles/NAME.yaml) or by path to a YAML file, as a nested dict."""
-    path = Path(profile)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+    path = Path(profile).expanduser()
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PROFILES_DIR / f"{profile}.yaml"
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(
                 f"profile: no profile named {profile!r}. "
-                f"Use one of {', '.join(available_profiles())} or a path to a YAML file."
+                f"Use one of {', '.join(available_profiles())} or a path to an existing .yaml file."
             )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = _YAML.load(path.read_text()) or {}
+    except YAMLError as e:
         raise ConfigError(f"profile: {path} is not valid YAML ({e}). Fix the file and run again.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"profile: {path} must be a mapping of sections (teacher:, dataset:, ...).")
-    return data
+    return _canonical_sections(data)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['dataset.max_samples=10', 'output.max_bytes=null'] -> nested dict. VALUE is parsed as YAML."""
+def canonical_key(key: str) -> str:
+    """A dotted key as the config knows it: the seed's `distillation.` prefix removed."""
+    return key[len(SEED_PREFIX):] if key.startswith(SEED_PREFIX) else key
+
+
+def _canonical_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """The nested form of the seed's prefix: {'distillation': {'dataset': ...}} -> {'dataset': ...}."""
+    seed = data.get("distillation")
+    if not isinstance(seed, dict):
+        return data
+    rest = {k: v for k, v in data.items() if k != "distillation"}
+    return deep_merge(rest, seed)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'dataset.max_samples=10' -> ('dataset.max_samples', 10): key without the seed prefix, VALUE as YAML 1.2.
+
+    Error messages name the key, never the value: a value may be a credential pasted by mistake.
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key):
+        shown = f" (key {key!r})" if sep and re.fullmatch(r"[\w.\- ]{1,80}", key) else ""
+        raise ConfigError(f"override{shown} is not KEY=VALUE with a dotted key; write it like "
+                          "dataset.max_samples=1000 (the value is not shown, in case it is a secret).")
+    try:
+        value = _YAML.load(raw) if raw.strip() else ""
+    except YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): take it as the literal string
+    key = canonical_key(key)
+    _refuse_credentials(key, value)
+    return key, value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['dataset.max_samples=10', 'output.max_bytes=null'] -> nested dict; None or [] -> {}."""
     nested: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. dataset.max_samples=1000.")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw  # not YAML: take it as the literal string
-        _set_dotted(nested, KEY_ALIASES.get(key, key), value)
+    for item in items or []:
+        if not isinstance(item, str):
+            raise ConfigError("overrides: each override is a KEY=VALUE string, e.g. \"dataset.max_samples=1000\".")
+        _set_dotted(nested, *parse_override(item))
     return nested
+
+
+def override_strings(nested: dict[str, Any], prefix: str = "") -> list[str]:
+    """The inverse of parse_overrides, for Python callers: {'cache': {'top_k': 8}} -> ['cache.top_k=8']."""
+    items = []
+    for key, value in nested.items():
+        if isinstance(value, dict) and value:
+            items += override_strings(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")  # JSON is YAML: strings quoted, null unsets
+    return items
+
+
+# Keys of output.storage_options (split on _ . -) that hold credentials.
+_CREDENTIAL_PARTS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "connection",
+                     "sas", "auth", "authorization"}
+_URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+
+
+def _refuse_credentials(key: str, value: Any) -> None:
+    """Credentials must not be run parameters: Prefect stores parameters in its database and shows them in the UI."""
+    for where, leaf in _walk(key, value):
+        words = set(re.split(r"[_.\-]", where.lower().removeprefix("output.storage_options")))
+        named = where.startswith("output.storage_options") and words & _CREDENTIAL_PARTS
+        if named or (isinstance(leaf, str) and _URL_WITH_PASSWORD.search(leaf)):
+            raise ConfigError(
+                f"{where}: credentials are not accepted as overrides (Prefect stores run parameters in its "
+                "database and shows them in the UI); the value is not shown. Give them to the worker instead: "
+                "its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), ~/.aws/credentials, "
+                "or a Prefect Secret/credentials block (docs/DEPLOYMENT.md)."
+            )
+
+
+def _walk(key: str, value: Any):
+    """(dotted key, leaf value) for every leaf under key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(f"{key}.{k}", v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _walk(key, v)
+    else:
+        yield key, value
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -206,21 +258,6 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(target, dict):
             raise ConfigError(f"override {dotted}: {part} is a value, not a section.")
     target[leaf] = value
-
-
-def _normalise_aliases(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Accept the seed's nested form {'distillation': {'dataset': {'max_samples': N}}} too."""
-    overrides = copy.deepcopy(overrides)
-    seed = overrides.pop("distillation", None)
-    if seed is not None:
-        max_samples = (seed.get("dataset") or {}).get("max_samples") if isinstance(seed, dict) else None
-        if max_samples is None or set(seed) != {"dataset"} or set(seed["dataset"]) != {"max_samples"}:
-            raise ConfigError(
-                "distillation: only distillation.dataset.max_samples is accepted (an alias of "
-                "dataset.max_samples). Use the sections teacher, dataset, cache, output, run."
-            )
-        overrides.setdefault("dataset", {})["max_samples"] = max_samples
-    return overrides
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -236,11 +273,19 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_config(profile: str, overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Profile + overrides -> a validated Config, or a ConfigError that names the key and the fix."""
-    if isinstance(overrides, list):
+def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Profile + overrides -> a validated Config, or a ConfigError that names the key and the fix.
+
+    overrides: KEY=VALUE strings (the CLI and the flow), or, for Python callers, the same as a nested dict.
+    None means none: everything as the profile has it.
+    """
+    if isinstance(overrides, dict):
+        overrides = _canonical_sections(overrides)
+        for key, value in overrides.items():
+            _refuse_credentials(key, value)
+    else:
         overrides = parse_overrides(overrides)
-    data = deep_merge(read_profile(profile), _normalise_aliases(overrides or {}))
+    data = deep_merge(read_profile(profile), overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -32,9 +32,11 @@ def streaming_guard_message(config: Config) -> str:
         "~15 trillion tokens). With no limit the run would read the whole stream: months of GPU time and up to "
         f"{storage.human_bytes(per_million)} of cache per million samples at "
         f"max_length {config.cache.max_length}, top_k {config.cache.top_k}.\n"
-        "  Fix: set a limit, e.g.\n"
-        "    kd-cache run --profile PROFILE dataset.max_samples=1000000\n"
-        "  and check the size first with `kd-cache estimate`. Recommended values:\n"
+        "  Fix: set a limit (the seed's form distillation.dataset.max_samples=1000000 works too), e.g.\n"
+        "    command line:  kd-cache run --profile PROFILE dataset.max_samples=1000000\n"
+        "    REST API:      \"overrides\": [\"dataset.max_samples=1000000\"]\n"
+        "    Prefect UI:    add the line dataset.max_samples=1000000 to the Overrides field\n"
+        "  and check size and GPU time first with `kd-cache estimate` (docs/STREAMING.md). Recommended values:\n"
         f"{recommended}"
     )
 

@@ -57,7 +57,7 @@ class ShardFailedError(KDCacheError):
 
 
 @task(name="teacher-inference")
-def teacher_inference_on_pool(profile: str, overrides: dict[str, Any], config: Config, shard: ShardSpec) -> dict[str, Any]:
+def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config, shard: ShardSpec) -> dict[str, Any]:
     """Run one shard as a flow run of the GPU deployment and wait for it; fail with the shard's error.
 
     The child gets the profile and overrides, never the resolved config, so credentials that live in a profile

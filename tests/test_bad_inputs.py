@@ -14,7 +14,9 @@ import pytest
 import s3fs
 from s3helpers import bucket, build, listing, moto_endpoint, overrides, s3_options  # noqa: F401
 
-from kd_core import cli, pipeline
+from flows import cli
+from kd_core import pipeline
+from kd_core.config import override_strings
 from kd_core.errors import KDCacheError
 
 
@@ -89,7 +91,7 @@ def _refuse(step: str, over: dict) -> str:
 
 def _cli(command: str, over: dict, capsys) -> str:
     logging.root.handlers.clear()  # main() sets up logging to the current stderr, which capsys swaps per test
-    argv = [command, "--profile", "demo", *(f"{k}={v}" for k, v in _flatten(over))]
+    argv = [command, "--profile", "demo", *override_strings(over)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     # No traceback through our code. (Under pytest, `datasets` may report a logging error on a stale captured
@@ -99,18 +101,6 @@ def _cli(command: str, over: dict, capsys) -> str:
     last = re.split(r"[\r\n]", err.strip())[-1]
     assert last.startswith(f"kd-cache {command}: ") and err.count(f"kd-cache {command}: ") == 1, err
     return last
-
-
-def _flatten(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if k == "storage_options":
-            yield f"{prefix}{k}", json.dumps(v)  # JSON is YAML: one KEY=VALUE
-        elif isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        elif v is None:
-            yield f"{prefix}{k}", "null"
-        else:
-            yield f"{prefix}{k}", (f"'{v}'" if isinstance(v, str) and ":" in v else v)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -176,7 +166,7 @@ def test_missing_bucket(moto_endpoint, small_teacher_dir, corpus_path, capsys):
 def test_cli_subprocess_exit_code_and_stderr(tmp_path, small_teacher_dir, corpus_path):
     """The installed entry point, end to end: exit 2, one line on stderr, nothing on stdout, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kd_core.cli", "validate", f"teacher.model={small_teacher_dir}", "cache.top_kk=3",
+        [sys.executable, "-m", "flows.cli", "validate", f"teacher.model={small_teacher_dir}", "cache.top_kk=3",
          f"output.uri={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=120,
     )
@@ -190,7 +180,7 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path, small_teacher_dir, corpus
 
 def test_cli_subprocess_empty_dataset(tmp_path, small_teacher_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "kd_core.cli", "estimate", f"teacher.model={small_teacher_dir}", "dataset.name=parquet",
+        [sys.executable, "-m", "flows.cli", "estimate", f"teacher.model={small_teacher_dir}", "dataset.name=parquet",
          f"dataset.data_files={_empty_parquet(tmp_path)}", "dataset.streaming=false", "dataset.max_samples=null",
          f"output.uri={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=120,

@@ -3,7 +3,7 @@
 import pytest
 
 from kd_core import guards
-from kd_core.config import ConfigOverrides, load_config, parse_overrides
+from kd_core.config import PROFILES_DIR, load_config, override_strings, parse_overrides
 from kd_core.errors import ConfigError
 
 BASE = ["teacher.model=some/teacher", "output.uri=/tmp/x"]
@@ -29,9 +29,86 @@ def test_overrides_parse_yaml_values_and_null_unsets():
     assert config.output.max_bytes is None and config.cache.top_k == 8
 
 
-def test_seed_alias_sets_max_samples():
-    assert load_config("testing", ["distillation.dataset.max_samples=77"]).dataset.max_samples == 77
+def test_every_key_works_under_the_seed_prefix():
+    config = load_config("testing", ["distillation.dataset.max_samples=77", "distillation.dataset.streaming=false",
+                                     "distillation.cache.top_k=16", "distillation.output.max_bytes=null"])
+    assert (config.dataset.max_samples, config.dataset.streaming, config.cache.top_k) == (77, False, 16)
+    assert config.output.max_bytes is None
     assert load_config("testing", {"distillation": {"dataset": {"max_samples": 78}}}).dataset.max_samples == 78
+    with pytest.raises(ConfigError, match=r"dataset\.max_sample: unknown key\. Did you mean dataset\.max_samples\?"):
+        load_config("testing", ["distillation.dataset.max_sample=10"])
+
+
+def test_seed_streaming_command_reaches_the_guard():
+    """The seed's own FineWeb example: streaming on, no max_samples -> the guard, with the fix in every form."""
+    config = load_config("medium", ["distillation.dataset.streaming=true", "distillation.dataset.max_samples=null"])
+    with pytest.raises(ConfigError) as e:
+        guards.check_config(config)
+    message = str(e.value)
+    assert message.startswith("dataset.max_samples is required when dataset.streaming=true")
+    assert "distillation.dataset.max_samples=1000000" in message  # the form the seed's user typed
+    assert '"overrides": ["dataset.max_samples=1000000"]' in message  # REST
+    assert "Overrides field" in message  # the UI
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cache.top_k=yes", r"cache\.top_k: .*integer.*'yes'"),  # YAML 1.1 would make this True, then 1
+    ("dataset.max_samples=true", r"dataset\.max_samples: .*integer.*True"),  # a bool is not a number
+    ("dataset.streaming=1", r"dataset\.streaming: .*boolean.*1"),  # a number is not a bool
+    ("cache.top_k=1.0", r"cache\.top_k: .*integer"),
+])
+def test_values_are_strict_yaml_1_2_scalars(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("testing", [override])
+
+
+def test_leading_zero_is_decimal_and_yes_is_a_string():
+    assert load_config("testing", ["cache.top_k=010"]).cache.top_k == 10  # YAML 1.1 read this as octal 8
+    assert parse_overrides(["dataset.config=yes", "dataset.split=on"]) == {"dataset": {"config": "yes", "split": "on"}}
+
+
+def test_profile_files_are_yaml_1_2_too(tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text("teacher: {model: t}\ndataset: {name: d, max_samples: 010, config: no}\noutput: {uri: /tmp/o}\n")
+    config = load_config(str(profile))
+    assert config.dataset.max_samples == 10 and config.dataset.config == "no"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("output.storage_options.secret=hunter2-Zq9pw0rd", "output.storage_options.secret"),
+    ("output.storage_options.key=AKIA-Zq9pw0rd", "output.storage_options.key"),
+    ("output.storage_options={key: AKIA-Zq9pw0rd, endpoint_url: 'http://x'}", "output.storage_options.key"),
+    ("output.storage_options.client_kwargs.aws_secret_access_key=Zq9pw0rd", "aws_secret_access_key"),
+    ("output.storage_options.connection_string=Zq9pw0rd", "output.storage_options.connection_string"),
+    ("output.storage_options.token=Zq9pw0rd", "output.storage_options.token"),
+    ("output.uri=s3://user:Zq9pw0rd@host/bucket", "output.uri"),
+    ("distillation.dataset.data_files=https://bob:Zq9pw0rd@example.com/a.parquet", "dataset.data_files"),
+])
+def test_credentials_in_overrides_are_refused_without_echoing_them(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("testing", [override])
+    message = str(e.value)
+    assert key in message and "Zq9pw0rd" not in message
+    assert "environment" in message and "Prefect Secret" in message
+
+
+def test_malformed_override_never_echoes_its_value():
+    for bad in ["AKIA-Zq9pw0rd-NO-EQUALS", "=Zq9pw0rd", "output uri with spaces=Zq9pw0rd", "a..b=Zq9pw0rd"]:
+        with pytest.raises(ConfigError, match="KEY=VALUE") as e:
+            parse_overrides([bad])
+        assert "Zq9pw0rd" not in str(e.value)
+    with pytest.raises(ConfigError, match="KEY=VALUE string"):
+        parse_overrides([{"dataset": 1}])
+
+
+def test_null_or_empty_overrides_mean_the_profile_as_is():
+    assert load_config("testing", None) == load_config("testing", []) == load_config("testing")
+
+
+def test_override_strings_round_trip():
+    nested = {"cache": {"top_k": 8}, "dataset": {"split": "train[:10]", "max_samples": None, "data_files": ["a", "b"]},
+              "output": {"uri": "s3://b/p", "storage_options": {"endpoint_url": "http://127.0.0.1:9"}}}
+    assert parse_overrides(override_strings(nested)) == nested
 
 
 def test_unknown_key_is_refused_with_a_suggestion():
@@ -92,19 +169,26 @@ def test_top_k_larger_than_vocab_is_refused():
     guards.check_vocab(config, 5000)
 
 
-def test_overrides_model_mirrors_config_and_refuses_unknown_keys():
-    schema = ConfigOverrides.model_json_schema()
-    dataset = schema["$defs"]["DatasetOverrides"]["properties"]
-    assert "required when streaming" in dataset["max_samples"]["description"]
-    with pytest.raises(Exception):
-        ConfigOverrides.model_validate({"dataset": {"nope": 1}})
-
-
-def test_secrets_are_masked_and_do_not_change_the_content_key():
-    a = load_config("testing", {"output": {"storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://x"}}})
+def test_secrets_are_masked_and_do_not_change_the_content_key(tmp_path):
+    profile = tmp_path / "with-secrets.yaml"
+    text = (PROFILES_DIR / "testing.yaml").read_text()
+    profile.write_text(text.replace("output:\n", "output:\n  storage_options: {key: AKIA123, secret: s3cr3t, "
+                                                 "endpoint_url: 'http://x'}\n"))
+    a = load_config(str(profile))
     b = load_config("testing")
     public = a.public_dict()["output"]["storage_options"]
     assert public == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
     assert "s3cr3t" not in str(a.public_dict())
     assert a.content_key() == b.content_key()
     assert load_config("testing", ["cache.top_k=8"]).content_key() != b.content_key()
+
+
+def test_kd_core_does_not_import_prefect():
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, kd_core\n"
+            "for m in pkgutil.iter_modules(kd_core.__path__): importlib.import_module(f'kd_core.{m.name}')\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'prefect'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -16,6 +16,7 @@ import kd_core.teacher
 from flows.build_teacher_cache import build_teacher_cache
 from kd_core import pipeline, versions
 from kd_core.cachefile import CacheReader
+from kd_core.config import override_strings
 from kd_core.errors import ConfigError
 
 
@@ -25,14 +26,37 @@ def prefect_api():
         yield
 
 
-def tiny(small_teacher_dir, corpus_path, out, top_k=8, **output):
-    return {
+def tiny(small_teacher_dir, corpus_path, out, top_k=8, **output) -> list[str]:
+    return override_strings({
         "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
         "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 12},
         "cache": {"top_k": top_k, "max_length": 64},
         "output": {"uri": str(out), **output},
         "run": {"num_shards": 2},
-    }
+    })
+
+
+def test_the_run_form_has_a_title_and_a_description_for_every_field():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.teacher_inference_shard import teacher_inference_shard
+
+    for flow_ in (build_teacher_cache, teacher_inference_shard):
+        schema = parameter_schema(flow_.fn).model_dump()
+        assert not schema["definitions"], "no nested models: the UI would show their class names"
+        for name, field in schema["properties"].items():
+            assert field["title"] == name and len(field.get("description") or "") > 40, (flow_.name, name)
+    overrides = parameter_schema(build_teacher_cache.fn).model_dump()["properties"]["overrides"]
+    assert {"type": "array", "items": {"type": "string"}} in overrides["anyOf"]
+
+
+def test_a_null_parameter_means_as_the_profile_has_it(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
+    """The UI sends null for untouched fields; the profile's values stay (here: its dataset and teacher)."""
+    seen = {}
+    monkeypatch.setattr(pipeline, "validate", lambda profile, overrides: seen.update(p=profile, o=overrides)
+                        or (_ for _ in ()).throw(ConfigError("stop here")))
+    assert build_teacher_cache(profile=None, overrides=None, return_state=True).is_failed()
+    assert seen == {"p": "demo", "o": []}
 
 
 def task_run_names(flow_run_id) -> list[str]:
@@ -43,8 +67,7 @@ def task_run_names(flow_run_id) -> list[str]:
 
 def test_failing_guard_fails_the_run_with_its_message_and_does_nothing_else(small_teacher_dir, corpus_path, tmp_path):
     out = tmp_path / "out"
-    over = tiny(small_teacher_dir, corpus_path, out)
-    over["dataset"]["max_samples"] = None  # streaming with no limit: the guard refuses
+    over = [*tiny(small_teacher_dir, corpus_path, out), "dataset.max_samples=null"]  # streaming, no limit
 
     state = build_teacher_cache(profile="testing", overrides=over, return_state=True)
 

@@ -116,7 +116,7 @@ def test_kd_cache_run_demo_profile(tmp_path):
     """The README's main command, on the demo profile, read back and checked against the teacher in float32."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     out = tmp_path / "demo"
-    cli = [sys.executable, "-m", "kd_core.cli"]
+    cli = [sys.executable, "-m", "flows.cli"]
     done = subprocess.run([*cli, "run", "--profile", "demo", f"output.uri={out}"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -140,7 +140,7 @@ def test_guard_refuses_before_anything_is_touched(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="dataset.max_samples is required"):
         pipeline.validate("testing", {"dataset": {"max_samples": None}, "output": {"uri": str(tmp_path / "o")}})
     assert not (tmp_path / "o").exists()
-    cli = subprocess.run([sys.executable, "-m", "kd_core.cli", "run", "--profile", "testing", "dataset.max_samples=null",
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "testing", "dataset.max_samples=null",
                           f"output.uri={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2
     assert cli.stderr.startswith("kd-cache run: dataset.max_samples is required") and "Traceback" not in cli.stderr

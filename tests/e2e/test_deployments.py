@@ -12,7 +12,7 @@ import pytest
 
 from kd_core import pipeline
 from kd_core.cachefile import CacheReader
-from kd_core.config import TeacherConfig
+from kd_core.config import TeacherConfig, override_strings
 from kd_core.teacher import load_teacher
 from kd_core.verify import verify_rows
 
@@ -22,14 +22,14 @@ RUN_SECONDS = 240
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def tiny(small_teacher_dir, corpus_path, out) -> dict:
-    return {
+def tiny(small_teacher_dir, corpus_path, out) -> list[str]:
+    return override_strings({
         "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
         "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 16},
         "cache": {"top_k": 8, "max_length": 64},
         "output": {"uri": str(out)},
         "run": {"num_shards": 2},
-    }
+    })
 
 
 def deployment(client, name: str) -> dict:
@@ -100,8 +100,7 @@ def test_a_failing_shard_fails_the_parent_with_the_shard_error(prefect_stack, sm
                                                               tmp_path):
     short = tmp_path / "short.parquet"  # 5 rows, 8 asked for: the second shard runs out of data
     pq.write_table(pa.table({"text": pq.read_table(corpus_path).column("text").to_pylist()[10:15]}), short)
-    overrides = tiny(small_teacher_dir, short, tmp_path / "out")
-    overrides["dataset"]["max_samples"] = 8
+    overrides = [*tiny(small_teacher_dir, short, tmp_path / "out"), "dataset.max_samples=8"]
     with prefect_stack.client() as client:
         response = trigger(client, {"profile": "testing", "overrides": overrides})
         assert response.status_code == 201, response.text
@@ -119,8 +118,7 @@ def test_a_failing_shard_fails_the_parent_with_the_shard_error(prefect_stack, sm
 def test_guard_failure_ends_failed_with_its_message_and_starts_nothing(prefect_stack, small_teacher_dir,
                                                                        corpus_path, tmp_path):
     out = tmp_path / "out"
-    overrides = tiny(small_teacher_dir, corpus_path, out)
-    overrides["dataset"]["max_samples"] = None  # streaming and no limit
+    overrides = [*tiny(small_teacher_dir, corpus_path, out), "distillation.dataset.max_samples=null"]  # no limit
     with prefect_stack.client() as client:
         response = trigger(client, {"profile": "testing", "overrides": overrides})
         assert response.status_code == 201, response.text
@@ -134,13 +132,37 @@ def test_guard_failure_ends_failed_with_its_message_and_starts_nothing(prefect_s
     assert not out.exists()
 
 
-def test_bad_parameters_are_refused_with_a_clear_message(prefect_stack):
+def test_a_ui_form_submission_keeps_the_profiles_values(prefect_stack, small_teacher_dir, corpus_path, tmp_path):
+    """What the UI's run form sends: the profile field filled in (a YAML file on the worker), overrides left
+    alone, so null. The run must use the profile as it is: its teacher, dataset, sample count and top_k."""
+    out = tmp_path / "out"
+    profile = tmp_path / "my-profile.yaml"
+    profile.write_text(f"""teacher: {{model: '{small_teacher_dir}', batch_tokens: 2048, device: cpu}}
+dataset: {{name: parquet, data_files: '{corpus_path}', streaming: true, max_samples: 7}}
+cache: {{top_k: 5, max_length: 32}}
+output: {{uri: '{out}'}}
+""")
     with prefect_stack.client() as client:
-        unknown = trigger(client, {"profile": "demo", "overrides": {"dataset": {"max_sample": 10}}})
-        no_profile = trigger(client, {"profile": "nope"})
-    assert unknown.status_code == 409
-    assert "overrides.dataset" in unknown.text and "'max_sample' was unexpected" in unknown.text
-    assert no_profile.status_code == 409 and "'nope' is not one of ['demo'" in no_profile.text
+        response = trigger(client, {"profile": str(profile), "overrides": None})
+        assert response.status_code == 201, response.text
+        run = wait(prefect_stack, client, response.json()["id"])
+    assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{prefect_stack.log_tail()}"
+    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+        assert (len(reader), reader.top_k) == (7, 5)
+        assert reader.attrs["teacher_model"] == str(small_teacher_dir)
+
+
+def test_bad_parameters_fail_with_the_command_lines_message(prefect_stack):
+    with prefect_stack.client() as client:
+        nested = trigger(client, {"profile": "demo", "overrides": {"dataset": {"max_samples": 10}}})
+        assert nested.status_code == 409 and "overrides" in nested.text  # a list of KEY=VALUE strings, not a dict
+        unknown = wait(prefect_stack, client, trigger(client, {"overrides": ["dataset.max_sample=10"]}).json()["id"])
+        no_profile = wait(prefect_stack, client, trigger(client, {"profile": "nope"}).json()["id"])
+    assert unknown["state_type"] == "FAILED"
+    assert unknown["state"]["message"] == ("invalid config: dataset.max_sample: unknown key. Did you mean "
+                                           "dataset.max_samples? Known keys: name, config, split, data_files, "
+                                           "revision, text_column, streaming, max_samples.")
+    assert no_profile["state_type"] == "FAILED" and "no profile named 'nope'" in no_profile["state"]["message"]
 
 
 def test_basic_auth_is_required(prefect_stack):

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from kd_core.errors import KDCacheError
 
@@ -20,12 +21,19 @@ examples:
   kd-cache inspect ./out/demo                              # summarise the latest cache under an output.uri
   kd-cache verify ./out/demo --samples 8                   # recompute the teacher on 8 samples and compare
 
-overrides are KEY=VALUE with VALUE parsed as YAML (null unsets), e.g. cache.top_k=32 dataset.streaming=true.
+overrides are KEY=VALUE with VALUE parsed as YAML 1.2 (null unsets), e.g. cache.top_k=32 dataset.streaming=true;
+the seed's form distillation.KEY=VALUE works too. Credentials never go here: set them in the environment.
 """
 
 
+def _profile(value: str) -> str:
+    """A profile name as is; a YAML file as an absolute path, so the flow finds it whatever its directory."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.suffix in (".yaml", ".yml") and path.is_file() else value
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="demo", help="profile name in profiles/ or a path to a YAML file (default: demo)")
+    parser.add_argument("--profile", default="demo", type=_profile, help="profile name in profiles/ or a path to a YAML file (default: demo)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dataset.max_samples=1000")
 
 
@@ -58,14 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from kd_core import pipeline
-    from kd_core.config import parse_overrides
 
-    overrides = parse_overrides(args.overrides)
     # Check before starting Prefect, so a bad config is one clean message; the flow's first task checks again.
-    pipeline.validate(args.profile, overrides)
+    pipeline.validate(args.profile, args.overrides)
     from flows.build_teacher_cache import build_teacher_cache
 
-    result = build_teacher_cache(profile=args.profile, overrides=overrides)
+    result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
     if result.get("up_to_date"):
         print(f"up to date: {result['uri']} already holds this cache (key {result['key']})")
     else:

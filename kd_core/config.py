@@ -279,10 +279,8 @@ def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = Non
     overrides: KEY=VALUE strings (the CLI and the flow), or, for Python callers, the same as a nested dict.
     None means none: everything as the profile has it.
     """
-    if isinstance(overrides, dict):
+    if isinstance(overrides, dict):  # from Python, never stored by Prefect: credentials are the caller's business
         overrides = _canonical_sections(overrides)
-        for key, value in overrides.items():
-            _refuse_credentials(key, value)
     else:
         overrides = parse_overrides(overrides)
     data = deep_merge(read_profile(profile), overrides)

@@ -148,8 +148,9 @@ output: {{uri: '{out}'}}
         run = wait(prefect_stack, client, response.json()["id"])
     assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{prefect_stack.log_tail()}"
     with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
-        assert (len(reader), reader.top_k) == (7, 5)
-        assert reader.attrs["teacher_model"] == str(small_teacher_dir)
+        attrs = reader.attrs
+    assert (attrs["max_samples"], attrs["top_k"], attrs["max_length"]) == (7, 5, 32)
+    assert attrs["teacher_model"] == str(small_teacher_dir)
 
 
 def test_bad_parameters_fail_with_the_command_lines_message(prefect_stack):

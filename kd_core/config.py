@@ -37,6 +37,10 @@ SEED_PREFIX = "distillation."
 # YAML 1.2 (ruamel's pure safe loader): `yes`/`on` are strings, `010` is 10, not YAML 1.1's octal 8.
 _YAML = YAML(typ="safe", pure=True)
 
+# Bump when kd_core.sampling draws differently from the same logits (its hash, CDF or layout): the version key of
+# a sampled cache changes with it, so old and new draws are never mixed in one version.
+SAMPLER_VERSION = 1
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -72,7 +76,14 @@ class DatasetConfig(_Section):
 
 
 class CacheConfig(_Section):
-    top_k: StrictInt = Field(64, description="How many of the teacher's most likely next tokens to keep per position.")
+    mode: Literal["topk", "sampled"] = Field(
+        "topk", description="topk: each position's top_k log-probs. sampled: cache.samples draws from the teacher "
+                            "per position, stored as distinct ids and counts (an unbiased target; docs/FORMAT.md)."
+    )
+    top_k: StrictInt = Field(64, description="How many of the teacher's most likely next tokens to keep per "
+                                             "position (cache.mode=topk).")
+    samples: StrictInt = Field(64, description="Draws per position from the teacher at temperature 1 "
+                                               "(cache.mode=sampled).")
     max_length: StrictInt = Field(2048, description="Tokens per sample; longer samples are truncated.")
 
 
@@ -122,6 +133,12 @@ class Config(_Section):
         data = self.model_dump(mode="json")
         del data["output"], data["run"]
         data["teacher"] = {k: data["teacher"][k] for k in ("model", "revision")}
+        # Only the keys that change the bytes: a top-k cache's key is what it was before sampled mode existed.
+        if data["cache"]["mode"] == "topk":
+            del data["cache"]["mode"], data["cache"]["samples"]
+        else:
+            del data["cache"]["top_k"]
+            data["cache"]["sampler"] = SAMPLER_VERSION
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

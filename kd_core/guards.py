@@ -11,6 +11,9 @@ from kd_core import storage
 from kd_core.config import Config
 from kd_core.errors import ConfigError
 
+# Sampled mode's counts are stored as uint16 and travel from the device as int16.
+MAX_SAMPLES_PER_POSITION = 32767
+
 # What each profile is for; quoted by the guard so the user can pick a limit.
 RECOMMENDED_MAX_SAMPLES = {
     "smoke test (profile testing)": 1_000,
@@ -51,8 +54,13 @@ def check_config(config: Config) -> None:
             f"dataset.max_samples must be a positive number of samples, got {ds.max_samples}. "
             "Fix: e.g. dataset.max_samples=1000, or dataset.max_samples=null to read a non-streaming split whole."
         )
-    if cache.top_k < 1:
+    if cache.mode == "topk" and cache.top_k < 1:
         raise ConfigError(f"cache.top_k must be at least 1, got {cache.top_k}. Fix: e.g. cache.top_k=64.")
+    if cache.mode == "sampled" and not 1 <= cache.samples <= MAX_SAMPLES_PER_POSITION:
+        raise ConfigError(
+            f"cache.samples must be between 1 and {MAX_SAMPLES_PER_POSITION} draws per position, got "
+            f"{cache.samples}. Fix: e.g. cache.samples=64 (about 12 distinct ids per token on a trained teacher)."
+        )
     if cache.max_length < 2:
         raise ConfigError(
             f"cache.max_length must be at least 2 tokens (one to predict from, one to predict), "
@@ -78,8 +86,8 @@ def check_config(config: Config) -> None:
 
 
 def check_vocab(config: Config, vocab_size: int) -> None:
-    """top_k must not exceed the teacher's vocabulary."""
-    if config.cache.top_k > vocab_size:
+    """top_k must not exceed the teacher's vocabulary (sampled mode has no top_k: any vocabulary will do)."""
+    if config.cache.mode == "topk" and config.cache.top_k > vocab_size:
         raise ConfigError(
             f"cache.top_k ({config.cache.top_k}) is larger than the teacher's vocabulary ({vocab_size} tokens). "
             f"Fix: cache.top_k={min(64, vocab_size)}."

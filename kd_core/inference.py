@@ -199,6 +199,16 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
         return _logsumexp_float32(x)
 
 
+def has_plain_head(model: torch.nn.Module) -> bool:
+    """Whether the model is a body (model.base_model) plus a linear head whose output is the logits as they are."""
+    config = model.config.get_text_config()
+    return (
+        model.base_model is not model
+        and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+        and not any(getattr(config, name, None) for name in _LOGIT_POSTPROCESSING)
+    )
+
+
 class Float32Head:
     """The output layer in float32: logits (n, V) float32 from hidden states (n, H) in the model's dtype.
 
@@ -241,12 +251,7 @@ class _Forward:
     def __init__(self, model: torch.nn.Module, spec: RowSpec):
         self.model, self.spec = model, spec
         self.body, self.head = model.base_model, model.get_output_embeddings()
-        config = model.config.get_text_config()
-        self.split = (
-            self.body is not model
-            and isinstance(self.head, torch.nn.Linear)
-            and not any(getattr(config, name, None) for name in _LOGIT_POSTPROCESSING)
-        )
+        self.split = has_plain_head(model)
         self.head32 = Float32Head(self.head) if self.split else None
 
     def __call__(self, input_ids: torch.Tensor, rows: torch.Tensor, sample_index: torch.Tensor | None = None,

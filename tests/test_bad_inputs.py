@@ -173,7 +173,7 @@ def test_cli_subprocess_exit_code_and_stderr(tmp_path, small_teacher_dir, corpus
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "kd-cache validate: invalid config: cache.top_kk: unknown key. Did you mean cache.top_k? "
-        "Known keys: top_k, max_length."
+        "Known keys: mode, top_k, samples, max_length."
     ]
     assert not (tmp_path / "out").exists()
 

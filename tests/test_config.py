@@ -169,6 +169,26 @@ def test_top_k_larger_than_vocab_is_refused():
     guards.check_vocab(config, 5000)
 
 
+def test_sampled_mode_checks_samples_and_ignores_top_k():
+    for samples in (0, 40000):
+        with pytest.raises(ConfigError, match=r"cache\.samples must be between 1 and 32767.*Fix: e\.g\. cache\.samples=64"):
+            guards.check_config(load_config("testing", ["cache.mode=sampled", f"cache.samples={samples}"]))
+    with pytest.raises(ConfigError, match=r"cache\.mode: .*'topk' or 'sampled'"):
+        load_config("testing", ["cache.mode=top-k"])
+    sampled = load_config("testing", ["cache.mode=sampled", "cache.top_k=0", "cache.samples=16"])
+    guards.check_config(sampled)  # top_k plays no part in sampled mode
+    guards.check_vocab(load_config("testing", ["cache.mode=sampled", "cache.top_k=5000"]), 1000)
+
+
+def test_content_key_covers_only_the_mode_s_own_settings():
+    topk = load_config("testing").content_key()
+    assert load_config("testing", ["cache.samples=7"]).content_key() == topk  # samples: no byte of a top-k cache
+    sampled = load_config("testing", ["cache.mode=sampled", "cache.samples=64"]).content_key()
+    assert sampled != topk
+    assert load_config("testing", ["cache.mode=sampled", "cache.top_k=3"]).content_key() == sampled
+    assert load_config("testing", ["cache.mode=sampled", "cache.samples=16"]).content_key() != sampled
+
+
 def test_secrets_are_masked_and_do_not_change_the_content_key(tmp_path):
     profile = tmp_path / "with-secrets.yaml"
     text = (PROFILES_DIR / "testing.yaml").read_text()

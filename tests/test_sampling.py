@@ -192,3 +192,41 @@ def test_forward_sampled_equals_rows_from_full_logits(small_teacher_dir):
         full = forward(ids, rows, sample_index, position)
     assert torch.equal(split[0], full[0]) and torch.equal(split[1], full[1])
     assert bool((split[1].sum(-1) == N).all())
+
+
+def test_verify_rows_accepts_sampled_rows_and_flags_wrong_ones(small_teacher_dir, corpus_texts):
+    from kd_core.config import TeacherConfig
+    from kd_core.teacher import load_teacher
+    from kd_core.verify import verify_rows
+
+    teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
+    texts = [(i, t) for i, t in enumerate(corpus_texts[:30]) if t.strip()]
+    rows = list(run_teacher(teacher, texts, mode="sampled", draws=N, max_length=64, batch_tokens=256))
+    good = verify_rows(teacher, rows, draws=N)
+    assert good.ok and good.layout_errors == 0 and good.impossible_draws == 0 and good.fit.p_value > 1e-6
+    assert good.max_logsumexp_error < 1e-4
+
+    def edited(fn):
+        out = [dict(vars(r)) for r in rows]
+        for d in out:
+            d["sampled_ids"], d["sampled_counts"] = fn(d["sampled_ids"].copy(), d["sampled_counts"].copy())
+        return verify_rows(teacher, out, draws=N)
+
+    def extra_draw(ids, counts):
+        counts[0, 0] += 1
+        return ids, counts
+
+    assert edited(extra_draw).layout_errors >= 1
+
+    def most_likely_only(ids, counts):  # every draw moved to the row's most drawn id: a biased cache
+        best = counts.argmax(-1)
+        ids = ids[np.arange(len(ids)), best][:, None]
+        return ids, np.full_like(counts[:, :1], N)
+
+    biased = edited(most_likely_only)
+    assert biased.layout_errors == 0 and not biased.ok and biased.fit.p_value < 1e-6
+
+    def least_likely(ids, counts):  # an id the teacher never gives mass to (the reference's argmin)
+        return np.full_like(ids, 3), counts
+
+    assert edited(least_likely).layout_errors > 0  # repeated ids are not distinct

@@ -19,7 +19,9 @@ from kd_core.cachefile import CacheReader
 
 
 class CacheDataset(Dataset):
-    """Sample i of a cache as tensors: input_ids (L,), topk_indices (L, k), topk_logprobs (L, k), logsumexp (L,).
+    """Sample i of a cache as tensors: input_ids (L,), logsumexp (L,), sample_index, and per row either
+    topk_indices (L, k) and topk_logprobs (L, k) (top-k caches) or sampled_ids (L, m) and sampled_counts (L, m)
+    (sampled caches: count 0 marks padding, each row's counts sum to N).
 
     The HDF5 file is opened lazily in each process, so the dataset is safe with DataLoader workers.
     """
@@ -51,23 +53,30 @@ class CacheDataset(Dataset):
 def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. attention_mask (B, T) is True on real tokens.
 
-    Padded rows hold topk_indices 0 and topk_logprobs -inf (no mass), so a loss that forgets the mask still
-    cannot learn from them; masked losses ignore them anyway.
+    Top-k caches: padded rows hold topk_indices 0 and topk_logprobs -inf (no mass), so a loss that forgets the
+    mask still cannot learn from them; masked losses ignore them anyway. Sampled caches: sampled_ids and
+    sampled_counts (B, T, m) with m the batch's most distinct ids in a row; count 0 marks padding, both past a
+    row's own entries and on padded rows (which therefore carry no draws at all).
     """
     lengths = [len(s["input_ids"]) for s in samples]
-    B, T, k = len(samples), max(lengths), samples[0]["topk_indices"].shape[-1]
+    B, T = len(samples), max(lengths)
     batch = {
         "input_ids": torch.full((B, T), pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros((B, T), dtype=torch.bool),
-        "topk_indices": torch.zeros((B, T, k), dtype=torch.long),
-        "topk_logprobs": torch.full((B, T, k), float("-inf"), dtype=torch.float32),
         "logsumexp": torch.zeros((B, T), dtype=torch.float32),
         "sample_index": torch.tensor([int(s["sample_index"]) for s in samples], dtype=torch.long),
     }
+    # Per-row fields of either mode: (name, padding value, dtype)
+    fields = [f for f in (("topk_indices", 0, torch.long), ("topk_logprobs", float("-inf"), torch.float32),
+                          ("sampled_ids", 0, torch.long), ("sampled_counts", 0, torch.long))
+              if f[0] in samples[0]]
+    for name, fill, dtype in fields:
+        width = max(s[name].shape[-1] for s in samples)  # k, or the batch's widest sampled row
+        batch[name] = torch.full((B, T, width), fill, dtype=dtype)
     for b, (s, L) in enumerate(zip(samples, lengths)):
         batch["input_ids"][b, :L] = s["input_ids"]
         batch["attention_mask"][b, :L] = True
-        batch["topk_indices"][b, :L] = s["topk_indices"]
-        batch["topk_logprobs"][b, :L] = s["topk_logprobs"]
         batch["logsumexp"][b, :L] = s["logsumexp"]
+        for name, _, _ in fields:
+            batch[name][b, :L, : s[name].shape[-1]] = s[name]
     return batch

@@ -13,6 +13,7 @@ from kd_core.errors import ConfigError
 
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.
 MAX_SAMPLES_PER_POSITION = 32767
+SAMPLED_WRITER_READY = False
 
 # What each profile is for; quoted by the guard so the user can pick a limit.
 RECOMMENDED_MAX_SAMPLES = {
@@ -56,6 +57,8 @@ def check_config(config: Config) -> None:
         )
     if cache.mode == "topk" and cache.top_k < 1:
         raise ConfigError(f"cache.top_k must be at least 1, got {cache.top_k}. Fix: e.g. cache.top_k=64.")
+    if cache.mode == "sampled" and not SAMPLED_WRITER_READY:  # until the cache format has its datasets
+        raise ConfigError("cache.mode=sampled: this version does not write sampled caches yet. Fix: cache.mode=topk.")
     if cache.mode == "sampled" and not 1 <= cache.samples <= MAX_SAMPLES_PER_POSITION:
         raise ConfigError(
             f"cache.samples must be between 1 and {MAX_SAMPLES_PER_POSITION} draws per position, got "

@@ -27,8 +27,8 @@ DRIVER = """
 import json, sys
 from kd_core import pipeline
 config = pipeline.validate("demo", json.loads(sys.argv[1]))
-est = pipeline.estimate(config)
-pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config, est)])
+pipeline.estimate(config)
+pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
 """
 
 

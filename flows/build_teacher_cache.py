@@ -67,8 +67,8 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
                                           f"`{manifest['key']}`). No teacher work was done.")
         return {**manifest, "up_to_date": True}
 
-    estimate = estimate_storage(config)
-    shards = shard_dataset(config, estimate)
+    estimate_storage(config)
+    shards = shard_dataset(config)
     progress = ShardProgress(shards)
     if deployment.id is None:  # a local run: shards one after another in this process
         for shard in shards:
@@ -102,7 +102,7 @@ class ShardProgress:
 
     def _table(self) -> None:
         elapsed = time.perf_counter() - self.started
-        rows = [_row(r["shard"]["rank"], r["num_samples"], r["num_tokens"], r["seconds"]) for r in self.records]
+        rows = [_row(r["shard"]["index"], r["num_samples"], r["num_tokens"], r["seconds"]) for r in self.records]
         rows.sort(key=lambda row: row["shard"])
         total = _row(f"all ({len(self.records)}/{len(self.shards)} done)", sum(r["num_samples"] for r in self.records),
                      sum(r["num_tokens"] for r in self.records), elapsed)

@@ -17,7 +17,7 @@ from tasks.validate_config import validate_config
 
 @flow(name="teacher-inference-shard")
 def teacher_inference_shard(
-    profile: Profile, overrides: Overrides, shard: dict[str, int]
+    profile: Profile, overrides: Overrides, shard: dict[str, Any]
 ) -> dict[str, Any] | State:
     """Run the teacher over rows [shard.start, shard.stop) and publish the shard's files and its record.
 
@@ -28,7 +28,7 @@ def teacher_inference_shard(
     """
     try:
         config = validate_config(profile or "demo", list(overrides or []))
-        return teacher_inference(config, ShardSpec(**shard))
+        return teacher_inference(config, ShardSpec.model_validate(shard))
     except KDCacheError as e:  # the error's own words as the state message, which the parent quotes
         get_run_logger().error("%s", e)
         return Failed(message=str(e), data=e)

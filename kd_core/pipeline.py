@@ -2,7 +2,7 @@
 
     validate(profile, overrides)   -> Config            every check that needs no data; the max_samples guard first
     estimate(config)               -> StorageEstimate   exact upper bound + expected size from a probe; size limits
-    plan(config, estimate)         -> [ShardSpec]        contiguous, deterministic, covering exactly the run's rows
+    plan(config)                   -> ShardPlan          contiguous shards from the source's layout, exactly the run's rows
     run_shard(config, shard)       -> shard record       teacher inference for one shard, written in parts
     merge(config, records)         -> manifest           verify every shard, merge, publish, move `latest`
 
@@ -102,9 +102,9 @@ def estimate(config: Config) -> storage.StorageEstimate:
     """Exact upper bound and expected size; StorageError when over output.max_bytes or the target's free space."""
     from kd_core.teacher import load_tokenizer, teacher_vocab_size
 
-    source = data.load_source(config.dataset)
-    data.check_text_column(config.dataset, source)
-    total = data.total_samples(config.dataset, source)
+    source = data.Source(config.dataset)
+    source.check_text_column()
+    total = source.run_rows()  # max_samples, checked here already when the source's size is known
     texts = data.probe_texts(config.dataset, source, PROBE_SAMPLES)
     if not texts:
         raise ConfigError(f"dataset: {config.dataset.name!r} split {config.dataset.split!r} has no samples. "
@@ -144,8 +144,9 @@ def check_fits(est: storage.StorageEstimate) -> None:
 
 # -- shard-dataset ---------------------------------------------------------------------------------------------
 
-def plan(config: Config, est: storage.StorageEstimate) -> list[ShardSpec]:
-    return data.plan_shards(est.num_samples, min(config.run.num_shards, est.num_samples))
+def plan(config: Config) -> data.ShardPlan:
+    """run.num_shards shards from the source's layout (parquet footers, or one counting pass): see kd_core.data."""
+    return data.plan(config.dataset, config.run.num_shards)
 
 
 # -- teacher-inference -----------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
                 log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts), parts[len(done)][0])
             done += _run_parts(config, layout, shard, parts[len(done):], done, lock, progress)
         record = {
-            "shard": shard.as_dict(),
+            "shard": shard.model_dump(),
             **{key: sum(p[key] for p in done) for key in ("num_samples", "num_tokens", "skipped_empty")},
             "seconds": round(sum(p["seconds"] for p in done), 3),
             "vocab_size": done[0]["vocab_size"], "tokenizer": done[0]["tokenizer"],
@@ -212,11 +213,9 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
     from kd_core.teacher import load_teacher
 
     opts = config.output.storage_options
-    source = data.load_source(config.dataset)
-    data.check_text_column(config.dataset, source)
     teacher = load_teacher(config.teacher)
-    # One reader over all the remaining rows, sliced into parts: a stream is skipped to the resume point once.
-    texts = data.iter_texts(config.dataset, source, todo[0][0], shard.stop)
+    # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
+    texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
     # Progress counts the whole shard, complete parts included.
     stats = InferenceStats(samples=sum(r["num_samples"] for r in done), tokens=sum(r["num_tokens"] for r in done),
                            skipped_empty=sum(r["skipped_empty"] for r in done))
@@ -306,12 +305,12 @@ def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
     layout, opts = Layout(config), config.output.storage_options
-    records = sorted(records, key=lambda r: r["shard"]["rank"])
+    records = sorted(records, key=lambda r: r["shard"]["index"])
     scratch = Path(tempfile.mkdtemp(prefix="kd-merge-", dir=staging_dir(config)))
     try:
         parts = []
         for record in records:
-            shard = ShardSpec(**record["shard"])
+            shard = ShardSpec.model_validate(record["shard"])
             for part in record["parts"]:
                 parts.append(_fetch_verified_part(layout, shard, record, part, scratch, opts))
         merged_local = (io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / "cache.h5")

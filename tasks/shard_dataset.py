@@ -1,15 +1,17 @@
-"""shard-dataset: run.num_shards deterministic shard specs that together cover exactly the run's samples."""
+"""shard-dataset: run.num_shards shard specs from the source's layout, together covering exactly the run's rows."""
 
 from prefect import get_run_logger, task
 
 from kd_core import pipeline
 from kd_core.config import Config
 from kd_core.data import ShardSpec
-from kd_core.storage import StorageEstimate
 
 
 @task(name="shard-dataset")
-def shard_dataset(config: Config, estimate: StorageEstimate) -> list[ShardSpec]:
-    shards = pipeline.plan(config, estimate)
-    get_run_logger().info("%d shards: %s", len(shards), ", ".join(f"[{s.start}, {s.stop})" for s in shards))
+def shard_dataset(config: Config) -> list[ShardSpec]:
+    plan = pipeline.plan(config)
+    shards = plan.shards
+    get_run_logger().info("%d shards planned by %s, %d source rows read in all (%d samples): %s", len(shards),
+                          plan.method, sum(s.rows_read for s in shards), shards[-1].stop - shards[0].start,
+                          ", ".join(f"[{s.start}, {s.stop})" for s in shards[:8]) + (" ..." if len(shards) > 8 else ""))
     return shards

@@ -66,7 +66,7 @@ def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config
     target, not from the child's result, so no result storage has to be shared between machines.
     """
     child = run_deployment(SHARD_DEPLOYMENT, parameters={"profile": profile, "overrides": overrides,
-                                                         "shard": shard.as_dict()},
+                                                         "shard": shard.model_dump()},
                            flow_run_name=shard.name, poll_interval=2)
     if not child.state.is_completed():
         raise ShardFailedError(f"{shard.name} (flow run {child.name} on {child.work_pool_name}) ended "

@@ -92,8 +92,8 @@ def overrides(teacher_dir: Path, corpus_path: Path, uri: str, **extra: Any) -> d
 
 def build(config) -> dict[str, Any]:
     """The whole pipeline, as the flow runs it locally."""
-    est = pipeline.estimate(config)
-    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config, est)]
+    pipeline.estimate(config)
+    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
     return pipeline.merge(config, records)
 
 

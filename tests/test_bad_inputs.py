@@ -186,5 +186,5 @@ def test_cli_subprocess_empty_dataset(tmp_path, small_teacher_dir):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("kd-cache estimate: dataset: could not read 'parquet'")
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd-cache estimate: dataset: split 'train' of 'parquet' is empty")
     assert not (tmp_path / "out").exists()

@@ -32,8 +32,8 @@ def slow_append(self, rows):
     real_append(self, rows)
 cachefile.CacheWriter.append_rows = slow_append
 config = pipeline.validate("demo", json.loads(sys.argv[1]))
-est = pipeline.estimate(config)
-pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config, est)])
+pipeline.estimate(config)
+pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
 """
 
 
@@ -54,7 +54,7 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
     over = overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})
     config = pipeline.validate("demo", over)
     layout = pipeline.Layout(config)
-    shard0 = pipeline.plan(config, pipeline.estimate(config))[0]
+    shard0 = pipeline.plan(config).shards[0]
     fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
 
     def part_done(index: int) -> bool:
@@ -93,7 +93,7 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
 
 
 def _run_shards(config):
-    return [pipeline.run_shard(config, s) for s in pipeline.plan(config, pipeline.estimate(config))]
+    return [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
@@ -103,7 +103,7 @@ def test_a_damaged_part_makes_merge_refuse_naming_it(damage, bucket, moto_endpoi
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     records = _run_shards(config)
     layout = pipeline.Layout(config)
-    shard1 = pipeline.plan(config, pipeline.estimate(config))[1]
+    shard1 = pipeline.plan(config).shards[1]
     fs, victim = io.filesystem(layout.part_file(shard1, 1), opts)
     data = fs.cat(victim)
     if damage == "truncate":
@@ -125,7 +125,7 @@ def test_a_damaged_local_part_makes_merge_refuse(tmp_path, small_teacher_dir, co
     uri = str(tmp_path / "out")
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
     records = _run_shards(config)
-    victim = io.local_path(pipeline.Layout(config).part_file(pipeline.ShardSpec(**records[0]["shard"]), 2))
+    victim = io.local_path(pipeline.Layout(config).part_file(pipeline.ShardSpec.model_validate(records[0]["shard"]), 2))
     victim.write_bytes(victim.read_bytes()[:-100])
     with pytest.raises(CacheFileError, match="shard-00000-of-00002 part 2 .* fails verification, so nothing was published"):
         pipeline.merge(config, records)

@@ -13,7 +13,6 @@ from s3helpers import (  # noqa: F401
 
 from kd_core import io, locks, pipeline
 from kd_core.cachefile import CacheReader, verify_file
-from kd_core.data import ShardSpec
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_rerun_is_idempotent_and_loads_no_teacher(bucket, moto_endpoint, small_t
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
-    shards = pipeline.plan(config, pipeline.estimate(config))
+    shards = pipeline.plan(config).shards
     records = [pipeline.run_shard(config, s) for s in shards]
 
     def no_teacher(*a, **k):
@@ -86,7 +85,7 @@ def test_second_run_on_a_locked_shard_refuses(tmp_path, small_teacher_dir, corpu
     opts = s3_options(moto_endpoint)
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
                                                  output={"storage_options": opts}))
-    layout, shard = pipeline.Layout(config), ShardSpec(0, 2, 0, 30)
+    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
     with locks.LeaseLock(layout.shard_lock(shard), shard.name, opts):  # "another run" holds shard 0
         with pytest.raises(locks.LockedError, match="another run is writing shard-00000-of-00002"):
             pipeline.run_shard(config, shard)

@@ -96,22 +96,19 @@ def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack,
     assert report.ok, report
 
 
-def test_a_failing_shard_fails_the_parent_with_the_shard_error(prefect_stack, small_teacher_dir, corpus_path,
-                                                              tmp_path):
-    short = tmp_path / "short.parquet"  # 5 rows, 8 asked for: the second shard runs out of data
+def test_max_samples_over_the_source_fails_in_planning_before_any_shard_runs(prefect_stack, small_teacher_dir,
+                                                                           corpus_path, tmp_path):
+    short = tmp_path / "short.parquet"  # 5 rows, 8 asked for: the footers say so before any GPU work
     pq.write_table(pa.table({"text": pq.read_table(corpus_path).column("text").to_pylist()[10:15]}), short)
     overrides = [*tiny(small_teacher_dir, short, tmp_path / "out"), "dataset.max_samples=8"]
     with prefect_stack.client() as client:
         response = trigger(client, {"profile": "testing", "overrides": overrides})
         assert response.status_code == 201, response.text
         run = wait(prefect_stack, client, response.json()["id"])
-        shards = {s["name"]: s for s in children(client, run["id"])}
-        # The parent fails as soon as one shard has failed; the others run on, and a re-run reuses their work.
-        assert wait(prefect_stack, client, shards["shard-00000-of-00002"]["id"])["state_type"] == "COMPLETED"
-    assert shards["shard-00001-of-00002"]["state_type"] == "FAILED"
+        shards = children(client, run["id"])
     assert run["state_type"] == "FAILED"
-    assert run["state"]["message"].startswith("shard-00001-of-00002 (flow run shard-00001-of-00002 on gpu-pool) "
-                                              "ended Failed: dataset.max_samples: the dataset ended at row 5")
+    assert run["state"]["message"].startswith("dataset.max_samples (8) is larger than the split, which has 5 samples.")
+    assert shards == []
     assert not (tmp_path / "out" / "latest.json").exists()
 
 

@@ -24,7 +24,7 @@ def teacher_inference_shard(
     Args:
         profile: The parent run's profile (a shipped profile or a YAML path on the worker). Empty means demo.
         overrides: The parent run's KEY=VALUE overrides, unchanged. Empty means none.
-        shard: The rows to run, {rank, world_size, start, stop}, as planned by build-teacher-cache.
+        shard: The shard as planned by build-teacher-cache: its rows [start, stop) and the files that hold them.
     """
     try:
         config = validate_config(profile or "demo", list(overrides or []))

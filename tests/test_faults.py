@@ -220,7 +220,7 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
     """ENOSPC while a part is closed: once retried as transient (three tracebacks) with a .partial left behind."""
     uri = str(tmp_path / "out")
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
-    layout, shard = pipeline.Layout(config), pipeline.plan(config, pipeline.estimate(config))[0]
+    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
     real_close, closed = cachefile._Column.close, []
 
     def close_on_a_full_disk(self):  # six columns per part: the second part meets a full disk

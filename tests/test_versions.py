@@ -71,7 +71,7 @@ def test_two_configs_publishing_at_once_with_keep_0_leave_latest_readable(tmp_pa
              "output": {"keep_versions": 0}}
     a = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, **small))
     b = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, cache={"top_k": 4}, **small))
-    records = {c.content_key(): [pipeline.run_shard(c, s) for s in pipeline.plan(c, pipeline.estimate(c))]
+    records = {c.content_key(): [pipeline.run_shard(c, s) for s in pipeline.plan(c).shards]
                for c in (a, b)}
 
     paused, resume = threading.Event(), threading.Event()

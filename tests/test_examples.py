@@ -1,0 +1,44 @@
+"""examples/: the student-training example runs on a real cache and its loss falls."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_core import pipeline
+from s3helpers import build
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_student.py"
+
+
+@pytest.fixture(scope="module")
+def topk_cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
+    """A top-8 cache of 24 docstrings by the small teacher, built through the pipeline's steps."""
+    out = tmp_path_factory.mktemp("example_cache")
+    over = {
+        "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 24},
+        "cache": {"top_k": 8, "max_length": 64},
+        "output": {"uri": str(out)},
+    }
+    build(pipeline.validate("testing", over))
+    return str(out)
+
+
+def run_example(*args: str) -> list[float]:
+    """Run the example as a user does; return the loss it printed at every step."""
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLE), *args, "--log-every", "1", "--threads", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [float(x) for x in re.findall(r"loss (\S+)", run.stdout)]
+
+
+@pytest.mark.parametrize("extra", [[], ["--ce-weight", "0.5", "--tail", "renormalize"]])
+def test_example_trains_a_student_from_a_topk_cache(topk_cache, tmp_path, extra):
+    losses = run_example(topk_cache, "--steps", "12", "--batch-size", "4", "--out", str(tmp_path / "student"), *extra)
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns from the cache
+    assert (tmp_path / "student" / "config.json").exists()

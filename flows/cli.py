@@ -81,25 +81,34 @@ def cmd_run(args) -> int:
 
 
 def cmd_estimate(args) -> int:
+    """The numbers, always (a cache that would not fit included: `fits` says so and why); exit 0."""
     from kd_core import pipeline
 
-    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides))
+    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides, check_target=False), check=False)
     if args.json:
         print(json.dumps(est.as_dict(), indent=2))
     else:
-        width = max(len(k) for k, _ in est.rows())
-        for key, value in est.rows():
-            print(f"{key:<{width}}  {value}")
+        _print_rows(est.rows())
     return 0
 
 
 def cmd_validate(args) -> int:
+    """Every check `run` makes before the teacher loads, the size limits included."""
     from kd_core import pipeline
 
     config = pipeline.validate(args.profile, args.overrides)
-    print(f"config OK (cache key {config.content_key()})")
+    est = pipeline.estimate(config, check=False)
     print(json.dumps(config.public_dict(), indent=2))
+    _print_rows(est.rows())
+    pipeline.check_fits(est)
+    print(f"config OK (cache key {config.content_key()})")
     return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
 
 
 def cmd_inspect(args) -> int:

@@ -85,22 +85,26 @@ def staging_dir(config: Config) -> Path:
 
 # -- validate-config -------------------------------------------------------------------------------------------
 
-def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Load and check the config. The max_samples guard runs before anything is loaded or written."""
+def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, check_target: bool = True) -> Config:
+    """Load and check the config. The max_samples guard runs before anything is loaded or written.
+    check_target=False skips the output target (`kd-cache estimate` needs no bucket to exist)."""
     from kd_core.teacher import teacher_vocab_size
 
     config = load_config(profile, overrides)
     guards.check_config(config)
-    io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
+    if check_target:
+        io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
     guards.check_vocab(config, teacher_vocab_size(config.teacher))  # reads the teacher's config file, no weights
     return config
 
 
 # -- estimate-storage ------------------------------------------------------------------------------------------
 
-def estimate(config: Config) -> storage.StorageEstimate:
-    """Exact upper bound and expected size; StorageError when over output.max_bytes or the target's free space."""
-    from kd_core.teacher import load_tokenizer, teacher_vocab_size
+def estimate(config: Config, check: bool = True) -> storage.StorageEstimate:
+    """Exact upper bound, expected size and teacher compute; with check, StorageError when the cache is over
+    output.max_bytes or the target's free space (`kd-cache estimate` passes check=False: it reports, never refuses).
+    """
+    from kd_core.teacher import load_tokenizer, teacher_num_parameters, teacher_vocab_size
 
     source = data.Source(config.dataset)
     source.check_text_column()
@@ -119,27 +123,20 @@ def estimate(config: Config) -> storage.StorageEstimate:
     free = storage.local_free_bytes(io.local_path(config.output.uri)) if io.is_local(config.output.uri) else None
     est = storage.estimate(num_samples=total, max_length=max_length, top_k=config.cache.top_k,
                            vocab_size=teacher_vocab_size(config.teacher), probe_lengths=lengths,
-                           max_bytes=config.output.max_bytes, free_bytes=free)
-    check_fits(est)
+                           max_bytes=config.output.max_bytes, free_bytes=free,
+                           teacher_parameters=teacher_num_parameters(config.teacher),
+                           num_shards=min(config.run.num_shards, total))
+    est.reason = storage.does_not_fit(est)
+    est.fits = est.reason is None
+    if check:
+        check_fits(est)
     return est
 
 
 def check_fits(est: storage.StorageEstimate) -> None:
-    expected = storage.human_bytes(est.expected_bytes)
-    if est.max_bytes is not None and est.expected_bytes > est.max_bytes:
-        raise StorageError(
-            f"output.max_bytes: the cache is expected to take {expected} ({est.num_samples:,} samples, "
-            f"{est.mean_tokens_per_sample:.0f} tokens each on average), over the limit of "
-            f"{storage.human_bytes(est.max_bytes)}. Fix: lower dataset.max_samples, cache.top_k or "
-            "cache.max_length, or raise output.max_bytes."
-        )
-    # Shard files and the merged copy sit side by side until the merge publishes: twice the cache.
-    if est.free_bytes is not None and 2 * est.expected_bytes > est.free_bytes:
-        raise StorageError(
-            f"output.uri: the target has {storage.human_bytes(est.free_bytes)} free; the run needs about "
-            f"{storage.human_bytes(2 * est.expected_bytes)} (the {expected} cache plus its shards during the merge). "
-            "Fix: free space, choose another output.uri, or lower dataset.max_samples."
-        )
+    """StorageError naming the limit and the fix when the expected cache is over output.max_bytes or free space."""
+    if not est.fits:
+        raise StorageError(est.reason)
 
 
 # -- shard-dataset ---------------------------------------------------------------------------------------------

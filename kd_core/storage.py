@@ -1,8 +1,10 @@
-"""How big a cache will be, from the format's own arithmetic.
+"""How big a cache will be, from the format's own arithmetic, and how much teacher compute it takes.
 
 upper_bound_bytes: every sample at max_length, uncompressed: exact for the worst case.
 expected_bytes:    mean tokens per sample from tokenizing a probe of real samples, times the stored (compressed)
                    bytes per token from a model of how shuffle+gzip compresses each array (below).
+teacher_flops:     2 x teacher parameters x expected tokens (one forward pass), and from it GPU hours per
+                   accelerator at a stated peak throughput and the utilisation measured on our own runs.
 
 The seed system's table was ~1000x low: 1M samples x 2048 tokens x top-64 at 6 bytes per entry is ~786 GB.
 """
@@ -28,6 +30,16 @@ TOPK_ID_ENTROPY_FRACTION = 0.58
 LOGPROB_STORED_BYTES = 1.1
 LOGSUMEXP_STORED_BYTES = 2.8
 FILE_OVERHEAD_BYTES = 32 * 1024  # HDF5 superblock, object headers, chunk index, attributes (~25 KB measured)
+
+# Peak dense bf16 tensor throughput (FLOP/s, no sparsity) from the vendors' datasheets: H100 SXM, A100 SXM/PCIe,
+# L4. GPU hours = teacher FLOPs / (peak x MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12}
+# Model FLOPs utilisation of the whole pipeline (run_teacher + CacheWriter), measured on an H100 with a 1.0B
+# Llama at k=64, max_length 2048: 109,964 tokens/s incl. close (docs/PERFORMANCE.md), i.e.
+# 2 x 1.0e9 x 109,964 / 989e12 = 0.22. A 110M teacher reached only 0.07 (the top-k and the writer dominate);
+# multi-billion teachers usually run at or above 0.22, so the hours below are on the safe side for them.
+# The same MFU is assumed on A100 and L4 (not measured there).
+MEASURED_MFU = 0.22
 
 
 def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int) -> int:
@@ -66,9 +78,35 @@ class StorageEstimate:
     stored_bytes_per_token: float
     max_bytes: int | None = None
     free_bytes: int | None = None
+    teacher_parameters: int | None = None
+    num_shards: int = 1
+    fits: bool = True
+    reason: str | None = None     # why it does not fit, and the fix
+
+    @property
+    def teacher_flops(self) -> float | None:
+        return 2.0 * self.teacher_parameters * self.expected_tokens if self.teacher_parameters else None
+
+    @property
+    def gpu_hours(self) -> dict[str, float]:
+        """{accelerator: hours on one GPU of that kind} at PEAK_BF16_FLOPS x MEASURED_MFU."""
+        if self.teacher_flops is None:
+            return {}
+        return {gpu: self.teacher_flops / (peak * MEASURED_MFU) / 3600 for gpu, peak in PEAK_BF16_FLOPS.items()}
+
+    @property
+    def wall_hours(self) -> dict[str, float]:
+        """{accelerator: hours} with each of the run.num_shards shards on a GPU of its own."""
+        return {gpu: hours / self.num_shards for gpu, hours in self.gpu_hours.items()}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {
+            **asdict(self), "teacher_flops": self.teacher_flops, "gpu_hours": self.gpu_hours,
+            "wall_hours": self.wall_hours,
+            "gpu_hours_assumption": f"2 x teacher parameters x expected tokens at {MEASURED_MFU:.0%} of each "
+                                    "GPU's peak dense bf16 throughput (MFU measured on H100, docs/PERFORMANCE.md); "
+                                    f"wall_hours: {self.num_shards} shards, each on its own GPU",
+        }
 
     def rows(self) -> list[tuple[str, str]]:
         """(what, value) pairs for a table in the terminal or the Prefect UI."""
@@ -81,11 +119,32 @@ class StorageEstimate:
             (f"expected ({self.stored_bytes_per_token:.0f} B/token compressed)", f"{human_bytes(self.expected_bytes)} ({self.expected_tokens:,} tokens)"),
             ("output.max_bytes", human_bytes(self.max_bytes) if self.max_bytes else "no limit"),
             ("free space at the target", human_bytes(self.free_bytes) if self.free_bytes is not None else "unknown (remote)"),
+            *self._compute_rows(),
+            ("fits", "yes" if self.fits else f"NO: {self.reason}"),
+        ]
+
+    def _compute_rows(self) -> list[tuple[str, str]]:
+        if self.teacher_flops is None:
+            return []
+        gpus = ", ".join(f"{gpu} {_hours(h)}" for gpu, h in self.gpu_hours.items())
+        wall = ", ".join(f"{gpu} {_hours(h)}" for gpu, h in self.wall_hours.items())
+        return [
+            ("teacher parameters", f"{self.teacher_parameters:,}"),
+            ("teacher FLOPs (2 x parameters x expected tokens)", f"{self.teacher_flops:.2e}"),
+            (f"GPU hours, one GPU (MFU {MEASURED_MFU:.0%})", gpus),
+            (f"wall time, {self.num_shards} shard(s) on as many GPUs", wall),
         ]
 
 
+def _hours(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:,.1f} s"
+    return f"{hours * 60:,.1f} min" if hours < 1 else f"{hours:,.1f} h"
+
+
 def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, probe_lengths: list[int],
-             max_bytes: int | None = None, free_bytes: int | None = None) -> StorageEstimate:
+             max_bytes: int | None = None, free_bytes: int | None = None, teacher_parameters: int | None = None,
+             num_shards: int = 1) -> StorageEstimate:
     """probe_lengths: token counts (already truncated to max_length) of real samples from the dataset."""
     mean_tokens = sum(probe_lengths) / len(probe_lengths) if probe_lengths else float(max_length)
     per_token = cachefile.bytes_per_token(top_k, vocab_size)
@@ -98,7 +157,24 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
         upper_bound_bytes=upper_bound_bytes(num_samples=num_samples, max_length=max_length, top_k=top_k, vocab_size=vocab_size),
         probe_samples=len(probe_lengths), mean_tokens_per_sample=mean_tokens, expected_tokens=expected_tokens,
         expected_bytes=expected, stored_bytes_per_token=stored, max_bytes=max_bytes, free_bytes=free_bytes,
+        teacher_parameters=teacher_parameters, num_shards=num_shards,
     )
+
+
+def does_not_fit(est: StorageEstimate) -> str | None:
+    """Why a cache of this estimate cannot be written (with the fix), or None when it fits."""
+    expected = human_bytes(est.expected_bytes)
+    if est.max_bytes is not None and est.expected_bytes > est.max_bytes:
+        return (f"output.max_bytes: the cache is expected to take {expected} ({est.num_samples:,} samples, "
+                f"{est.mean_tokens_per_sample:,.0f} tokens each on average), over the limit of "
+                f"{human_bytes(est.max_bytes)}. Fix: lower dataset.max_samples, cache.top_k or cache.max_length, "
+                "or raise output.max_bytes.")
+    # Shard files and the merged copy sit side by side until the merge publishes: twice the cache.
+    if est.free_bytes is not None and 2 * est.expected_bytes > est.free_bytes:
+        return (f"output.uri: the target has {human_bytes(est.free_bytes)} free; the run needs about "
+                f"{human_bytes(2 * est.expected_bytes)} (the {expected} cache plus its shards during the merge). "
+                "Fix: free space, choose another output.uri, or lower dataset.max_samples.")
+    return None
 
 
 def local_free_bytes(path: str | Path) -> int:

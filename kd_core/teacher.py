@@ -85,6 +85,19 @@ def teacher_vocab_size(cfg: TeacherConfig) -> int:
     return int(config.get_text_config().vocab_size)
 
 
+def teacher_num_parameters(cfg: TeacherConfig) -> int:
+    """The teacher's parameter count from its config alone: the model is built on the meta device (no memory,
+    no weights read); tied input/output embeddings count once."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _load("config", cfg, AutoConfig.from_pretrained)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    model.tie_weights()  # on the meta device from_config leaves tied embeddings as two tensors
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_tokenizer(cfg: TeacherConfig):
     """The teacher's tokenizer alone (the storage probe tokenizes real samples with it)."""
     from transformers import AutoTokenizer

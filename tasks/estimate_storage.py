@@ -1,4 +1,5 @@
-"""estimate-storage: exact upper bound and expected size; fails when over output.max_bytes or free space."""
+"""estimate-storage: exact upper bound, expected size and GPU time; fails when over output.max_bytes or free space
+(after publishing its numbers as an artifact, so a refused run still shows what it would have taken)."""
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -10,9 +11,10 @@ from kd_core.storage import StorageEstimate, human_bytes
 
 @task(name="estimate-storage")
 def estimate_storage(config: Config) -> StorageEstimate:
-    est = pipeline.estimate(config)
-    get_run_logger().info("expected cache size %s (upper bound %s) for %d samples",
-                          human_bytes(est.expected_bytes), human_bytes(est.upper_bound_bytes), est.num_samples)
+    est = pipeline.estimate(config, check=False)
+    get_run_logger().info("expected cache size %s (upper bound %s) for %s samples", human_bytes(est.expected_bytes),
+                          human_bytes(est.upper_bound_bytes), f"{est.num_samples:,}")
     create_table_artifact(key="storage-estimate", table=[{"what": k, "value": v} for k, v in est.rows()],
-                          description="Storage estimate for this cache build")
+                          description="Storage and GPU-time estimate for this cache build")
+    pipeline.check_fits(est)
     return est

@@ -1,0 +1,56 @@
+"""`kd-cache estimate`: always the numbers (size, teacher FLOPs, GPU hours), even for a cache that does not fit,
+with no output target needed; `validate` and `run` refuse that same cache."""
+
+import json
+
+import pytest
+
+from flows import cli
+from kd_core import storage
+from kd_core.config import TeacherConfig, override_strings
+from kd_core.teacher import load_teacher, teacher_num_parameters
+
+
+def _args(small_teacher_dir, corpus_path, uri, **extra) -> list[str]:
+    return override_strings({
+        "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 50_000},
+        "cache": {"top_k": 8, "max_length": 64},
+        "output": {"uri": uri, **extra},
+        "run": {"num_shards": 4},
+    })
+
+
+def test_estimate_prints_its_numbers_for_a_cache_that_does_not_fit_and_validate_refuses(
+        small_teacher_dir, corpus_path, tmp_path, capsys):
+    over = _args(small_teacher_dir, corpus_path, str(tmp_path / "out"), max_bytes=1_000_000)
+    assert cli.main(["estimate", "--profile", "testing", "--json", *over]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["fits"] is False and est["reason"].startswith("output.max_bytes: the cache is expected to take")
+    assert est["expected_bytes"] > 1_000_000 and est["expected_tokens"] > 0 and est["upper_bound_bytes"] > 0
+    params = teacher_num_parameters(TeacherConfig(model=str(small_teacher_dir)))
+    assert est["teacher_parameters"] == params
+    assert est["teacher_flops"] == pytest.approx(2 * params * est["expected_tokens"])
+    h100 = est["teacher_flops"] / (989e12 * storage.MEASURED_MFU) / 3600
+    assert est["gpu_hours"]["H100"] == pytest.approx(h100) and set(est["gpu_hours"]) >= {"H100", "A100", "L4"}
+    assert est["gpu_hours"]["L4"] > est["gpu_hours"]["A100"] > est["gpu_hours"]["H100"]
+    assert est["wall_hours"]["H100"] == pytest.approx(h100 / 4)
+    assert "MFU" in est["gpu_hours_assumption"]
+
+    assert cli.main(["validate", "--profile", "testing", *over]) == 2
+    assert "kd-cache validate: output.max_bytes: the cache is expected to take" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_estimate_needs_no_output_target(small_teacher_dir, corpus_path, capsys):
+    """A placeholder bucket (none reachable here) does not stop the estimate; validate checks the target."""
+    over = _args(small_teacher_dir, corpus_path, "s3://placeholder-bucket-kd-cache/run1")
+    assert cli.main(["estimate", "--profile", "testing", *over]) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "yes" in out and "GPU hours" in out and "free space at the target" in out
+
+
+def test_parameter_count_from_the_config_matches_the_loaded_model(small_teacher_dir):
+    config = TeacherConfig(model=str(small_teacher_dir))
+    model = load_teacher(config).model
+    assert teacher_num_parameters(config) == sum(p.numel() for p in model.parameters())

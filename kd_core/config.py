@@ -34,6 +34,9 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 # `dataset.streaming=true`. The one place that knows about aliases.
 SEED_PREFIX = "distillation."
 
+# Values of the demo profile that name its offline assets (kd_core.demo builds them on first use).
+DEMO_PREFIX = "@demo/"
+
 # YAML 1.2 (ruamel's pure safe loader): `yes`/`on` are strings, `010` is 10, not YAML 1.1's octal 8.
 _YAML = YAML(typ="safe", pure=True)
 
@@ -300,11 +303,32 @@ def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = Non
         overrides = _canonical_sections(overrides)
     else:
         overrides = parse_overrides(overrides)
-    data = deep_merge(read_profile(profile), overrides)
+    data = _resolve_demo_paths(deep_merge(read_profile(profile), overrides))
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
+
+
+def _resolve_demo_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """`@demo/NAME` in teacher.model or dataset.data_files -> the asset's real path, once, here, so that the
+    dataset and teacher loaders only ever see real paths."""
+    data = copy.deepcopy(data)
+    for section, key in (("teacher", "model"), ("dataset", "data_files")):
+        part = data.get(section)
+        if isinstance(part, dict) and key in part:
+            part[key] = _resolve_demo(part[key])
+    return data
+
+
+def _resolve_demo(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_resolve_demo(v) for v in value]
+    if isinstance(value, str) and value.startswith(DEMO_PREFIX):
+        from kd_core.demo import resolve_path  # imports torch, builds the assets the first time (~40 s)
+
+        return resolve_path(value)
+    return value
 
 
 def describe_validation_error(error: ValidationError) -> str:

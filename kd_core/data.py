@@ -316,22 +316,12 @@ def probe_texts(cfg: DatasetConfig, source: Source, n: int) -> list[Any]:
 
 # -- datasets and files ----------------------------------------------------------------------------------------
 
-def _data_files(cfg: DatasetConfig) -> Any:
-    from kd_core.demo import resolve_path
-
-    if isinstance(cfg.data_files, str):
-        return resolve_path(cfg.data_files)
-    if isinstance(cfg.data_files, list):
-        return [resolve_path(f) for f in cfg.data_files]
-    return cfg.data_files
-
-
 def _builder_name(cfg: DatasetConfig) -> tuple[str, Any]:
     """(the datasets builder that reads this split, e.g. 'parquet' or 'json'; its resolved data files or None)."""
     import datasets
 
     with _dataset_errors(cfg):
-        builder = datasets.load_dataset_builder(cfg.name, cfg.config, data_files=_data_files(cfg),
+        builder = datasets.load_dataset_builder(cfg.name, cfg.config, data_files=cfg.data_files,
                                                 revision=cfg.revision)
     return builder.name, builder.config.data_files
 
@@ -388,5 +378,5 @@ def load_source(cfg: DatasetConfig):
     import datasets
 
     with _dataset_errors(cfg):
-        return datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, data_files=_data_files(cfg),
+        return datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, data_files=cfg.data_files,
                                      revision=cfg.revision, streaming=cfg.streaming)

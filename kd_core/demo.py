@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kd_core.config import DEMO_PREFIX
 from kd_core.errors import ConfigError
 
 # tokenizers and transformers are imported inside the builders: resolve_path on a built cache (config
@@ -32,7 +33,6 @@ from kd_core.errors import ConfigError
 
 log = logging.getLogger("kd_core.demo")
 
-DEMO_PREFIX = "@demo/"
 # Bump when the assets change, so old caches are left alone and new ones get built.
 DEMO_VERSION = "demo-v1"
 

@@ -40,15 +40,6 @@ class Teacher:
         return self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
 
 
-def model_path(cfg: TeacherConfig) -> str:
-    """teacher.model with demo profile values ('@demo/...') resolved to real paths."""
-    try:
-        from kd_core.demo import resolve_path
-    except ImportError:  # kd_core.demo is optional: without it, values are taken as they are
-        return cfg.model
-    return resolve_path(cfg.model)
-
-
 def _looks_local(path: str) -> bool:
     """A hub id is 'name' or 'org/name'; anything else (absolute, ./, ~, deeper) is meant as a local path."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
@@ -56,7 +47,7 @@ def _looks_local(path: str) -> bool:
 
 def _load(what: str, cfg: TeacherConfig, fn, **kwargs):
     """Call a from_pretrained and turn any failure into a ConfigError naming teacher.model and the cause."""
-    path = model_path(cfg)
+    path = cfg.model  # demo paths were resolved when the config was loaded
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f"teacher.model: local path {path!r} does not exist. Point it at a model directory.")
     try:

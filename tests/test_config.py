@@ -213,3 +213,11 @@ def test_kd_core_does_not_import_prefect():
             "print(sorted(n for n in sys.modules if n.split('.')[0] == 'prefect'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_demo_paths_resolve_once_when_the_config_loads(monkeypatch):
+    monkeypatch.setattr("kd_core.demo.resolve_path", lambda value: "/assets/" + value.removeprefix("@demo/"))
+    config = load_config("demo")
+    assert (config.teacher.model, config.dataset.data_files) == ("/assets/teacher", "/assets/corpus.parquet")
+    assert load_config("demo", ["dataset.data_files=[a.parquet, '@demo/corpus.parquet']"]).dataset.data_files == [
+        "a.parquet", "/assets/corpus.parquet"]

@@ -14,7 +14,7 @@ from kd_core.teacher import load_teacher, teacher_num_parameters
 def _args(small_teacher_dir, corpus_path, uri, **extra) -> list[str]:
     return override_strings({
         "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
-        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 50_000},
+        "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 300},
         "cache": {"top_k": 8, "max_length": 64},
         "output": {"uri": uri, **extra},
         "run": {"num_shards": 4},
@@ -23,11 +23,11 @@ def _args(small_teacher_dir, corpus_path, uri, **extra) -> list[str]:
 
 def test_estimate_prints_its_numbers_for_a_cache_that_does_not_fit_and_validate_refuses(
         small_teacher_dir, corpus_path, tmp_path, capsys):
-    over = _args(small_teacher_dir, corpus_path, str(tmp_path / "out"), max_bytes=1_000_000)
+    over = _args(small_teacher_dir, corpus_path, str(tmp_path / "out"), max_bytes=10_000)
     assert cli.main(["estimate", "--profile", "testing", "--json", *over]) == 0
     est = json.loads(capsys.readouterr().out)
     assert est["fits"] is False and est["reason"].startswith("output.max_bytes: the cache is expected to take")
-    assert est["expected_bytes"] > 1_000_000 and est["expected_tokens"] > 0 and est["upper_bound_bytes"] > 0
+    assert est["expected_bytes"] > 10_000 and est["expected_tokens"] > 0 and est["upper_bound_bytes"] > 0
     params = teacher_num_parameters(TeacherConfig(model=str(small_teacher_dir)))
     assert est["teacher_parameters"] == params
     assert est["teacher_flops"] == pytest.approx(2 * params * est["expected_tokens"])

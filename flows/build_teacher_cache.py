@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from kd_core import pipeline
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
+from kd_core.records import Manifest, ShardRecord
 from kd_core.storage import human_bytes
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
@@ -61,11 +62,11 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     config = validate_config(profile, overrides)
     if (manifest := pipeline.published(config)) is not None:
-        logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest["uri"], manifest["key"])
+        logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest.uri, manifest.key)
         create_markdown_artifact(key="cache-summary", description="Cache build summary",
-                                 markdown=f"Up to date: `{manifest['uri']}` already holds this cache (key "
-                                          f"`{manifest['key']}`). No teacher work was done.")
-        return {**manifest, "up_to_date": True}
+                                 markdown=f"Up to date: `{manifest.uri}` already holds this cache (key "
+                                          f"`{manifest.key}`). No teacher work was done.")
+        return {**manifest.model_dump(mode="json"), "up_to_date": True}
 
     estimate_storage(config)
     shards = shard_dataset(config)
@@ -82,7 +83,7 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     create_markdown_artifact(key="cache-summary", description="Cache build summary",
                              markdown=_summary(manifest, progress.records, wall))
-    return {**manifest, "wall_seconds": wall, "up_to_date": False}
+    return {**manifest.model_dump(mode="json"), "wall_seconds": wall, "up_to_date": False}
 
 
 class ShardProgress:
@@ -94,7 +95,7 @@ class ShardProgress:
         self.bar = create_progress_artifact(progress=0.0, key="shard-progress", description="Shards finished")
         self._table()
 
-    def done(self, record: dict[str, Any]) -> None:
+    def done(self, record: ShardRecord) -> None:
         self.records.append(record)
         update_progress_artifact(self.bar, 100.0 * len(self.records) / len(self.shards))
         self._table()
@@ -102,10 +103,10 @@ class ShardProgress:
 
     def _table(self) -> None:
         elapsed = time.perf_counter() - self.started
-        rows = [_row(r["shard"]["index"], r["num_samples"], r["num_tokens"], r["seconds"]) for r in self.records]
+        rows = [_row(r.shard.index, r.num_samples, r.num_tokens, r.seconds) for r in self.records]
         rows.sort(key=lambda row: row["shard"])
-        total = _row(f"all ({len(self.records)}/{len(self.shards)} done)", sum(r["num_samples"] for r in self.records),
-                     sum(r["num_tokens"] for r in self.records), elapsed)
+        total = _row(f"all ({len(self.records)}/{len(self.shards)} done)", sum(r.num_samples for r in self.records),
+                     sum(r.num_tokens for r in self.records), elapsed)
         create_table_artifact(key="shard-throughput", table=[*rows, total],
                               description="Finished shards: samples, tokens and teacher tokens/s")
 
@@ -115,14 +116,15 @@ def _row(shard: Any, samples: int, tokens: int, seconds: float) -> dict[str, Any
             "tokens/s": round(tokens / max(seconds, 1e-9))}
 
 
-def _summary(manifest: dict[str, Any], records: list[dict[str, Any]], wall: float) -> str:
-    shard_seconds = sum(r["seconds"] for r in records)
+def _summary(manifest: Manifest, records: list[ShardRecord], wall: float) -> str:
+    shard_seconds = sum(r.seconds for r in records)
     return "\n".join([
         "| what | value |", "|---|---|",
-        f"| output | `{manifest['uri']}` |",
-        f"| samples | {manifest['num_samples']:,} ({manifest['skipped_empty']:,} empty skipped) |",
-        f"| tokens | {manifest['num_tokens']:,} |",
-        f"| size | {human_bytes(manifest['file_bytes'])} ({manifest['bytes_per_token']:.1f} B/token) |",
-        f"| teacher tokens/s | {manifest['num_tokens'] / max(shard_seconds, 1e-9):,.0f} (summed over {len(records)} shards) |",
+        f"| output | `{manifest.uri}` |",
+        f"| samples | {manifest.num_samples:,} ({manifest.skipped_empty:,} empty skipped) |",
+        f"| tokens | {manifest.num_tokens:,} |",
+        f"| size | {human_bytes(manifest.file_bytes)} in {len(manifest.parts)} part files + a "
+        f"{human_bytes(manifest.index.bytes)} index ({manifest.bytes_per_token:.1f} B/token) |",
+        f"| teacher tokens/s | {manifest.num_tokens / max(shard_seconds, 1e-9):,.0f} (summed over {len(records)} shards) |",
         f"| wall time | {wall:.1f} s |",
     ])

@@ -11,6 +11,7 @@ from prefect.states import Failed, State
 from flows.build_teacher_cache import Overrides, Profile
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
+from kd_core.records import ShardRecord
 from tasks.teacher_inference import teacher_inference
 from tasks.validate_config import validate_config
 
@@ -18,7 +19,7 @@ from tasks.validate_config import validate_config
 @flow(name="teacher-inference-shard")
 def teacher_inference_shard(
     profile: Profile, overrides: Overrides, shard: dict[str, Any]
-) -> dict[str, Any] | State:
+) -> ShardRecord | State:
     """Run the teacher over rows [shard.start, shard.stop) and publish the shard's files and its record.
 
     Args:

@@ -12,8 +12,8 @@ One HDF5 file per cache, samples concatenated CSR-style (no padding stored):
 Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t. Root attributes record
 provenance (see docs/FORMAT.md). Datasets are chunked with gzip (and shuffle, but for the top-k ids): lossless,
 and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
-structure checks out, so a file with the final name is always complete; checksums are verified where files are
-consumed (merge).
+structure checks out, so a file with the final name is always complete. A published version is part files of
+this format plus an index (write_index): the same datasets as virtual datasets over the parts (docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ import numpy as np
 FORMAT_VERSION = 1
 TOKEN_DATASETS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")  # one row per token
 SAMPLE_DATASETS = ("sample_index",)  # one row per sample (plus /offsets, S+1)
+PER_SAMPLE_DATASETS = ("offsets", "sample_index")  # every other dataset of a file has one row per token
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
 COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
 # Shuffle helps every dataset but the top-k ids, whose bytes are all informative (measured: 5.0-5.5 B/token
@@ -55,17 +56,31 @@ def row_layout(top_k: int, vocab_size: int) -> dict[str, tuple[tuple[int, ...], 
     }
 
 
+def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Uncompressed bytes of one row of every dataset in `layout`."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in layout.values())
+
+
 def bytes_per_token(top_k: int, vocab_size: int) -> int:
     """Uncompressed bytes one token costs in the file."""
-    return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in row_layout(top_k, vocab_size).values())
+    return row_bytes(row_layout(top_k, vocab_size))
 
 
 BYTES_PER_SAMPLE = 8 + 8  # one /offsets entry + one /sample_index entry
+# Size accounting for output.max_object_bytes: HDF5's own metadata (superblock, object headers, B-tree nodes:
+# ~25 KB measured per file) beside the attributes, and the chunk index's cost per chunk.
+METADATA_BYTES = 32 * 1024
+CHUNK_INDEX_BYTES = 64
 
 
 def temporary_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".partial")
+
+
+def _deflate_bound(n: int) -> int:
+    """zlib's worst case for n input bytes (compressBound), rounded up."""
+    return n + n // 1000 + 64
 
 
 def _encode_chunk(chunk: np.ndarray, shuffle: bool) -> bytes:
@@ -86,6 +101,8 @@ class _Column:
         self.chunk_rows, self.tail = dataset.chunks[0], dataset.shape[1:]
         self.hash = hashlib.sha256()
         self.rows = 0  # rows appended so far
+        self.stored = 0  # compressed bytes written to the file so far
+        self.chunk_bytes = self.chunk_rows * max(1, int(np.prod(self.tail, dtype=np.int64))) * dataset.dtype.itemsize
         self.max_pending = 2 * pool._max_workers
         self._pending: deque = deque()  # (chunk number, future of its compressed bytes)
         self._chunks = 0
@@ -119,7 +136,17 @@ class _Column:
         start = number * self.chunk_rows
         if self.dataset.shape[0] < start + self.chunk_rows:
             self.dataset.resize((start + self.chunk_rows, *self.tail))
-        self.dataset.id.write_direct_chunk((start, *(0 for _ in self.tail)), future.result())
+        data = future.result()
+        self.stored += len(data)
+        self.dataset.id.write_direct_chunk((start, *(0 for _ in self.tail)), data)
+
+    def size_bound(self) -> int:
+        """At most the bytes this dataset takes once closed: chunks written, plus a deflate bound for the chunks
+        still compressing and for the buffer (whose zero padding compresses at least 100:1)."""
+        fill_bytes = self.fill * self.chunk_bytes // self.chunk_rows  # an empty buffer counts: rows may come
+        buffered = _deflate_bound(fill_bytes) + (self.chunk_bytes - fill_bytes) // 100
+        return (self.stored + len(self._pending) * _deflate_bound(self.chunk_bytes) + buffered
+                + CHUNK_INDEX_BYTES * (self._chunks + 1))
 
     def close(self) -> None:
         """Write the last, partial chunk (zero-padded, as HDF5 stores edge chunks) and trim to the rows appended."""
@@ -138,7 +165,8 @@ class CacheWriter:
     Compression runs on a thread pool, hashing on a thread of its own: the caller only copies rows into buffers.
     """
 
-    def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any]):
+    def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any],
+                 chunk_bytes: int | None = None):
         self.path = Path(path)
         self.tmp_path = temporary_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,12 +182,24 @@ class CacheWriter:
         self.columns: dict[str, _Column] = {}
         for name, (tail, dtype) in self.layout.items():
             row_bytes = max(1, int(np.prod(tail, dtype=np.int64))) * dtype.itemsize
-            chunk_rows = max(1024, CHUNK_BYTES // row_bytes)
+            chunk_rows = max(1024, (chunk_bytes or CHUNK_BYTES) // row_bytes)
             self._create(name, tail, dtype, chunk_rows)
         for name in ("offsets", "sample_index"):
             self._create(name, (), np.dtype(np.int64), 1 << 16)
         self.columns["offsets"].append(np.zeros(1, dtype=np.int64))
-        write_attrs(self.file, {**attrs, "format_version": FORMAT_VERSION, "top_k": top_k, "vocab_size": vocab_size})
+        attrs = {**attrs, "format_version": FORMAT_VERSION, "top_k": top_k, "vocab_size": vocab_size}
+        write_attrs(self.file, attrs)
+        # Attributes written at close (counts, checksums) take < 1 KB; the ones above are counted at their size.
+        self._metadata_bytes = METADATA_BYTES + len(json.dumps(attrs, default=str)) + 1024
+
+    def size_bound(self) -> int:
+        """At most the bytes the file would take if it were closed now."""
+        return self._metadata_bytes + sum(column.size_bound() for column in self.columns.values())
+
+    def sample_bound(self, num_tokens: int) -> int:
+        """At most the bytes one more sample of num_tokens tokens adds to size_bound()."""
+        raw = num_tokens * row_bytes(self.layout) + BYTES_PER_SAMPLE
+        return _deflate_bound(raw) + len(self.columns) * CHUNK_INDEX_BYTES
 
     def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
         shuffle = name not in UNSHUFFLED
@@ -205,8 +245,8 @@ class CacheWriter:
         write_attrs(self.file, {"num_samples": self.num_samples, "num_tokens": self.num_tokens,
                                 "checksums": json.dumps(self._checksums, sort_keys=True)})
         self.file.close()
-        # Shapes and offsets only: re-reading every byte here would stall the teacher. Checksums are checked
-        # where files are consumed (merge verifies every part, and the merged cache before it is published).
+        # Shapes and offsets only: re-reading every byte here would stall the teacher. The data checksums are of
+        # the arrays as encoded; the file's sha256 is taken before it is published (io.publish_file).
         verify_file(self.tmp_path, expect=summary, checksums=False)
         os.replace(self.tmp_path, self.path)
         return summary
@@ -314,30 +354,153 @@ def verify_file(path: str | Path, expect: dict[str, Any] | None = None, checksum
     return {**found, "checksums": computed}
 
 
-def merge_files(parts: list[str | Path], path: str | Path, attrs: dict[str, Any], block_rows: int = 1 << 18) -> dict[str, Any]:
-    """Concatenate verified cache files, in order, into one cache at `path` (written atomically)."""
-    if not parts:
-        raise ValueError("merge_files needs at least one part")
-    with h5py.File(parts[0], "r") as first:
-        top_k, vocab_size = int(first.attrs["top_k"]), int(first.attrs["vocab_size"])
-    writer = CacheWriter(path, top_k=top_k, vocab_size=vocab_size, attrs=attrs)
-    with writer:
-        for part in parts:
-            with h5py.File(part, "r") as src:
-                offsets = src["offsets"][:]
-                sample_index = src["sample_index"][:]
-                # Copy whole samples in blocks of about block_rows tokens: memory stays bounded.
-                s = 0
-                while s < len(sample_index):
-                    e = int(np.searchsorted(offsets, offsets[s] + block_rows, side="right")) - 1
-                    e = max(e, s + 1)
-                    lo, hi = int(offsets[s]), int(offsets[e])
-                    block = {name: src[name][lo:hi] for name in TOKEN_DATASETS}
-                    for i in range(s, e):
-                        a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
-                        writer.append(int(sample_index[i]), *(block[n][a:b] for n in TOKEN_DATASETS))
-                    s = e
-    return {"num_samples": writer.num_samples, "num_tokens": writer.num_tokens, "checksums": writer.checksums()}
+class SplitWriter:
+    """CacheWriters that roll over to a new file before one would pass `max_bytes`: a part of any size becomes
+    files of at most max_bytes each. `path_of(i)` names file i; `on_close(path, summary)` runs as each file is
+    closed (to publish it, so local disk holds one file at a time). `summaries` lists what on_close received.
+    """
+
+    def __init__(self, path_of, max_bytes: int, on_close, *, top_k: int, vocab_size: int, attrs: dict[str, Any]):
+        self.path_of, self.max_bytes, self.on_close = path_of, max_bytes, on_close
+        # Chunks far smaller than a file: a file's last chunks are padded, and counted at their worst until closed.
+        self.options = {"top_k": top_k, "vocab_size": vocab_size, "attrs": attrs,
+                        "chunk_bytes": min(CHUNK_BYTES, max_bytes // 64)}
+        self.summaries: list[dict[str, Any]] = []
+        self.writer = self._open()
+
+    def _open(self) -> CacheWriter:
+        index = len(self.summaries)
+        return CacheWriter(self.path_of(index), **{**self.options, "attrs": {**self.options["attrs"], "file": index}})
+
+    def append_rows(self, rows) -> None:
+        need = self.writer.sample_bound(len(rows.input_ids))
+        if self.writer.size_bound() + need > self.max_bytes:
+            if self.writer.num_samples == 0:
+                from kd_core.errors import ConfigError
+
+                raise ConfigError(
+                    f"output.max_object_bytes: {self.max_bytes:,} bytes cannot hold one sample of "
+                    f"{len(rows.input_ids):,} tokens (up to {self.writer.size_bound() + need:,} bytes in a file). "
+                    f"Fix: output.max_object_bytes={2 * (self.writer.size_bound() + need)} or more."
+                )
+            self._close()
+            self.writer = self._open()
+        self.writer.append_rows(rows)
+
+    def _close(self) -> None:
+        path, summary = self.writer.path, self.writer.close()
+        size = path.stat().st_size
+        if size > self.max_bytes:  # the bound above is meant to make this impossible
+            raise AssertionError(f"{path} is {size:,} bytes, over output.max_object_bytes={self.max_bytes:,}")
+        self.summaries.append({**summary, "path": path})
+        self.on_close(path, summary)
+
+    def close(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.summaries
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def __enter__(self) -> "SplitWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def file_digest(path: str | Path, upload_part_bytes: int | None = None) -> tuple[str, str]:
+    """(sha256 of the file, the ETag S3 gives it when uploaded in parts of upload_part_bytes: the MD5 of the
+    bytes for a single PUT, else the MD5 of the parts' MD5s plus "-<parts>"). One read of the file."""
+    sha, whole, part_md5s = hashlib.sha256(), hashlib.md5(), []
+    step = upload_part_bytes or (1 << 62)  # a multiple of the 1 MiB blocks read here
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+            whole.update(block)
+            # Blocks never straddle an upload part: step is a multiple of the block or the block is smaller.
+            if f.tell() % step == 0 or f.tell() == os.fstat(f.fileno()).st_size:
+                part_md5s.append(whole.digest())
+                whole = hashlib.md5()
+    if len(part_md5s) <= 1:
+        etag = (part_md5s[0] if part_md5s else hashlib.md5().digest()).hex()
+    else:
+        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+    return sha.hexdigest(), f'"{etag}"'
+
+
+def index_entry(source, name: str, expect: dict[str, Any]) -> dict[str, Any]:
+    """What the index needs of one part file (a path or a file object), checked cheaply: format, row counts,
+    offsets, sample_index (whose checksum is compared with the record's). Reads only metadata and the per-sample
+    arrays, never token data.
+
+    `expect` holds the record's num_samples, num_tokens and checksums. Returns {name, offsets (S+1,),
+    sample_index (S,), layout {dataset: (shape after the row axis, dtype)}}; CacheFileError naming the problem.
+    """
+    from kd_core.errors import CacheFileError
+
+    try:
+        with h5py.File(source, "r") as file:
+            if read_attrs(file).get("format_version") != FORMAT_VERSION:
+                raise CacheFileError(f"{name}: not a kd-cache v{FORMAT_VERSION} file.")
+            offsets, sample_index = file["offsets"][:], file["sample_index"][:]
+            layout = {key: (d.shape[1:], d.dtype) for key, d in file.items() if key not in PER_SAMPLE_DATASETS}
+            rows = {key: file[key].shape[0] for key in layout}
+    except (OSError, KeyError, ValueError) as e:
+        raise CacheFileError(f"{name}: unreadable ({e}); it is truncated or corrupt.") from None
+    problems = []
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        problems.append("offsets are not increasing from 0")
+    if len(offsets) - 1 != expect["num_samples"] or len(sample_index) != expect["num_samples"]:
+        problems.append(f"{len(sample_index)} samples, the record says {expect['num_samples']}")
+    problems += [f"{key} has {n} rows, the record says {expect['num_tokens']}"
+                 for key, n in rows.items() if n != expect["num_tokens"] or offsets[-1] != n]
+    if hashlib.sha256(sample_index.tobytes()).hexdigest() != expect["checksums"].get("sample_index"):
+        problems.append("sample_index differs from the record's checksum")
+    if problems:
+        raise CacheFileError(f"{name}: " + "; ".join(problems) + ".")
+    return {"name": name, "offsets": offsets, "sample_index": sample_index, "layout": layout}
+
+
+def write_index(path: str | Path, entries: list[dict[str, Any]], attrs: dict[str, Any]) -> dict[str, Any]:
+    """The index of a version: one format-v1 cache to stock h5py, whose row datasets are virtual datasets over
+    the part files (by their path relative to the index, resolved against its directory) and whose /offsets and
+    /sample_index are stored. Row datasets are whatever the parts hold (every dataset but the per-sample ones),
+    so new ones need no change here. entries: index_entry() of each file, in sample order. Written atomically.
+    """
+    from kd_core.errors import CacheFileError
+
+    layouts = {tuple((k, v[0], str(v[1])) for k, v in sorted(e["layout"].items())) for e in entries}
+    if len(layouts) != 1:
+        raise CacheFileError(f"the parts hold different datasets or shapes ({layouts}); they cannot form one cache.")
+    counts = [int(e["offsets"][-1]) for e in entries]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    offsets = np.concatenate([[0]] + [e["offsets"][1:] + start for e, start in zip(entries, starts)]).astype(np.int64)
+    sample_index = np.concatenate([e["sample_index"] for e in entries]).astype(np.int64)
+    path = Path(path)
+    tmp = temporary_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            for name, (tail, dtype) in entries[0]["layout"].items():
+                virtual = h5py.VirtualLayout(shape=(int(starts[-1]), *tail), dtype=dtype)
+                for entry, start, count in zip(entries, starts, counts):
+                    if count:
+                        virtual[start:start + count] = h5py.VirtualSource(entry["name"], name, shape=(count, *tail))
+                f.create_virtual_dataset(name, virtual, fillvalue=0)
+            for name, array in (("offsets", offsets), ("sample_index", sample_index)):
+                f.create_dataset(name, data=array, chunks=(max(1, min(len(array), 1 << 16)),), shuffle=True, **COMPRESSION)
+            checksums = {"sample_index": hashlib.sha256(sample_index.tobytes()).hexdigest()}
+            write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": "virtual", "parts": len(entries),
+                            "num_samples": len(sample_index), "num_tokens": int(starts[-1]),
+                            "checksums": json.dumps(checksums, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"num_samples": len(sample_index), "num_tokens": int(starts[-1])}
 
 
 @dataclass
@@ -355,35 +518,82 @@ class CacheInfo:
         return self.file_bytes / self.num_tokens if self.file_bytes and self.num_tokens else None
 
 
+# How the reader returns each dataset (others come as stored): ids as int64 for torch indexing, fp16 as float32.
+READ_DTYPES = {"input_ids": np.int64, "topk_indices": np.int64, "topk_logprobs": np.float32}
+
+
 class CacheReader:
-    """Random access to a cache by sample, from a local path or an fsspec URL (s3://...).
+    """Random access to a cache by sample: a published version (its output root, its directory or its cache.h5;
+    local or any fsspec URL, always through its manifest) or a single format-v1 file.
 
     `reader[i]` returns numpy arrays input_ids (L,) int64, topk_indices (L, k) int64, topk_logprobs (L, k)
-    float32, logsumexp (L,) float32 and sample_index. /offsets is read once at open, so each sample costs one
-    slice read per dataset.
+    float32, logsumexp (L,) float32 (any other row dataset as stored) and sample_index. One sample costs O(1)
+    reads: its part file is found by a bisect over the manifest's per-file sample counts (one entry per file),
+    then offsets[j:j+2] and the rows are read from that file alone. Per-sample offsets are never loaded whole
+    (at 10M samples that would be 80 MB in every DataLoader worker); the last MAX_OPEN files stay open.
     """
 
-    def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        from kd_core import io
+    MAX_OPEN = 8
 
-        self.uri = str(uri)
-        self._fileobj, self.file_bytes = io.open_for_read(self.uri, storage_options)
-        self.file = h5py.File(self._fileobj if self._fileobj is not None else io.local_path(self.uri), "r")
-        self.attrs = read_attrs(self.file)
+    def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
+        from kd_core import versions
+
+        self.uri, self.storage_options = str(uri), storage_options
+        self.source = versions.resolve(self.uri, storage_options)
+        self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()
+        if self.source.manifest is not None:  # a version: its parts, and the index for the attributes
+            manifest = self.source.manifest
+            self.files = [self.source.join(part.name) for part in manifest.parts]
+            counts = [part.num_samples for part in manifest.parts]
+            self.num_tokens, self.file_bytes = manifest.num_tokens, manifest.file_bytes
+            index = self._open(self.source.index_uri)
+            self.attrs = read_attrs(index[0])
+            self._close(index)
+        else:  # one self-contained file
+            self.files = [self.source.index_uri]
+            file = self._file(0)
+            self.attrs = read_attrs(file)
+            counts = [file["offsets"].shape[0] - 1]
+            self.num_tokens = int(file["offsets"][-1])
+            self.file_bytes = self._size(self.source.index_uri)
         if self.attrs.get("format_version") != FORMAT_VERSION:
             from kd_core.errors import CacheFileError
 
             raise CacheFileError(f"{uri}: format_version {self.attrs.get('format_version')!r}, this reader reads {FORMAT_VERSION}.")
-        self.offsets = self.file["offsets"][:]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (files + 1,)
         self.top_k = int(self.attrs["top_k"])
         self.vocab_size = int(self.attrs["vocab_size"])
 
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
+    def _size(self, uri: str) -> int:
+        from kd_core import io
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
+        fs, path = io.filesystem(uri, self.storage_options)
+        return fs.size(path)
+
+    def _open(self, uri: str) -> tuple[h5py.File, Any]:
+        """(h5py file, the fsspec file object under it or None for a local path)."""
+        from kd_core import io
+
+        fileobj, _ = io.open_for_read(uri, self.storage_options)
+        return h5py.File(fileobj if fileobj is not None else io.local_path(uri), "r"), fileobj
+
+    @staticmethod
+    def _close(handle: tuple[h5py.File, Any]) -> None:
+        handle[0].close()
+        if handle[1] is not None:
+            handle[1].close()
+
+    def _file(self, f: int) -> h5py.File:
+        """File f, opened once and kept among the MAX_OPEN most recently used."""
+        if f not in self._open_files:
+            self._open_files[f] = self._open(self.files[f])
+            while len(self._open_files) > self.MAX_OPEN:
+                self._close(self._open_files.popitem(last=False)[1])
+        self._open_files.move_to_end(f)
+        return self._open_files[f][0]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
 
     def info(self) -> CacheInfo:
         return CacheInfo(self.uri, self.attrs, len(self), self.num_tokens, self.top_k, self.vocab_size, self.file_bytes)
@@ -392,19 +602,33 @@ class CacheReader:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")
         i %= len(self)
-        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {
-            "sample_index": int(self.file["sample_index"][i]),
-            "input_ids": self.file["input_ids"][lo:hi].astype(np.int64),
-            "topk_indices": self.file["topk_indices"][lo:hi].astype(np.int64),
-            "topk_logprobs": self.file["topk_logprobs"][lo:hi].astype(np.float32),
-            "logsumexp": self.file["logsumexp"][lo:hi],
-        }
+        f = int(np.searchsorted(self.starts, i, side="right")) - 1
+        file, j = self._file(f), i - int(self.starts[f])
+        lo, hi = (int(x) for x in file["offsets"][j:j + 2])
+        sample = {"sample_index": int(file["sample_index"][j])}
+        for name, dataset in file.items():
+            if name not in PER_SAMPLE_DATASETS:
+                rows = dataset[lo:hi]
+                sample[name] = rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
+        return sample
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every dataset of the whole cache as stored, offsets included (small caches: tests, tools)."""
+        arrays: dict[str, list[np.ndarray]] = {}
+        tokens = 0
+        for f in range(len(self.files)):
+            file = self._file(f)
+            for name, dataset in file.items():
+                data = dataset[:]
+                if name == "offsets":
+                    data = (data if f == 0 else data[1:]) + tokens
+                arrays.setdefault(name, []).append(data)
+            tokens += int(file["offsets"][-1])
+        return {name: np.concatenate(parts) for name, parts in arrays.items()}
 
     def close(self) -> None:
-        self.file.close()
-        if self._fileobj is not None:
-            self._fileobj.close()
+        while self._open_files:
+            self._close(self._open_files.popitem()[1])
 
     def __enter__(self) -> "CacheReader":
         return self

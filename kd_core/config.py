@@ -97,6 +97,11 @@ class OutputConfig(_Section):
         description="fsspec options for the target (endpoint, profile). Prefer credentials from the environment.",
     )
     max_bytes: StrictInt | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
+    max_object_bytes: StrictInt = Field(
+        4 * 2**30, ge=1 << 16, le=5 * 2**40,
+        description="No stored object (part file, index) is larger than this; a part rolls over to a new file "
+                    "before it would pass it. At most 5 TiB, S3's limit per object.",
+    )
     keep_versions: StrictInt = Field(
         3, ge=0, description="Older complete versions kept beside the latest one; older ones are deleted after "
                              "a new version is published."

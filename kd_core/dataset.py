@@ -1,6 +1,6 @@
 """A torch Dataset over a cache, and a collate that pads, for training a student.
 
-    ds = CacheDataset("./out/demo")                      # an output.uri (its latest version) or a cache.h5
+    ds = CacheDataset("./out/demo")       # an output.uri (its latest version), a version directory or a cache.h5
     loader = DataLoader(ds, batch_size=8, collate_fn=pad_collate, num_workers=2)
     for batch in loader:
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -23,13 +23,12 @@ class CacheDataset(Dataset):
     topk_indices (L, k) and topk_logprobs (L, k) (top-k caches) or sampled_ids (L, m) and sampled_counts (L, m)
     (sampled caches: count 0 marks padding, each row's counts sum to N).
 
-    The HDF5 file is opened lazily in each process, so the dataset is safe with DataLoader workers.
+    Files are opened lazily in each process, so the dataset is safe with DataLoader workers; a remote cache is
+    read through its manifest (see CacheReader).
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
-        from kd_core.pipeline import resolve_cache_uri
-
-        self.uri = resolve_cache_uri(str(uri), storage_options)
+        self.uri = str(uri)
         self.storage_options = storage_options
         self._reader: CacheReader | None = None
         self._pid: int | None = None

@@ -1,10 +1,12 @@
 """Where caches live: a local directory or any fsspec URL (s3://, gs://, ...), through one small API.
 
-HDF5 files are always written locally first (h5py needs a seekable file), closed and verified, then uploaded:
-to a temporary key, then moved to their final key, so a reader never sees half an object under a final name.
+HDF5 files are always written locally first (h5py needs a seekable file), closed and checked, then uploaded
+once, to their final key: a single PUT, or a multipart upload whose part size is chosen from the file's size
+(upload_part_bytes). Either appears whole or not at all, so no temporary key and no server-side copy are needed
+(s3fs's copy uses fixed 50 MiB parts, so a move fails past 10,000 parts: ~488 GiB).
 
 Remote writes and downloads are retried with backoff (`retrying`). The client library already retries each
-request (botocore: a few attempts per call); ours retries the whole step (upload + move), so a network that is
+request (botocore: a few attempts per call); ours retries the whole step (the whole upload), so a network that is
 down for a minute costs a pause, not the run. What is still failing after that becomes a StorageError that
 names the target and the cause. Credentials come from fsspec's usual places (environment, ~/.aws, or
 output.storage_options) and never appear in a message here: errors quote URIs and the library's message only.
@@ -31,6 +33,10 @@ from kd_core.errors import ConfigError, StorageError
 log = logging.getLogger("kd_core.io")
 T = TypeVar("T")
 
+MiB = 1 << 20
+S3_MAX_PARTS = 10_000  # S3's limits on a multipart upload
+S3_MIN_PART_BYTES = 5 * MiB
+MIN_UPLOAD_PART_BYTES = 16 * MiB  # fewer requests than the minimum, still small in memory
 READ_BLOCK_BYTES = 8 << 20  # remote reads: 8 MiB blocks, cached, so random access costs few requests
 RETRY_DELAYS = (2.0, 8.0, 30.0)  # seconds between attempts of a remote write/download: 4 attempts, ~40 s
 # Errors that retrying cannot fix: a missing bucket, denied access, a full disk.
@@ -158,7 +164,8 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 
 def write_text_atomic(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Write to a temporary name next to the target, then move it into place."""
+    """Locally: write a temporary file next to the target, then rename it into place. Remotely: one PUT, which
+    object stores apply atomically (no temporary key, no copy)."""
     if is_local(uri):
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,49 +177,80 @@ def write_text_atomic(uri: str, text: str, storage_options: dict[str, Any] | Non
         os.replace(tmp, path)
         return
     fs, path = filesystem(uri, storage_options)
-    tmp = f"{path}.tmp-{os.getpid()}"
-
-    def write() -> None:
-        with fs.open(tmp, "w") as f:
-            f.write(text)
-        fs.mv(tmp, path)
-
-    retrying(f"writing {uri}", write)
+    retrying(f"writing {uri}", lambda: fs.pipe_file(path, text.encode()))
 
 
 def write_json_atomic(uri: str, data: Any, storage_options: dict[str, Any] | None = None) -> None:
     write_text_atomic(uri, json.dumps(data, indent=2, sort_keys=True), storage_options)
 
 
-def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Move (local target) or upload (remote target) a finished file to `uri`, atomically under its final name."""
+def upload_part_bytes(size: int) -> int:
+    """Part size of a multipart upload of `size` bytes: whole MiB, at least 16 MiB (S3: >= 5 MiB), and large
+    enough that the upload takes at most 10,000 parts (S3's limit). A file under two parts goes in one PUT."""
+    return max(MIN_UPLOAD_PART_BYTES, -(-size // (S3_MAX_PARTS * MiB)) * MiB)
+
+
+def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Move (local target) or upload (remote target) a finished file to its final name, written once.
+
+    Returns {"sha256", "etag", "mtime_ns"}: the file's sha256 (from the local copy, before it leaves), and what
+    later shows the object is still the one published: the ETag the store reports (checked against the one
+    computed locally, which proves the upload arrived intact) or a local file's modification time.
+    """
+    from kd_core.cachefile import file_digest
+
     if is_local(uri):
         dest = local_path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        sha256, _ = file_digest(local)
         if Path(local).resolve() != dest.resolve():
             os.replace(local, dest)
-        return
+        return {"sha256": sha256, "etag": None, "mtime_ns": dest.stat().st_mtime_ns}
     fs, path = filesystem(uri, storage_options)
-    tmp = f"{path}.uploading"
+    part = upload_part_bytes(os.path.getsize(local))
+    sha256, etag = file_digest(local, part)
 
-    def upload() -> None:
-        fs.put_file(str(local), tmp)
-        fs.mv(tmp, path)  # a server-side copy: the final key appears whole or not at all
+    def upload() -> str | None:
+        fs.put_file(str(local), path, chunksize=part)  # s3fs: one PUT under 2 parts, else a multipart upload
+        return fs.info(path).get("ETag")
 
-    try:
-        retrying(f"uploading {uri}", upload)
-    except StorageError:
-        try:  # don't leave the temporary object behind (the endpoint may well still be down)
-            fs.rm(tmp)
-        except Exception:
-            pass
-        raise
+    stored = retrying(f"uploading {uri}", upload)
+    if stored is not None and stored != etag and "-" not in stored and len(stored.strip('"')) == 32:
+        # A plain MD5 ETag that differs: the bytes stored are not the bytes sent.
+        raise StorageError(f"uploading {uri}: the store holds different bytes (ETag {stored}, sent {etag}). Run again.")
+    return {"sha256": sha256, "etag": stored, "mtime_ns": None}
 
 
-def fetch_file(uri: str, local: str | Path, storage_options: dict[str, Any] | None = None) -> None:
-    """Download `uri` to a local path, retrying transient errors."""
+def stamps(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every file under `uri` (relative name -> {"size", "etag", "mtime_ns"}), in one listing (S3: one request
+    per 1,000 objects). What merge compares with the records instead of reading the files."""
+    if is_local(uri):
+        root = local_path(uri)
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        return {str(p.relative_to(root)): {"size": st.st_size, "etag": None, "mtime_ns": st.st_mtime_ns}
+                for p in files for st in [p.stat()]}
+    fs, root = filesystem(uri, storage_options)
+    if not fs.exists(root):
+        return {}
+    prefix = len(root.rstrip("/")) + 1
+    return {path[prefix:]: {"size": info["size"], "etag": info.get("ETag"), "mtime_ns": None}
+            for path, info in fs.find(root, detail=True).items()}
+
+
+def sha256_of(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """sha256 of a file's bytes, streamed (no local copy)."""
+    import hashlib
+
     fs, path = filesystem(uri, storage_options)
-    retrying(f"downloading {uri}", lambda: fs.get_file(path, str(local)))
+
+    def digest() -> str:
+        sha = hashlib.sha256()
+        with fs.open(path, "rb", block_size=READ_BLOCK_BYTES) as f:
+            while block := f.read(READ_BLOCK_BYTES):
+                sha.update(block)
+        return sha.hexdigest()
+
+    return retrying(f"reading {uri}", digest)
 
 
 def create_exclusive(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -264,10 +302,11 @@ def check_target(uri: str, storage_options: dict[str, Any] | None = None) -> Non
                           f"Create it or fix output.uri ({uri}).")
 
 
-def open_for_read(uri: str, storage_options: dict[str, Any] | None = None):
-    """(file object or None for a local path, size in bytes). h5py opens either."""
+def open_for_read(uri: str, storage_options: dict[str, Any] | None = None, block_size: int = READ_BLOCK_BYTES):
+    """(file object or None for a local path, size in bytes). h5py opens either. Remote reads go in cached
+    blocks of block_size: large for data, small when only a file's metadata is wanted."""
     if is_local(uri):
         return None, local_path(uri).stat().st_size
     fs, path = filesystem(uri, storage_options)
-    f = fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="blockcache")
+    f = fs.open(path, "rb", block_size=block_size, cache_type="blockcache")
     return f, fs.size(path)

@@ -9,10 +9,13 @@
 Where things live under output.uri (a local directory or an fsspec URL):
 
     latest.json                         which version readers get; moved only after a version is complete
-    versions/<key>/cache.h5             the merged cache
-    versions/<key>/manifest.json        written last: its presence marks the version complete
-    work/<key>/<shard>/part-*.h5 (+ .json)   a shard's parts and their completion records
-    work/<key>/<shard>.json             the shard's completion record (lists its parts), written after its last part
+    versions/<key>/parts/<shard>/part-PPPPP-FFFF.h5   the data: file FFFF of planned part PPPPP of a shard,
+                                        written once to this final name as soon as it is closed
+    versions/<key>/cache.h5             the index: the whole version as one cache to stock h5py (virtual datasets
+                                        over the parts by relative path; /offsets and /sample_index stored)
+    versions/<key>/manifest.json        written after every file it lists: its presence marks the version complete
+    work/<key>/<shard>/part-PPPPP.json  a part's record (kd_core.records.PartRecord: rows, counts, its files)
+    work/<key>/<shard>.json             the shard's record, written after its last part
     work/<key>/<shard>.lock             lease lock: one writer per shard (kd_core.locks)
     work/<key>.merge.lock               lease lock: one merge at a time (outside work/<key>/, which the merge removes)
     work/publish.lock                   lease lock: one run at a time writes a manifest, moves latest and prunes
@@ -21,11 +24,12 @@ Where things live under output.uri (a local directory or an fsspec URL):
 <key> is Config.content_key(): a hash of what determines the cache's content, so a rerun with the same inputs
 finds its version published and does no teacher work.
 
-Resume: a shard is cut into parts of run.part_samples rows. A part's record is written before its file is
-published (so a file under its final name always has a record to be verified against); a part is complete when
-both exist. A killed shard restarts after its last complete part; a shard with a record is skipped. Parts are
-run one teacher pass each, so a resumed shard batches every part exactly as an uninterrupted run does and the
-merged arrays are byte-for-byte the same.
+Resume: a shard is cut into planned parts of run.part_samples rows, each one teacher pass; a part that would pass
+output.max_object_bytes is split into several files as it is written. A part's record is written after its
+files, and a part is complete when its record exists and every file it lists has the listed size. A killed shard
+restarts at its first incomplete part (rewriting that part's files under the same names); a shard with a record
+is skipped. Because a resumed shard batches every part exactly as an uninterrupted run does, the arrays are
+byte-for-byte the same.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kd_core
-from kd_core import cachefile, data, guards, io, storage, versions
+from kd_core import cachefile, data, guards, io, records, storage, versions
 from kd_core.config import Config, load_config
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError, ConfigError, StorageError
+from kd_core.records import FileRecord, Manifest, ManifestFile, PartRecord, Provenance, ShardRecord
 
 log = logging.getLogger("kd_core.pipeline")
 
@@ -58,8 +63,9 @@ class Layout:
         self.root = config.output.uri.rstrip("/")
         self.key = config.content_key()
         self.version_dir = io.join(self.root, "versions", self.key)
-        self.cache_file = io.join(self.version_dir, "cache.h5")
-        self.manifest = io.join(self.version_dir, "manifest.json")
+        self.cache_file = io.join(self.version_dir, versions.INDEX)
+        self.manifest = io.join(self.version_dir, versions.MANIFEST)
+        self.parts_dir = io.join(self.version_dir, "parts")
         self.work_dir = io.join(self.root, "work", self.key)
         self.merge_lock = versions.merge_lock_uri(self.root, self.key)
 
@@ -69,8 +75,13 @@ class Layout:
     def shard_lock(self, shard: ShardSpec) -> str:
         return io.join(self.work_dir, f"{shard.name}.lock")
 
-    def part_file(self, shard: ShardSpec, part: int) -> str:
-        return io.join(self.work_dir, shard.name, f"part-{part:05d}.h5")
+    @staticmethod
+    def part_name(shard: ShardSpec, part: int, file: int = 0) -> str:
+        """File `file` of a planned part, relative to the version directory."""
+        return f"parts/{shard.name}/part-{part:05d}-{file:04d}.h5"
+
+    def part_file(self, shard: ShardSpec, part: int, file: int = 0) -> str:
+        return io.join(self.version_dir, self.part_name(shard, part, file))
 
     def part_record(self, shard: ShardSpec, part: int) -> str:
         return io.join(self.work_dir, shard.name, f"part-{part:05d}.json")
@@ -148,8 +159,9 @@ def plan(config: Config) -> data.ShardPlan:
 
 # -- teacher-inference -----------------------------------------------------------------------------------------
 
-def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Run the teacher over one shard, part by part; publish each part, then the shard's record (last).
+def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] | None = None) -> ShardRecord:
+    """Run the teacher over one shard, part by part; publish each part's files, its record, then the shard's
+    record (last).
 
     Idempotent and resumable: a shard with a record is skipped; otherwise its complete parts are kept and the run
     continues after the last one. A lease lock refuses a second run on this shard while this one is alive.
@@ -157,30 +169,23 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
     from kd_core.locks import LeaseLock
 
     layout, opts = Layout(config), config.output.storage_options
-    if io.exists(layout.shard_record(shard), opts):
+    if (record := records.read_shard(layout.shard_record(shard), opts)) is not None:
         log.info("%s already complete, skipping", shard.name)
-        return io.read_json(layout.shard_record(shard), opts)
+        return record
 
-    staging = io.local_path(layout.work_dir) if io.is_local(layout.root) else staging_dir(config)
-    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(staging):
+    scratch = io.local_path(layout.root) if io.is_local(layout.root) else staging_dir(config)
+    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(scratch):
         parts = plan_parts(shard, config.run.part_samples)
         done = complete_parts(layout, shard, parts, opts)
         if len(done) < len(parts):
             if done:
                 log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts), parts[len(done)][0])
             done += _run_parts(config, layout, shard, parts[len(done):], done, lock, progress)
-        record = {
-            "shard": shard.model_dump(),
-            **{key: sum(p[key] for p in done) for key in ("num_samples", "num_tokens", "skipped_empty")},
-            "seconds": round(sum(p["seconds"] for p in done), 3),
-            "vocab_size": done[0]["vocab_size"], "tokenizer": done[0]["tokenizer"],
-            "teacher_dtype": done[0]["teacher_dtype"],
-            "parts": done,
-        }
+        record = ShardRecord.from_parts(shard, done)
         lock.check()
-        io.write_json_atomic(layout.shard_record(shard), record, opts)
-    log.info("%s: %d samples, %d tokens, %d empty skipped", shard.name, record["num_samples"], record["num_tokens"],
-             record["skipped_empty"])
+        records.write(layout.shard_record(shard), record, opts)
+    log.info("%s: %d samples, %d tokens, %d empty skipped", shard.name, record.num_samples, record.num_tokens,
+             record.skipped_empty)
     return record
 
 
@@ -189,43 +194,59 @@ def plan_parts(shard: ShardSpec, part_samples: int) -> list[tuple[int, int]]:
     return [(start, min(start + part_samples, shard.stop)) for start in range(shard.start, shard.stop, part_samples)]
 
 
-def complete_parts(layout: Layout, shard: ShardSpec, parts: list[tuple[int, int]], opts: dict[str, Any]) -> list[dict[str, Any]]:
-    """Records of the shard's leading complete parts: record and file both there, over the planned rows."""
+def complete_parts(layout: Layout, shard: ShardSpec, parts: list[tuple[int, int]], opts: dict[str, Any]) -> list[PartRecord]:
+    """Records of the shard's leading complete parts: a record over the planned rows whose files are all there
+    with their recorded sizes (one listing of the shard's directory)."""
+    found = io.stamps(io.join(layout.parts_dir, shard.name), opts)
     done = []
     for index, (start, stop) in enumerate(parts):
-        record_uri = layout.part_record(shard, index)
-        if not (io.exists(record_uri, opts) and io.exists(layout.part_file(shard, index), opts)):
+        record = records.read_part(layout.part_record(shard, index), opts)
+        if record is None or (record.start, record.stop) != (start, stop):  # absent, or another run.part_samples
             break
-        record = io.read_json(record_uri, opts)
-        if (record["start"], record["stop"]) != (start, stop):  # written under another run.part_samples
+        if any(found.get(f.name.rsplit("/", 1)[-1], {}).get("size") != f.bytes for f in record.files):
             break
         done.append(record)
     return done
 
 
 def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tuple[int, int]],
-               done: list[dict[str, Any]], lock, progress: Callable[[Any], None] | None) -> list[dict[str, Any]]:
+               done: list[PartRecord], lock, progress: Callable[[Any], None] | None) -> list[PartRecord]:
     """Run and publish the parts in `todo` (the shard's last ones, in order); their records."""
     from kd_core.inference import InferenceStats, run_teacher
     from kd_core.teacher import load_teacher
 
     opts = config.output.storage_options
     teacher = load_teacher(config.teacher)
+    provenance = Provenance(format_version=cachefile.FORMAT_VERSION, vocab_size=teacher.vocab_size,
+                            top_k=config.cache.top_k, tokenizer=getattr(teacher.tokenizer, "name_or_path", None),
+                            teacher_dtype=str(teacher.dtype).removeprefix("torch."))
     # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
     texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
     # Progress counts the whole shard, complete parts included.
-    stats = InferenceStats(samples=sum(r["num_samples"] for r in done), tokens=sum(r["num_tokens"] for r in done),
-                           skipped_empty=sum(r["skipped_empty"] for r in done))
-    staging = (io.local_path(io.join(layout.work_dir, shard.name)) if io.is_local(layout.root)
-               else staging_dir(config) / shard.name)
+    stats = InferenceStats(samples=sum(r.num_samples for r in done), tokens=sum(r.num_tokens for r in done),
+                           skipped_empty=sum(r.skipped_empty for r in done))
+    staging = None if io.is_local(layout.root) else staging_dir(config) / shard.name
     first = len(done)
-    records = []
+    out = []
     for index, (start, stop) in enumerate(todo, start=first):
         started, skipped_before = time.perf_counter(), stats.skipped_empty
-        # Not the final name: the part's record is published first, then the file moves into place.
-        local = staging / f"part-{index:05d}.h5.staged"
+        files: list[FileRecord] = []
+
+        def local_path(file: int, index=index) -> Path:  # a local target's files are written in place
+            final = layout.part_file(shard, index, file)
+            return io.local_path(final) if staging is None else staging / final.rsplit("/", 1)[-1]
+
+        def publish(path: Path, summary: dict[str, Any], index=index, files=files) -> None:
+            name = layout.part_name(shard, index, len(files))
+            lock.check()
+            size = path.stat().st_size
+            stamp = io.publish_file(path, io.join(layout.version_dir, name), opts)  # its final name, written once
+            files.append(FileRecord(name=name, bytes=size, num_samples=summary["num_samples"],
+                                    num_tokens=summary["num_tokens"], checksums=summary["checksums"], **stamp))
+
         attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
-        with cachefile.CacheWriter(local, top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs=attrs) as writer:
+        with cachefile.SplitWriter(local_path, config.output.max_object_bytes, publish, top_k=config.cache.top_k,
+                                   vocab_size=teacher.vocab_size, attrs=attrs) as writer:
             # One teacher pass per part: batches never straddle a part, so a resumed run batches like a clean one.
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
                                     max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
@@ -233,31 +254,26 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
                 writer.append_rows(rows)
                 if progress is not None:
                     progress(stats)
+        num_samples = sum(f.num_samples for f in files)
         skipped = stats.skipped_empty - skipped_before
-        if writer.num_samples + skipped != stop - start:
-            raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + writer.num_samples + skipped:,}, "
+        if num_samples + skipped != stop - start:
+            raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + num_samples + skipped:,}, "
                               f"before the {shard.stop:,} rows planned. Fix: dataset.max_samples="
-                              f"{start + writer.num_samples + skipped} or fewer.")
-        record = {
-            "part": index, "start": start, "stop": stop,
-            "num_samples": writer.num_samples, "num_tokens": writer.num_tokens, "checksums": writer.checksums(),
-            "skipped_empty": skipped, "seconds": round(time.perf_counter() - started, 3),
-            "vocab_size": teacher.vocab_size, "tokenizer": getattr(teacher.tokenizer, "name_or_path", None),
-            "teacher_dtype": str(teacher.dtype).removeprefix("torch."),
-        }
+                              f"{start + num_samples + skipped} or fewer.")
+        record = PartRecord(part=index, start=start, stop=stop, num_samples=num_samples,
+                            num_tokens=sum(f.num_tokens for f in files), skipped_empty=skipped,
+                            seconds=round(time.perf_counter() - started, 3), provenance=provenance, files=files)
         lock.check()
-        io.write_json_atomic(layout.part_record(shard, index), record, opts)
-        io.publish_file(local, layout.part_file(shard, index), opts)
-        local.unlink(missing_ok=True)  # uploaded (a local target moved it already)
-        log.info("%s part %d/%d: %d samples, %d tokens", shard.name, index + 1, first + len(todo),
-                 record["num_samples"], record["num_tokens"])
-        records.append(record)
-    return records
+        records.write(layout.part_record(shard, index), record, opts)  # the part is complete from here on
+        log.info("%s part %d/%d: %d samples, %d tokens in %d file(s)", shard.name, index + 1, first + len(todo),
+                 record.num_samples, record.num_tokens, len(files))
+        out.append(record)
+    return out
 
 
 # -- merge-to-hdf5 ---------------------------------------------------------------------------------------------
 
-def published(config: Config) -> dict[str, Any] | None:
+def published(config: Config) -> Manifest | None:
     """The manifest of this config's version if it is already complete, else None.
 
     A complete version is made `latest` again if it is not (the config went back to an earlier one), so that
@@ -267,65 +283,75 @@ def published(config: Config) -> dict[str, Any] | None:
     return versions.make_latest(layout.root, layout.key, config.output.storage_options)
 
 
-def cache_attrs(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
-    ds = config.dataset
+def cache_attrs(config: Config, shards: list[ShardRecord]) -> dict[str, Any]:
+    ds, provenance = config.dataset, shards[0].provenance
     return {
         "producer": f"kd-cache {kd_core.__version__}",
         "teacher_model": config.teacher.model, "teacher_revision": config.teacher.revision,
-        "vocab_size": records[0]["vocab_size"], "tokenizer": records[0]["tokenizer"],
-        "teacher_dtype": records[0]["teacher_dtype"],
+        "vocab_size": provenance.vocab_size, "tokenizer": provenance.tokenizer, "top_k": provenance.top_k,
+        "teacher_dtype": provenance.teacher_dtype,
         "dataset_name": ds.name, "dataset_config": ds.config, "dataset_split": ds.split,
         "dataset_revision": ds.revision, "dataset_data_files": ds.data_files,
         "max_samples": ds.max_samples, "max_length": config.cache.max_length,
-        "skipped_empty": sum(r["skipped_empty"] for r in records),
+        "skipped_empty": sum(r.skipped_empty for r in shards),
         "content_key": config.content_key(),
         "config": config.public_dict(),
     }
 
 
-def merge(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Verify every part of every shard against its record, merge in order, publish, write the manifest, move latest.
+def merge(config: Config, shards: list[ShardRecord]) -> Manifest:
+    """Check every part file cheaply, write the index (cache.h5) and the manifest, move latest.
 
-    Under a lease lock (Layout.merge_lock): a second merge of the same cache refuses instead of racing this one.
+    Copies no token data and downloads no part: per file it compares the listing's size and ETag (or a local
+    mtime) with the record and reads the file's metadata, /offsets and /sample_index; only a file whose stamp
+    changed since it was published is read whole, to check its sha256. Under a lease lock (Layout.merge_lock):
+    a second merge of the same cache refuses instead of racing this one.
     """
     from kd_core.locks import LeaseLock
 
     layout, opts = Layout(config), config.output.storage_options
-    if sum(r["num_samples"] for r in records) == 0:
-        rows = sum(r["skipped_empty"] for r in records)
+    if sum(r.num_samples for r in shards) == 0:
+        rows = sum(r.skipped_empty for r in shards)
         raise ConfigError(f"dataset.text_column: all {rows:,} rows of column {config.dataset.text_column!r} were "
                           "empty, so the cache would hold no samples; nothing was published. Fix: "
                           "dataset.text_column or dataset.data_files.")
     with LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(staging_dir(config)):
-        return _merge_locked(config, records)
+        return _merge_locked(config, shards)
 
 
-def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+def _merge_locked(config: Config, shards: list[ShardRecord]) -> Manifest:
     layout, opts = Layout(config), config.output.storage_options
-    records = sorted(records, key=lambda r: r["shard"]["index"])
+    shards = sorted(shards, key=lambda r: r.shard.index)
+    records.check_consistent([r.provenance for r in shards], f"the version {layout.key}")
+    found = io.stamps(layout.version_dir, opts)  # one listing for every file of the version
+    entries = [_checked_part_file(layout, shard.shard, part, file, found.get(file.name), opts)
+               for shard in shards for part in shard.parts for file in part.files]
+    listed = {file.name for shard in shards for file in shard.files}
+    for stray in sorted(n for n in found if n.startswith("parts/") and n not in listed):
+        io.remove(io.join(layout.version_dir, stray), opts)  # left by a killed attempt at a part
     scratch = Path(tempfile.mkdtemp(prefix="kd-merge-", dir=staging_dir(config)))
     try:
-        parts = []
-        for record in records:
-            shard = ShardSpec.model_validate(record["shard"])
-            for part in record["parts"]:
-                parts.append(_fetch_verified_part(layout, shard, record, part, scratch, opts))
-        merged_local = (io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / "cache.h5")
-        summary = cachefile.merge_files(parts, merged_local, attrs=cache_attrs(config, records))
-        cachefile.verify_file(merged_local, expect=summary)  # every byte, once, before anyone can see it
-        file_bytes = merged_local.stat().st_size
-        io.publish_file(merged_local, layout.cache_file, opts)
+        index_local = io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / versions.INDEX
+        summary = cachefile.write_index(index_local, entries, attrs=cache_attrs(config, shards))
+        index_bytes = index_local.stat().st_size
+        if index_bytes > config.output.max_object_bytes:
+            raise StorageError(f"output.max_object_bytes: the index of {summary['num_samples']:,} samples takes "
+                               f"{index_bytes:,} bytes, over the limit of {config.output.max_object_bytes:,}. "
+                               f"Fix: output.max_object_bytes={2 * index_bytes} or more.")
+        index_stamp = io.publish_file(index_local, layout.cache_file, opts)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    manifest = {
-        "format_version": cachefile.FORMAT_VERSION, "key": layout.key, "cache": "cache.h5",
-        "uri": layout.cache_file, "file_bytes": file_bytes,
-        "bytes_per_token": file_bytes / max(1, summary["num_tokens"]),
-        **summary,
-        "skipped_empty": sum(r["skipped_empty"] for r in records),
-        "shards": len(records), "config": config.public_dict(),
-        "published_at": datetime.now(timezone.utc).isoformat(),  # orders versions for pruning
-    }
+    parts = [ManifestFile(name=f.name, bytes=f.bytes, sha256=f.sha256, num_samples=f.num_samples,
+                          num_tokens=f.num_tokens) for shard in shards for f in shard.files]
+    index = ManifestFile(name=versions.INDEX, bytes=index_bytes, sha256=index_stamp["sha256"], **summary)
+    file_bytes = index_bytes + sum(f.bytes for f in parts)
+    manifest = Manifest(
+        format_version=cachefile.FORMAT_VERSION, key=layout.key, uri=layout.cache_file, index=index, parts=parts,
+        num_samples=summary["num_samples"], num_tokens=summary["num_tokens"],
+        skipped_empty=sum(r.skipped_empty for r in shards), shards=len(shards), file_bytes=file_bytes,
+        bytes_per_token=file_bytes / max(1, summary["num_tokens"]), provenance=shards[0].provenance,
+        config=config.public_dict(), published_at=datetime.now(timezone.utc).isoformat(),
+    )
     # The manifest makes the version complete, then latest moves, then old versions go: one step under the
     # output's publish lock, so no other run prunes this version in between.
     for key in versions.publish(layout.root, layout.key, manifest, config.output.keep_versions, opts):
@@ -334,34 +360,37 @@ def _merge_locked(config: Config, records: list[dict[str, Any]]) -> dict[str, An
     return manifest
 
 
-def _fetch_verified_part(layout: Layout, shard: ShardSpec, record: dict[str, Any], part: dict[str, Any],
-                         scratch: Path, opts: dict[str, Any]) -> Path:
-    """A part's local path (downloaded into scratch from a remote target), verified against its record."""
-    uri = layout.part_file(shard, part["part"])
-    if io.is_local(uri):
-        path = io.local_path(uri)
-    else:
-        path = scratch / shard.name / f"part-{part['part']:05d}.h5"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        io.fetch_file(uri, path, opts)
+# Remote part files are opened for their metadata and per-sample arrays only: small blocks, few bytes.
+MERGE_READ_BLOCK_BYTES = 256 * 1024
+
+
+def _checked_part_file(layout: Layout, shard: ShardSpec, part: PartRecord, file: FileRecord,
+                       stamp: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str, Any]:
+    """cachefile.index_entry of one part file, after checking it is the file its record describes."""
+    uri = io.join(layout.version_dir, file.name)
+    fix = (f"Fix: delete {layout.shard_record(shard)} and {layout.part_record(shard, part.part)}, then run "
+           "again: only that part is recomputed.")
+    where = f"{shard.name} part {part.part} ({uri}) fails verification, so nothing was published:"
+    if stamp is None:
+        raise CacheFileError(f"{where} the file is missing. {fix}")
+    if stamp["size"] != file.bytes:
+        raise CacheFileError(f"{where} it has {stamp['size']:,} bytes, its record says {file.bytes:,}. {fix}")
+    unchanged = ((file.etag is not None and stamp["etag"] == file.etag)
+                 or (file.mtime_ns is not None and stamp["mtime_ns"] == file.mtime_ns))
+    if not unchanged and io.sha256_of(uri, opts) != file.sha256:  # changed since published: check every byte
+        raise CacheFileError(f"{where} its bytes differ from those published (sha256). {fix}")
+    fileobj, _ = io.open_for_read(uri, opts, block_size=MERGE_READ_BLOCK_BYTES)
     try:
-        cachefile.verify_file(path, expect=part)
+        return cachefile.index_entry(fileobj if fileobj is not None else io.local_path(uri), file.name,
+                                     file.model_dump())
     except CacheFileError as e:
-        raise CacheFileError(
-            f"{shard.name} part {part['part']} ({uri}) fails verification, so nothing was published: {e} "
-            f"Fix: delete {layout.shard_record(shard)} and {layout.part_record(shard, part['part'])}, then run "
-            "again: only that part is recomputed."
-        ) from None
-    return path
+        raise CacheFileError(f"{where} {e} {fix}") from None
+    finally:
+        if fileobj is not None:
+            fileobj.close()
 
 
 def resolve_cache_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """A cache file's URI from either the file itself or an output.uri directory (follows latest.json)."""
-    uri = io.normalise_uri(uri, key="URI")
-    if uri.endswith((".h5", ".hdf5")):
-        return uri
-    key = versions.latest_key(uri, storage_options)
-    if key is None:
-        raise ConfigError(f"{uri}: no cache here (no latest.json and not an .h5 file). Pass the output.uri of a "
-                          "finished run or the path of a cache.h5.")
-    return io.join(uri.rstrip("/"), "versions", key, "cache.h5")
+    """The cache.h5 (a version's index, or a single-file cache) that `uri` names: an output root, a version
+    directory or the file itself."""
+    return versions.resolve(uri, storage_options).index_uri

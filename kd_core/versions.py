@@ -14,12 +14,48 @@ again before pruning, and a version whose merge lock is live (a rebuild in progr
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from kd_core import io
+from kd_core import io, records
+from kd_core.errors import ConfigError
 from kd_core.locks import LEASE_SECONDS, LeaseLock, is_held
+from kd_core.records import Manifest, read_manifest
 
 log = logging.getLogger("kd_core.versions")
+
+INDEX = "cache.h5"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a URI names: a published version (its manifest, with the index cache.h5 beside it), or one
+    self-contained cache file (manifest None: a format-v1 file from before parts, or an export)."""
+
+    index_uri: str
+    manifest: Manifest | None
+
+    def join(self, name: str) -> str:
+        """A file of the version, by its name relative to the version directory."""
+        return io.join(self.index_uri.rsplit("/", 1)[0], name)
+
+
+def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
+    """An output root (follows latest.json), a version directory or a cache file -> Source; ConfigError if none."""
+    uri = io.normalise_uri(uri, key="URI")
+    if uri.endswith((".h5", ".hdf5")):
+        directory, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
+        manifest = read_manifest(io.join(directory, MANIFEST), storage_options) if name == INDEX else None
+        return Source(uri, manifest)
+    if not io.exists(io.join(uri, MANIFEST), storage_options):
+        key = latest_key(uri, storage_options)
+        if key is None:
+            raise ConfigError(f"{uri}: no cache here (no latest.json, no manifest.json, not an .h5 file). Pass the "
+                              "output.uri of a finished run, a version directory or a cache.h5.")
+        uri = io.join(uri, "versions", key)
+    return Source(io.join(uri, INDEX), read_manifest(io.join(uri, MANIFEST), storage_options))
+
 
 # Publishing takes seconds (a manifest, latest.json, a few deletes); a holder that died is taken over once its
 # lease ends, so waiting a few leases always ends.
@@ -37,29 +73,28 @@ def merge_lock_uri(root: str, key: str) -> str:
     return io.join(root, "work", f"{key}.merge.lock")
 
 
-def publish(root: str, key: str, manifest: dict[str, Any], keep: int,
+def publish(root: str, key: str, manifest: Manifest, keep: int,
             storage_options: dict[str, Any] | None = None) -> list[str]:
     """Write versions/<key>/manifest.json (the version is complete), point latest at it, prune; the pruned keys."""
     with publish_lock(root, storage_options):
-        io.write_json_atomic(io.join(root, "versions", key, "manifest.json"), manifest, storage_options)
+        records.write(io.join(root, "versions", key, MANIFEST), manifest, storage_options)
         set_latest(root, key, storage_options)  # readers move to it in one atomic write
         return prune(root, keep, storage_options)  # only after latest moved
 
 
-def make_latest(root: str, key: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def make_latest(root: str, key: str, storage_options: dict[str, Any] | None = None) -> Manifest | None:
     """The manifest of version `key` if it is complete, made latest again if it is not; None if incomplete.
 
     Under the publish lock, so that a version pruned by another run at this moment is not made latest.
     """
-    manifest = io.join(root, "versions", key, "manifest.json")
-    if not io.exists(manifest, storage_options):
+    manifest = io.join(root, "versions", key, MANIFEST)
+    if read_manifest(manifest, storage_options) is None:  # absent, or a layout from before parts: rebuild
         return None
     with publish_lock(root, storage_options):
-        if not io.exists(manifest, storage_options):  # pruned while we waited
-            return None
-        if latest_key(root, storage_options) != key:
+        found = read_manifest(manifest, storage_options)
+        if found is not None and latest_key(root, storage_options) != key:  # None: pruned while we waited
             set_latest(root, key, storage_options)
-        return io.read_json(manifest, storage_options)
+        return found
 
 
 def latest_key(root: str, storage_options: dict[str, Any] | None = None) -> str | None:

@@ -1,18 +1,17 @@
-"""merge-to-hdf5: verify every shard (row counts, checksums), merge into one HDF5, publish atomically."""
-
-from typing import Any
+"""merge-to-hdf5: check every part file cheaply, write the version's index (cache.h5) and manifest, move latest."""
 
 from prefect import get_run_logger, task
 
 from kd_core import pipeline
 from kd_core.config import Config
+from kd_core.records import Manifest, ShardRecord
 from kd_core.storage import human_bytes
 
 
 @task(name="merge-to-hdf5")
-def merge_to_hdf5(config: Config, records: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_to_hdf5(config: Config, records: list[ShardRecord]) -> Manifest:
     manifest = pipeline.merge(config, records)
-    get_run_logger().info("published %s: %d samples, %d tokens, %s (%.1f B/token)", manifest["uri"],
-                          manifest["num_samples"], manifest["num_tokens"], human_bytes(manifest["file_bytes"]),
-                          manifest["bytes_per_token"])
+    get_run_logger().info("published %s: %d samples, %d tokens, %s in %d part files (%.1f B/token)", manifest.uri,
+                          manifest.num_samples, manifest.num_tokens, human_bytes(manifest.file_bytes),
+                          len(manifest.parts), manifest.bytes_per_token)
     return manifest

@@ -8,10 +8,11 @@ from prefect import get_run_logger, task
 from prefect.deployments import run_deployment
 from tqdm.auto import tqdm
 
-from kd_core import io, pipeline
+from kd_core import pipeline, records
 from kd_core.config import Config
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
+from kd_core.records import ShardRecord
 
 SHARD_DEPLOYMENT = "teacher-inference-shard/gpu"
 LOG_EVERY_SECONDS = 30
@@ -29,7 +30,7 @@ def _not_a_user_error(task, task_run, state) -> bool:
 
 
 @task(name="teacher-inference", retries=2, retry_delay_seconds=10, retry_condition_fn=_not_a_user_error)
-def teacher_inference(config: Config, shard: ShardSpec) -> dict[str, Any]:
+def teacher_inference(config: Config, shard: ShardSpec) -> ShardRecord:
     """Run the teacher over one shard in this process, with a progress bar and periodic log lines."""
     logger = get_run_logger()
     bar = tqdm(total=shard.num_samples, desc=shard.name, unit="sample")
@@ -47,8 +48,8 @@ def teacher_inference(config: Config, shard: ShardSpec) -> dict[str, Any]:
         record = pipeline.run_shard(config, shard, progress)
     finally:
         bar.close()
-    logger.info("%s done: %d samples, %d tokens in %.1f s", shard.name, record["num_samples"],
-                record["num_tokens"], record["seconds"])
+    logger.info("%s done: %d samples, %d tokens in %.1f s", shard.name, record.num_samples,
+                record.num_tokens, record.seconds)
     return record
 
 
@@ -57,7 +58,7 @@ class ShardFailedError(KDCacheError):
 
 
 @task(name="teacher-inference")
-def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config, shard: ShardSpec) -> dict[str, Any]:
+def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config, shard: ShardSpec) -> ShardRecord:
     """Run one shard as a flow run of the GPU deployment and wait for it; fail with the shard's error.
 
     The child gets the profile and overrides, never the resolved config, so credentials that live in a profile
@@ -71,4 +72,7 @@ def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config
     if not child.state.is_completed():
         raise ShardFailedError(f"{shard.name} (flow run {child.name} on {child.work_pool_name}) ended "
                                f"{child.state.name}: {child.state.message}")
-    return io.read_json(pipeline.Layout(config).shard_record(shard), config.output.storage_options)
+    record = records.read_shard(pipeline.Layout(config).shard_record(shard), config.output.storage_options)
+    if record is None:
+        raise ShardFailedError(f"{shard.name} (flow run {child.name}) completed but left no shard record.")
+    return record

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 
@@ -90,7 +89,7 @@ def overrides(teacher_dir: Path, corpus_path: Path, uri: str, **extra: Any) -> d
     return deep_merge(base, extra) if extra else base
 
 
-def build(config) -> dict[str, Any]:
+def build(config):
     """The whole pipeline, as the flow runs it locally."""
     pipeline.estimate(config)
     records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
@@ -98,13 +97,13 @@ def build(config) -> dict[str, Any]:
 
 
 def read_arrays(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Every dataset of the cache at `uri` (a cache file or an output.uri)."""
-    f, _ = io.open_for_read(pipeline.resolve_cache_uri(uri, storage_options), storage_options)
-    with h5py.File(f if f is not None else io.local_path(pipeline.resolve_cache_uri(uri)), "r") as h5:
-        return {name: h5[name][:] for name in DATASETS}
+    """Every dataset of the cache at `uri` (any URI form), read through its manifest and parts."""
+    with cachefile.CacheReader(uri, storage_options) as reader:
+        return reader.read_all()
 
 
 def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert set(a) == set(b) == set(DATASETS)
     for name in DATASETS:
         assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes(), name
 
@@ -118,6 +117,6 @@ def listing(uri: str, storage_options: dict[str, Any] | None = None) -> list[str
 
 
 def cache_attrs_text(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    f, _ = io.open_for_read(pipeline.resolve_cache_uri(uri, storage_options), storage_options)
-    with h5py.File(f if f is not None else io.local_path(pipeline.resolve_cache_uri(uri)), "r") as h5:
-        return repr(cachefile.read_attrs(h5))
+    """The index's attributes and every part file's, as text."""
+    with cachefile.CacheReader(uri, storage_options) as reader:
+        return repr(reader.attrs) + "".join(repr(cachefile.read_attrs(reader._file(f))) for f in range(len(reader.files)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_core import cachefile
-from kd_core.cachefile import CacheReader, CacheWriter, merge_files, verify_file
+from kd_core.cachefile import CacheReader, CacheWriter, verify_file
 from kd_core.dataset import CacheDataset, pad_collate
 from kd_core.errors import CacheFileError
 
@@ -103,18 +103,61 @@ def test_verify_catches_a_changed_value(tmp_path):
         verify_file(path)
 
 
-def test_merge_is_the_concatenation_in_order(tmp_path):
-    samples = random_samples(40, 8, 70000, seed=1)
-    parts = []
-    for p, chunk in enumerate((samples[:13], samples[13:14], samples[14:])):
-        parts.append(tmp_path / f"p{p}.h5")
-        write(parts[-1], chunk, 8, 70000)
-    merge_files(parts, tmp_path / "m.h5", attrs={"teacher_model": "t"}, block_rows=37)
+class Rows:
+    """A sample as run_teacher yields it (attributes, not a dict)."""
+
+    def __init__(self, sample):
+        self.__dict__.update(sample)
+
+
+def split_write(directory, samples, k, vocab, max_bytes):
+    """Samples through a SplitWriter into directory/parts/part-NNNN.h5; the index entries of the files."""
+    closed = []
+    with cachefile.SplitWriter(lambda i: directory / "parts" / f"part-{i:04d}.h5", max_bytes,
+                               lambda path, summary: closed.append((path, summary)), top_k=k, vocab_size=vocab,
+                               attrs={"teacher_model": "t"}) as writer:
+        for sample in samples:
+            writer.append_rows(Rows(sample))
+    return [cachefile.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
+
+
+def test_a_part_over_the_object_limit_is_split_and_no_file_passes_it(tmp_path):
+    samples = random_samples(600, 8, 70000, seed=1)  # random ids and log-probs: they barely compress
+    limit = 100_000
+    entries = split_write(tmp_path, samples, 8, 70000, limit)
+    sizes = [(tmp_path / e["name"]).stat().st_size for e in entries]
+    assert len(entries) >= 4 and max(sizes) <= limit, sizes
+    assert min(sizes[:-1]) > limit // 2, sizes  # the bound is not so loose that files come out tiny
+    assert [int(i) for e in entries for i in e["sample_index"]] == [s["sample_index"] for s in samples]
+
+
+def test_the_index_presents_the_parts_as_one_cache_to_stock_h5py(tmp_path):
+    samples = random_samples(300, 8, 70000, seed=1)
+    entries = split_write(tmp_path / "v", samples, 8, 70000, 90_000)
+    assert len(entries) >= 3
+    cachefile.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"teacher_model": "t", "top_k": 8,
+                                                                       "vocab_size": 70000})
     write(tmp_path / "whole.h5", samples, 8, 70000)
-    with h5py.File(tmp_path / "m.h5") as m, h5py.File(tmp_path / "whole.h5") as w:
+    (tmp_path / "v").rename(tmp_path / "moved")  # parts are found relative to the index, wherever it is
+    with h5py.File(tmp_path / "moved" / "cache.h5") as index, h5py.File(tmp_path / "whole.h5") as whole:
         for name in (*cachefile.TOKEN_DATASETS, "offsets", "sample_index"):
-            np.testing.assert_array_equal(m[name][:], w[name][:])
-        assert m.attrs["checksums"] == w.attrs["checksums"]
+            assert index[name].dtype == whole[name].dtype
+            np.testing.assert_array_equal(index[name][:], whole[name][:])
+        assert index["topk_indices"].is_virtual and not index["offsets"].is_virtual
+        assert index.attrs["num_samples"] == 300 and index.attrs["format_version"] == 1
+    index_bytes = (tmp_path / "moved" / "cache.h5").stat().st_size
+    assert index_bytes < 0.1 * sum(p.stat().st_size for p in (tmp_path / "moved" / "parts").iterdir())
+
+
+def test_index_entry_refuses_a_file_that_disagrees_with_its_record(tmp_path):
+    samples = random_samples(10, 4, 100)
+    w = write(tmp_path / "c.h5", samples, 4, 100)
+    expect = {"num_samples": 10, "num_tokens": w.num_tokens, "checksums": w.checksums()}
+    assert cachefile.index_entry(tmp_path / "c.h5", "c.h5", expect)["offsets"][-1] == w.num_tokens
+    with pytest.raises(CacheFileError, match="10 samples, the record says 11"):
+        cachefile.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "num_samples": 11})
+    with pytest.raises(CacheFileError, match="sample_index differs from the record's checksum"):
+        cachefile.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "checksums": {"sample_index": "0"}})
 
 
 def test_dataset_and_pad_collate(tmp_path):

@@ -59,7 +59,7 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
 
     def part_done(index: int) -> bool:
         fs.invalidate_cache()
-        return fs.exists(io.filesystem(layout.part_file(shard0, index), opts)[1])
+        return fs.exists(io.filesystem(layout.part_record(shard0, index), opts)[1])
 
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(over)], env=os.environ.copy(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -71,24 +71,28 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
         if proc.poll() is None:
             proc.kill()
 
-    # Nothing at the output looks complete: no latest, no version, no shard record, no file without its record.
+    # Nothing at the output looks complete: no latest, no manifest, no shard record; part files only at their
+    # final names (written once), and every complete part has its record.
     files = listing(uri, opts)
-    assert not [f for f in files if not f.startswith("work/")], files
+    assert not [f for f in files if not f.startswith(("work/", f"versions/{layout.key}/parts/"))], files
     assert f"work/{layout.key}/{shard0.name}.json" not in files
-    parts = [f for f in files if f.endswith(".h5")]
-    assert parts and all(p.removesuffix(".h5") + ".json" in files for p in parts), files
-    done_before = set(parts)
+    records_done = [f for f in files if f.startswith(f"work/{layout.key}/{shard0.name}/part-")]
+    assert len(records_done) >= 2, files
+    done_before = {f for f in files if f.endswith(".h5")}
 
     published = []
     real_publish = io.publish_file
-    monkeypatch.setattr(io, "publish_file", lambda local, dest, o=None: (published.append(dest), real_publish(local, dest, o)))
-    build(config)  # the re-run, on this host: the dead run's shard lock is taken over at once
+    monkeypatch.setattr(io, "publish_file", lambda local, dest, o=None: (published.append(dest), real_publish(local, dest, o))[1])
+    manifest = build(config)  # the re-run, on this host: the dead run's shard lock is taken over at once
 
     redone = {d.removeprefix(f"{uri}/") for d in published if "/part-" in d}
-    assert not redone & done_before, "a complete part was computed again"
-    assert len(redone) == 6 - len(done_before) and len(done_before) >= 2
-    assert listing(uri, opts) == ["latest.json", f"versions/{layout.key}/cache.h5",
-                                  f"versions/{layout.key}/manifest.json"]
+    complete_before = {f"versions/{layout.key}/{pipeline.Layout.part_name(shard0, i)}" for i in range(len(records_done))}
+    assert not redone & complete_before, "a complete part was computed again"
+    assert len(redone) == 6 - len(records_done)
+    assert listing(uri, opts) == sorted(["latest.json", f"versions/{layout.key}/cache.h5",
+                                         f"versions/{layout.key}/manifest.json",
+                                         *(f"versions/{layout.key}/{f.name}" for f in manifest.parts)])
+    assert done_before <= set(listing(uri, opts))
     assert_same_arrays(read_arrays(uri, opts), reference_arrays)
 
 
@@ -114,22 +118,35 @@ def test_a_damaged_part_makes_merge_refuse_naming_it(damage, bucket, moto_endpoi
     else:
         fs.rm(victim)
 
-    error = CacheFileError if damage != "delete" else StorageError
-    with pytest.raises(error, match="shard-00001-of-00002") as e:
+    want = {"truncate": "it has .* bytes, its record says", "corrupt": r"its bytes differ from those published \(sha256\)",
+            "delete": "the file is missing"}[damage]
+    with pytest.raises(CacheFileError, match=f"shard-00001-of-00002 part 1 .* fails verification, so nothing was "
+                                             f"published: {want}"):
         pipeline.merge(config, records)
-    assert damage == "delete" or "part 1" in str(e.value)
-    assert not [f for f in listing(uri, opts) if not f.startswith("work/")]  # nothing published
+    assert not [f for f in listing(uri, opts) if not f.startswith(("work/", "versions/" + layout.key + "/parts/"))]
 
 
 def test_a_damaged_local_part_makes_merge_refuse(tmp_path, small_teacher_dir, corpus_path):
     uri = str(tmp_path / "out")
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
     records = _run_shards(config)
-    victim = io.local_path(pipeline.Layout(config).part_file(pipeline.ShardSpec.model_validate(records[0]["shard"]), 2))
+    victim = io.local_path(pipeline.Layout(config).part_file(records[0].shard, 2))
     victim.write_bytes(victim.read_bytes()[:-100])
     with pytest.raises(CacheFileError, match="shard-00000-of-00002 part 2 .* fails verification, so nothing was published"):
         pipeline.merge(config, records)
-    assert not [f for f in listing(uri) if not f.startswith("work/")]
+    assert not [f for f in listing(uri) if not f.startswith("work/") and "/parts/" not in f]
+
+
+def test_a_changed_local_part_of_the_same_size_is_caught_by_its_checksum(tmp_path, small_teacher_dir, corpus_path):
+    uri = str(tmp_path / "out")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    records = _run_shards(config)
+    victim = io.local_path(pipeline.Layout(config).part_file(records[1].shard, 0))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, in the data; the file's mtime changes, so merge reads it whole
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CacheFileError, match="shard-00001-of-00002 part 0 .* its bytes differ from those published"):
+        pipeline.merge(config, records)
 
 
 def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_nothing(
@@ -144,14 +161,14 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
                                                  output={"storage_options": flaky_opts}))
     records = _run_shards(config)
 
-    real_merge_files = pipeline.cachefile.merge_files
+    real_write_index = pipeline.cachefile.write_index
 
-    def merge_then_endpoint_dies(*args, **kwargs):
-        summary = real_merge_files(*args, **kwargs)
-        flaky.stop()  # the merged file is ready locally; its upload meets a dead endpoint
+    def index_then_endpoint_dies(*args, **kwargs):
+        summary = real_write_index(*args, **kwargs)
+        flaky.stop()  # the index is ready locally; its upload meets a dead endpoint
         return summary
 
-    monkeypatch.setattr(pipeline.cachefile, "merge_files", merge_then_endpoint_dies)
+    monkeypatch.setattr(pipeline.cachefile, "write_index", index_then_endpoint_dies)
     caplog.set_level(logging.WARNING, logger="kd_core.io")
     started = time.monotonic()
     with pytest.raises(StorageError, match=r"uploading s3://.*/cache\.h5: still failing after 3 attempts") as e:
@@ -162,10 +179,10 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
     # Seen through the live endpoint: nothing published, nothing half-uploaded, the parts kept for a re-run.
     opts = s3_options(moto_endpoint)
     files = listing(uri, opts)
-    assert files and all(f.startswith("work/") for f in files), files
-    monkeypatch.setattr(pipeline.cachefile, "merge_files", real_merge_files)
+    assert files and all(f.startswith("work/") or "/parts/" in f for f in files), files
+    monkeypatch.setattr(pipeline.cachefile, "write_index", real_write_index)
     live = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
-    assert pipeline.merge(live, records)["num_samples"] == sum(r["num_samples"] for r in records)
+    assert pipeline.merge(live, records).num_samples == sum(r.num_samples for r in records)
 
 
 def test_a_transient_upload_error_is_retried(bucket, moto_endpoint, tmp_path, monkeypatch):

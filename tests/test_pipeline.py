@@ -14,7 +14,7 @@ from kd_core import pipeline
 from kd_core.cachefile import CacheReader
 from kd_core.config import TeacherConfig
 from kd_core.teacher import load_teacher
-from s3helpers import build
+from s3helpers import assert_same_arrays, build, read_arrays
 
 
 def overrides(teacher_dir, corpus_path, out, **extra):
@@ -49,10 +49,13 @@ def test_cache_matches_the_teacher_in_float32(teacher_dir, corpus_path, corpus_t
     """vocab 70000 > tokenizer: uint32 ids; three shards merged back in sample order; empty rows skipped."""
     config, est, manifest = run_steps("testing", overrides(teacher_dir, corpus_path, tmp_path))
     teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
-    with CacheReader(pipeline.resolve_cache_uri(str(tmp_path))) as reader:
-        assert reader.file["topk_indices"].dtype == np.uint32
-        assert len(reader) == 38 == manifest["num_samples"]  # 40 rows, rows 3 and 7 hold no text
-        assert manifest["skipped_empty"] == 2
+    with h5py.File(pipeline.resolve_cache_uri(str(tmp_path))) as index:  # stock h5py, through the index
+        assert index["topk_indices"].dtype == np.uint32 and index["topk_indices"].is_virtual
+        stock = {name: index[name][:] for name in index}
+    assert_same_arrays(stock, read_arrays(str(tmp_path)))  # the same arrays as the parts read one by one
+    with CacheReader(str(tmp_path)) as reader:
+        assert len(reader) == 38 == manifest.num_samples  # 40 rows, rows 3 and 7 hold no text
+        assert manifest.skipped_empty == 2
         assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(40) if i not in (3, 7)]
         saw_big_id = False
         for i in range(len(reader)):
@@ -80,9 +83,9 @@ def test_estimate_is_within_25_percent_of_the_real_file(small_teacher_dir, teach
         over = overrides(teacher, corpus_path, tmp_path / name, dataset={"max_samples": 120},
                          cache={"top_k": 16, "max_length": 128})
         _, est, manifest = run_steps("testing", over)
-        assert est.upper_bound_bytes >= manifest["file_bytes"]
-        assert abs(est.expected_bytes - manifest["file_bytes"]) <= 0.25 * manifest["file_bytes"], (name, est, manifest)
-        assert abs(est.expected_tokens - manifest["num_tokens"]) <= 0.1 * manifest["num_tokens"]
+        assert est.upper_bound_bytes >= manifest.file_bytes
+        assert abs(est.expected_bytes - manifest.file_bytes) <= 0.25 * manifest.file_bytes, (name, est, manifest)
+        assert abs(est.expected_tokens - manifest.num_tokens) <= 0.1 * manifest.num_tokens
 
 
 def test_the_seed_figure_is_fixed():
@@ -145,3 +148,27 @@ def test_guard_refuses_before_anything_is_touched(tmp_path, monkeypatch):
     assert cli.returncode == 2
     assert cli.stderr.startswith("kd-cache run: dataset.max_samples is required") and "Traceback" not in cli.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_four_shards_under_a_small_object_limit_read_by_stock_h5py_match_the_teacher(small_teacher_dir, corpus_path,
+                                                                                       tmp_path):
+    """The index (cache.h5) is the whole version to stock h5py; its parts stay under output.max_object_bytes."""
+    from kd_core.verify import verify_rows
+
+    limit = 1 << 16
+    over = overrides(small_teacher_dir, corpus_path, tmp_path, dataset={"max_samples": 60},
+                     run={"num_shards": 4, "part_samples": 15}, output={"max_object_bytes": limit})
+    config, _, manifest = run_steps("testing", over)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert max(p.stat().st_size for p in files) <= limit
+    assert len(manifest.parts) > 4  # at least one 15-sample part was split
+    index = tmp_path / "versions" / config.content_key() / "cache.h5"
+    assert manifest.index.bytes < 0.1 * manifest.file_bytes
+    with h5py.File(index) as f:  # stock h5py: virtual datasets over the parts, offsets stored
+        offsets, ids = f["offsets"][:], f["input_ids"][:]
+        rows = [{name: f[name][offsets[s]:offsets[s + 1]] for name in ("input_ids", "topk_indices", "topk_logprobs",
+                                                                          "logsumexp")} for s in range(len(offsets) - 1)]
+        assert len(rows) == manifest.num_samples == 58 and len(ids) == manifest.num_tokens
+    teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), dtype="float32", device="cpu"))
+    report = verify_rows(teacher, rows, top_k=8)
+    assert report.ok and report.samples == 58, report

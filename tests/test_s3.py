@@ -1,6 +1,5 @@
 """Caches on S3 (moto's server on loopback): publish, read back, idempotent re-runs, no secrets anywhere, locks."""
 
-import json
 import logging
 import os
 import time
@@ -11,7 +10,7 @@ from s3helpers import (  # noqa: F401
     read_arrays, s3_options,
 )
 
-from kd_core import io, locks, pipeline
+from kd_core import cachefile, io, locks, pipeline
 from kd_core.cachefile import CacheReader, verify_file
 
 
@@ -34,23 +33,30 @@ def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
     manifest = build(config)
 
     key = config.content_key()
-    assert listing(uri, opts) == ["latest.json", f"versions/{key}/cache.h5", f"versions/{key}/manifest.json"]
+    layout = pipeline.Layout(config)
+    parts = [f"versions/{key}/{f.name}" for f in manifest.parts]
+    assert listing(uri, opts) == sorted(["latest.json", f"versions/{key}/cache.h5", f"versions/{key}/manifest.json",
+                                         *parts])
+    assert len(parts) == 6 and all("/parts/shard-0000" in p for p in parts)
     assert io.read_json(f"{uri}/latest.json", opts) == {"version": key, "path": f"versions/{key}/cache.h5"}
-    # The manifest describes the published bytes: counts and per-dataset checksums match a fresh verification.
-    with CacheReader(pipeline.resolve_cache_uri(uri, opts), opts) as reader:
-        assert len(reader) == manifest["num_samples"] and reader.num_tokens == manifest["num_tokens"]
-        assert reader.file_bytes == manifest["file_bytes"]
-        assert reader[5]["input_ids"].shape[0] == reader.offsets[6] - reader.offsets[5]
-    fs, path = io.filesystem(f"{uri}/versions/{key}/cache.h5", opts)
-    fs.get_file(path, str(tmp_path / "copy.h5"))
-    assert verify_file(tmp_path / "copy.h5")["checksums"] == manifest["checksums"]
-    # Parts merged in order give the same bytes as one uninterrupted pass.
+    # The manifest describes the published bytes: sizes and checksums of every file it lists.
+    fs, _ = io.filesystem(uri, opts)
+    for file in manifest.files:
+        local = tmp_path / file.name.replace("/", "_")
+        fs.get_file(io.filesystem(io.join(layout.version_dir, file.name), opts)[1], str(local))
+        assert local.stat().st_size == file.bytes and cachefile.file_digest(local)[0] == file.sha256
+        if file.name != "cache.h5":
+            verify_file(local, expect=file.model_dump())  # every byte of every part, against its counts
+    with CacheReader(uri, opts) as reader:
+        assert len(reader) == manifest.num_samples and reader.num_tokens == manifest.num_tokens
+        assert reader.file_bytes == manifest.file_bytes
+    # Parts read in order give the same bytes as one uninterrupted pass.
     assert_same_arrays(read_arrays(uri, opts), local_reference)
 
     everything = [fs.cat(p).decode("latin-1") for p in fs.find(f"{bucket}/kd")]
-    for text in [*everything, cache_attrs_text(uri, opts), json.dumps(manifest), caplog.text]:
+    for text in [*everything, cache_attrs_text(uri, opts), manifest.model_dump_json(), caplog.text]:
         assert SECRET_KEY not in text and ACCESS_KEY not in text
-    assert manifest["config"]["output"]["storage_options"]["secret"] == "***"
+    assert manifest.config["output"]["storage_options"]["secret"] == "***"
 
 
 def test_rerun_is_idempotent_and_loads_no_teacher(bucket, moto_endpoint, small_teacher_dir, corpus_path, monkeypatch):
@@ -65,7 +71,7 @@ def test_rerun_is_idempotent_and_loads_no_teacher(bucket, moto_endpoint, small_t
 
     monkeypatch.setattr("kd_core.teacher.load_teacher", no_teacher)
     assert [pipeline.run_shard(config, s) for s in shards] == records  # complete shards: skipped
-    assert [len(r["parts"]) for r in records] == [3, 3]
+    assert [len(r.parts) for r in records] == [3, 3]
     manifest = pipeline.merge(config, records)
     assert pipeline.published(config) == manifest
 
@@ -74,11 +80,10 @@ def test_reader_opens_s3_with_blocks_and_cache(bucket, moto_endpoint, small_teac
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
     build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})))
-    f, size = io.open_for_read(pipeline.resolve_cache_uri(uri, opts), opts)
-    try:
-        assert size > 0 and f.blocksize == io.READ_BLOCK_BYTES and type(f.cache).__name__ == "BlockCache"
-    finally:
-        f.close()
+    with CacheReader(uri, opts) as reader:
+        reader[len(reader) - 1]
+        f = next(iter(reader._open_files.values()))[1]
+        assert f.blocksize == io.READ_BLOCK_BYTES and type(f.cache).__name__ == "BlockCache"
 
 
 def test_second_run_on_a_locked_shard_refuses(tmp_path, small_teacher_dir, corpus_path, bucket, moto_endpoint):
@@ -135,3 +140,55 @@ def test_a_damaged_lock_file_is_held_for_a_lease_then_taken_over(tmp_path, conte
     with locks.LeaseLock(str(uri), "x") as lock:
         assert io.read_json(str(uri))["token"] == lock.owner["token"]
     assert not uri.exists()
+
+
+def test_four_shards_under_a_small_object_limit_write_every_object_once_to_its_final_key(
+    bucket, moto_endpoint, small_teacher_dir, corpus_path, local_reference, monkeypatch
+):
+    """No object over output.max_object_bytes, parts split to stay under it, and publishing is PUTs (or multipart
+    uploads) to final keys: no server-side copy, no temporary key moved into place. Every S3 call is counted."""
+    import s3fs
+
+    calls = []
+    real_call = s3fs.S3FileSystem._call_s3
+
+    async def counting(self, method, *args, **kwargs):
+        calls.append((method, kwargs.get("Key", "")))
+        return await real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
+    uri, opts, limit = f"s3://{bucket}/kd", s3_options(moto_endpoint), 1 << 16
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, run={"num_shards": 4, "part_samples": 15},
+                                                 output={"storage_options": opts, "max_object_bytes": limit}))
+    manifest = build(config)
+
+    methods = {method for method, _ in calls}
+    assert not methods & {"copy_object", "upload_part_copy"}, methods  # no server-side copy, hence no move
+    written = [key for method, key in calls if method in ("put_object", "create_multipart_upload")]
+    assert not [k for k in written if any(s in k for s in (".tmp", ".uploading", ".partial", ".staged"))], written
+    data = [k for k in written if k.endswith(".h5")]
+    assert len(data) == len(set(data)) == len(manifest.files)  # each part file and the index written once
+    deleted = [key for method, key in calls if method in ("delete_object", "delete_objects") and "/versions/" in key]
+    assert not deleted, deleted
+
+    fs, root = io.filesystem(uri, opts)
+    sizes = {path: info["size"] for path, info in fs.find(root, detail=True).items()}
+    assert max(sizes.values()) <= limit, sizes
+    assert len(manifest.parts) > 2 * 4, "the shards' 15-sample parts are split into several files each"
+    assert_same_arrays(read_arrays(uri, opts), local_reference)
+
+
+def test_a_multipart_upload_goes_to_its_final_key_with_the_etag_computed_locally(bucket, moto_endpoint, tmp_path):
+    opts = s3_options(moto_endpoint)
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(33 << 20))  # over two 16 MiB parts: a 3-part multipart upload
+    assert io.upload_part_bytes(local.stat().st_size) == 16 << 20
+    stamp = io.publish_file(local, f"s3://{bucket}/x/big.bin", opts)
+    assert stamp["etag"] == cachefile.file_digest(local, 16 << 20)[1] and stamp["etag"].endswith('-3"')
+    assert listing(f"s3://{bucket}", opts) == ["x/big.bin"]
+
+
+def test_upload_part_size_keeps_any_s3_object_within_10000_parts():
+    for size in (0, 5 << 20, 4 << 30, 488 << 30, 5 << 40):
+        part = io.upload_part_bytes(size)
+        assert part >= 5 << 20 and part % (1 << 20) == 0 and -(-size // part) <= 10_000 and part <= 5 << 30

@@ -388,7 +388,12 @@ class SplitWriter:
         self.writer.append_rows(rows)
 
     def _close(self) -> None:
-        path, summary = self.writer.path, self.writer.close()
+        path = self.writer.path
+        try:
+            summary = self.writer.close()
+        except BaseException:  # e.g. a full disk while flushing: no .partial left behind
+            self.writer.abort()
+            raise
         size = path.stat().st_size
         if size > self.max_bytes:  # the bound above is meant to make this impossible
             raise AssertionError(f"{path} is {size:,} bytes, over output.max_object_bytes={self.max_bytes:,}")

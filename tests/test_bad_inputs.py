@@ -128,10 +128,11 @@ def test_file_uri_is_one_local_directory_for_data_locks_and_clean_up(tmp_path, s
     assert config.output.uri == str(out)  # normalised once; everything below derives from it
     layout = pipeline.Layout(config)
     assert all(p.startswith(f"{out}/") for p in (layout.cache_file, layout.work_dir, layout.merge_lock))
-    build(config)
+    manifest = build(config)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert listing(str(out)) == ["latest.json", f"versions/{layout.key}/cache.h5",
-                                 f"versions/{layout.key}/manifest.json"]
+    assert listing(str(out)) == sorted(["latest.json", f"versions/{layout.key}/cache.h5",
+                                        f"versions/{layout.key}/manifest.json",
+                                        *(f"versions/{layout.key}/{f.name}" for f in manifest.parts)])
 
 
 def test_unreadable_profile_yaml(tmp_path, capsys):

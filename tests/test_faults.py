@@ -252,8 +252,9 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
     assert "\n" not in str(e.value)
     files = listing(uri)
     assert not [f for f in files if f.endswith((".partial", ".staged"))], files
-    assert f"work/{layout.key}/{shard.name}/part-00000.h5" in files  # the complete part is kept
-    assert f"work/{layout.key}/{shard.name}/part-00001.h5" not in files
+    assert f"work/{layout.key}/{shard.name}/part-00000.json" in files  # the complete part is kept
+    assert f"versions/{layout.key}/{layout.part_name(shard, 0)}" in files
+    assert f"versions/{layout.key}/{layout.part_name(shard, 1)}" not in files
     # Not retried: neither by kd_core.io's backoff nor by the teacher-inference task's retry condition.
     hdf5_style = OSError("Can't synchronously write data (file write failed: errno = 28, error message = "
                          "'No space left on device')")

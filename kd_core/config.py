@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+import kd_core
 from kd_core import io
+from kd_core.cachefile import FORMAT_VERSION
 from kd_core.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -137,7 +139,12 @@ class Config(_Section):
         return data
 
     def content_key(self) -> str:
-        """A short hash of everything that determines the cache's content (not where it is written)."""
+        """A short hash of everything that determines the cache's bytes (not where it is written): the teacher,
+        its revision and resolved dtype, the dataset, the cache settings, the format and the producer's version.
+
+        teacher.dtype=auto is resolved here as on this machine; pipeline.validate stores the resolved dtype in the
+        config, and a deployed parent hands it to its shards, so every worker of one build computes one key.
+        """
         data = self.model_dump(mode="json")
         del data["output"], data["run"]
         data["teacher"] = {k: data["teacher"][k] for k in ("model", "revision")}
@@ -147,8 +154,18 @@ class Config(_Section):
         else:
             del data["cache"]["top_k"]
             data["cache"]["sampler"] = SAMPLER_VERSION
+        data["teacher"]["dtype"] = self.resolved_dtype()
+        data["format_version"], data["producer"] = FORMAT_VERSION, kd_core.__version__
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def resolved_dtype(self) -> str:
+        """teacher.dtype with auto resolved: bfloat16 where the teacher runs on CUDA, float32 on CPU."""
+        if self.teacher.dtype != "auto":
+            return self.teacher.dtype
+        from kd_core.teacher import auto_dtype  # torch: imported only when a key is actually needed
+
+        return auto_dtype(self.teacher.device)
 
 
 _SECRET_WORDS = ("key", "secret", "token", "password", "auth", "credential")

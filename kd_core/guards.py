@@ -7,6 +7,10 @@ vocab size (read from its config file, no weights) and runs right after.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
 from kd_core import storage
 from kd_core.config import Config
 from kd_core.errors import ConfigError
@@ -14,6 +18,11 @@ from kd_core.errors import ConfigError
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.
 MAX_SAMPLES_PER_POSITION = 32767
 SAMPLED_WRITER_READY = False
+
+# The deployment policy: what a run may touch is the worker's decision, not the run's (config values are run
+# parameters, so anyone who can trigger a run sets them). docs/DEPLOYMENT.md, "What a run may touch".
+ALLOW_REMOTE_CODE_ENV = "KD_CACHE_ALLOW_REMOTE_CODE"  # 1: runs may set teacher.trust_remote_code=true
+ALLOWED_ROOTS_ENV = "KD_CACHE_ALLOWED_ROOTS"  # dirs (os.pathsep-separated) that runs may read local files under
 
 # What each profile is for; quoted by the guard so the user can pick a limit.
 RECOMMENDED_MAX_SAMPLES = {
@@ -95,3 +104,59 @@ def check_vocab(config: Config, vocab_size: int) -> None:
             f"cache.top_k ({config.cache.top_k}) is larger than the teacher's vocabulary ({vocab_size} tokens). "
             f"Fix: cache.top_k={min(64, vocab_size)}."
         )
+
+
+def check_policy(config: Config, deployed: bool, env: Mapping[str, str] | None = None) -> None:
+    """Refuse a run that asks for more than this worker allows: remote code, or local files outside its roots.
+
+    A deployed run (triggered from the UI, REST or a schedule) gets neither unless the worker's environment
+    grants it. A local command-line run is the user's own: unrestricted unless the same variables say otherwise.
+    """
+    env = os.environ if env is None else env
+    allow_code = env.get(ALLOW_REMOTE_CODE_ENV)
+    if config.teacher.trust_remote_code and not _truthy(allow_code) and (deployed or allow_code is not None):
+        raise ConfigError(
+            "teacher.trust_remote_code: this worker does not let runs execute code from a model repository. Fix: "
+            f"teacher.trust_remote_code=false, or the worker's operator starts it with {ALLOW_REMOTE_CODE_ENV}=1 "
+            "(docs/DEPLOYMENT.md)."
+        )
+    roots = env.get(ALLOWED_ROOTS_ENV)
+    if roots is None and not deployed:
+        return
+    allowed = [Path(r).expanduser().resolve() for r in (roots or "").split(os.pathsep) if r.strip()]
+    for key, value in local_inputs(config):
+        real = Path(value.removeprefix("file://")).expanduser().resolve()  # symlinks and .. resolved
+        if not any(real.is_relative_to(root) for root in allowed):
+            where = ", ".join(map(str, allowed[:-1])) or f"none: {ALLOWED_ROOTS_ENV} is not set"
+            raise ConfigError(
+                f"{key}: {value!r} is a local path outside the directories this worker lets runs read ({where}). "
+                f"Fix: use a hub id or a URL, or the worker's operator adds its directory to {ALLOWED_ROOTS_ENV} "
+                "(docs/DEPLOYMENT.md)."
+            )
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def local_inputs(config: Config) -> Iterator[tuple[str, str]]:
+    """(key, value) of every config value that names a local file or directory a run would read."""
+    teacher, ds = config.teacher.model, config.dataset
+    if _is_local_path(teacher):
+        yield "teacher.model", teacher
+    if _is_local_path(ds.name):
+        yield "dataset.name", ds.name
+    files = ds.data_files
+    values = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files or []
+    for value in values:
+        for path in [value] if isinstance(value, str) else value:
+            if _is_local_path(str(path)):
+                yield "dataset.data_files", str(path)
+
+
+def _is_local_path(value: str) -> bool:
+    """A local path: not a demo asset, not a URL; absolute, relative (./, ~), deeper than org/name, or existing."""
+    if value.startswith(DEMO_PREFIX) or ("://" in value and not value.startswith("file://")):
+        return False
+    return (value.startswith(("/", ".", "~", "file://")) or value.count("/") > 1
+            or os.path.exists(os.path.expanduser(value)))

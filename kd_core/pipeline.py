@@ -87,22 +87,32 @@ class Layout:
         return io.join(self.work_dir, shard.name, f"part-{part:05d}.json")
 
 
+def staging_root() -> Path:
+    """Where local scratch lives: $KD_CACHE_STAGING, else the system's temporary directory."""
+    return Path(os.environ.get("KD_CACHE_STAGING", tempfile.gettempdir()))
+
+
 def staging_dir(config: Config) -> Path:
     """Local scratch for files on their way to a remote target (h5py writes need a seekable local file)."""
-    root = Path(os.environ.get("KD_CACHE_STAGING", tempfile.gettempdir())) / "kd-cache-staging" / config.content_key()
+    root = staging_root() / "kd-cache-staging" / config.content_key()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 # -- validate-config -------------------------------------------------------------------------------------------
 
-def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, check_target: bool = True) -> Config:
-    """Load and check the config. The max_samples guard runs before anything is loaded or written.
+def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, check_target: bool = True,
+             deployed: bool = False) -> Config:
+    """Load and check the config. The max_samples guard runs before anything is loaded or written; the worker's
+    policy (guards.check_policy; stricter for a `deployed` run) before any file the run names is read.
     check_target=False skips the output target (`kd-cache estimate` needs no bucket to exist)."""
     from kd_core.teacher import teacher_vocab_size
 
     config = load_config(profile, overrides)
     guards.check_config(config)
+    guards.check_policy(config, deployed)
+    # Resolved once, here: the key covers the dtype, and every shard of a build must run in the same one.
+    config.teacher.dtype = config.resolved_dtype()
     if check_target:
         io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
     guards.check_vocab(config, teacher_vocab_size(config.teacher))  # reads the teacher's config file, no weights
@@ -141,7 +151,24 @@ def estimate(config: Config, check: bool = True) -> storage.StorageEstimate:
     est.fits = est.reason is None
     if check:
         check_fits(est)
+        if not io.is_local(config.output.uri):
+            check_staging(est)
     return est
+
+
+def check_staging(est: storage.StorageEstimate) -> None:
+    """A remote target still needs local disk: parts are written locally before upload, and the merge downloads
+    every part and writes the merged cache beside them (twice the cache). Checked before any teacher work."""
+    root = staging_root()
+    while not root.exists():
+        root = root.parent
+    free, need = storage.local_free_bytes(root), 2 * est.expected_bytes
+    if need > free:
+        raise StorageError(
+            f"KD_CACHE_STAGING: the local staging directory {root} has {storage.human_bytes(free)} free; a run to a "
+            f"remote output.uri needs about {storage.human_bytes(need)} there (its parts, then the merge). Fix: set "
+            "KD_CACHE_STAGING to a directory on a larger disk, or lower dataset.max_samples."
+        )
 
 
 def check_fits(est: storage.StorageEstimate) -> None:
@@ -220,6 +247,12 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
     provenance = Provenance(format_version=cachefile.FORMAT_VERSION, vocab_size=teacher.vocab_size,
                             top_k=config.cache.top_k, tokenizer=getattr(teacher.tokenizer, "name_or_path", None),
                             teacher_dtype=str(teacher.dtype).removeprefix("torch."))
+    if done and done[0].provenance.teacher_dtype != provenance.teacher_dtype:  # never mix precisions
+        raise CacheFileError(
+            f"{shard.name}: its complete parts were made in {done[0].provenance.teacher_dtype} but this worker loads "
+            f"the teacher in {provenance.teacher_dtype}; refusing to mix them in one cache. Fix: "
+            f"teacher.dtype={done[0].provenance.teacher_dtype}, or delete {layout.work_dir} to start this version over."
+        )
     # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
     texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
     # Progress counts the whole shard, complete parts included.

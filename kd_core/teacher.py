@@ -50,6 +50,9 @@ def _load(what: str, cfg: TeacherConfig, fn, **kwargs):
     path = cfg.model  # demo paths were resolved when the config was loaded
     if _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f"teacher.model: local path {path!r} does not exist. Point it at a model directory.")
+    if os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"teacher.model: {path!r} is a file; a local teacher is a directory holding config.json, "
+                          "the weights and the tokenizer (as save_pretrained writes it). Point it at that directory.")
     try:
         return fn(
             os.path.expanduser(path),
@@ -94,6 +97,12 @@ def load_tokenizer(cfg: TeacherConfig):
     from transformers import AutoTokenizer
 
     return _load("tokenizer", cfg, AutoTokenizer.from_pretrained)
+
+
+def auto_dtype(device: str) -> str:
+    """What teacher.dtype=auto means for teacher.device on this machine: bfloat16 on CUDA, else float32."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "bfloat16" if cuda else "float32"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -66,6 +66,8 @@ def teacher_inference_on_pool(profile: str, overrides: list[str], config: Config
     ended in (a failed child does not raise), so the state is checked here. The record is read from the output
     target, not from the child's result, so no result storage has to be shared between machines.
     """
+    # teacher.dtype as resolved here: `auto` would resolve on the GPU worker to another dtype, hence another key.
+    overrides = [*overrides, f"teacher.dtype={config.teacher.dtype}"]
     child = run_deployment(SHARD_DEPLOYMENT, parameters={"profile": profile, "overrides": overrides,
                                                          "shard": shard.model_dump()},
                            flow_run_name=shard.name, poll_interval=2)

@@ -37,6 +37,8 @@ CASES = {
     "wrong type": ({"cache": {"top_k": "many"}}, "validate", r"cache\.top_k: .*integer.*'many'"),
     "nonexistent teacher path": ({"teacher": {"model": "/nonexistent/teacher"}}, "validate",
                                  r"teacher\.model: local path '/nonexistent/teacher' does not exist"),
+    "a file as teacher.model": ({"teacher": {"model": "FILE"}}, "validate",
+                                r"teacher\.model: '.*model\.safetensors' is a file; a local teacher is a directory"),
     "no text column": ({"dataset": {"text_column": "body"}}, "estimate",
                        r"dataset\.text_column: the dataset has no column 'body'; its columns are \['text'\]"),
     "max_samples over a non-streaming split": ({"dataset": {"streaming": False, "max_samples": 10_000}}, "estimate",
@@ -76,7 +78,10 @@ def _resolve(extra, tmp_path):
     data_files = (extra.get("dataset") or {}).get("data_files")
     if data_files == "EMPTY":
         extra = {**extra, "dataset": {**extra["dataset"], "data_files": _empty_parquet(tmp_path)}}
-    elif data_files in DATA_FILES:
+    if (extra.get("teacher") or {}).get("model") == "FILE":  # a weights file passed instead of its directory
+        (tmp_path / "model.safetensors").write_bytes(b"not a model")
+        extra = {**extra, "teacher": {"model": str(tmp_path / "model.safetensors")}}
+    if data_files in DATA_FILES:
         extra = {**extra, "dataset": {**extra["dataset"], "data_files": DATA_FILES[data_files](tmp_path)}}
     return extra
 
@@ -115,7 +120,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path, out, sma
     err = _cli(step, over, capsys)
     assert re.search(message, err), err
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.suffix != ".parquet"]
+    assert not [p for p in tmp_path.iterdir() if p.suffix not in (".parquet", ".safetensors")]
 
 
 def test_file_uri_is_one_local_directory_for_data_locks_and_clean_up(tmp_path, small_teacher_dir, corpus_path,

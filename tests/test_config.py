@@ -1,5 +1,7 @@
 """Config loading, overrides and the guards of validate-config (no data, no teacher needed)."""
 
+import os
+
 import pytest
 
 from kd_core import guards
@@ -221,3 +223,47 @@ def test_demo_paths_resolve_once_when_the_config_loads(monkeypatch):
     assert (config.teacher.model, config.dataset.data_files) == ("/assets/teacher", "/assets/corpus.parquet")
     assert load_config("demo", ["dataset.data_files=[a.parquet, '@demo/corpus.parquet']"]).dataset.data_files == [
         "a.parquet", "/assets/corpus.parquet"]
+
+
+def _policy_config(tmp_path, **sections):
+    base = {"teacher": {"model": "org/model"}, "dataset": {"name": "parquet", "data_files": "@demo/corpus.parquet"},
+            "output": {"uri": str(tmp_path / "out")}}
+    for section, values in sections.items():
+        base[section] = {**base[section], **values}
+    return load_config("demo", base)
+
+
+def test_deployment_policy_decides_what_a_run_may_read_and_run(tmp_path):
+    """A run's config is a run parameter: once, anyone who could trigger a run could read /etc/passwd into a cache
+    or run code with teacher.trust_remote_code=true. Now the worker's environment decides (DEPLOYMENT.md)."""
+    data = tmp_path / "data"
+    (data / "in").mkdir(parents=True)
+    (data / "escape").symlink_to("/etc")
+    roots = {guards.ALLOWED_ROOTS_ENV: f"{data}{os.pathsep}/models"}
+    passwd = _policy_config(tmp_path, dataset={"name": "text", "data_files": "/etc/passwd"})
+    outside = r"dataset\.data_files: '/etc/passwd' is a local path outside the directories this worker lets runs read"
+
+    guards.check_policy(passwd, deployed=False, env={})  # the command line: the user's own files
+    with pytest.raises(ConfigError, match=outside + r" \(none: KD_CACHE_ALLOWED_ROOTS is not set\)"):
+        guards.check_policy(passwd, deployed=True, env={})
+    with pytest.raises(ConfigError, match=outside):
+        guards.check_policy(passwd, deployed=False, env=roots)
+    guards.check_policy(_policy_config(tmp_path), deployed=True, env={})  # hub ids and the demo's own assets
+    for inside in (f"{data}/in/a.parquet", [f"{data}/in/a.parquet"], {"train": f"file://{data}/in/*.parquet"}):
+        guards.check_policy(_policy_config(tmp_path, dataset={"data_files": inside}), deployed=True, env=roots)
+    for escape in (f"{data}/escape/passwd", f"{data}/in/../../x.parquet"):
+        with pytest.raises(ConfigError, match="dataset.data_files: .* outside"):
+            guards.check_policy(_policy_config(tmp_path, dataset={"data_files": escape}), deployed=True, env=roots)
+    with pytest.raises(ConfigError, match="teacher.model: '/opt/m' is a local path outside"):
+        guards.check_policy(_policy_config(tmp_path, teacher={"model": "/opt/m"}), deployed=True, env=roots)
+    with pytest.raises(ConfigError, match="dataset.name: '/srv/ds' is a local path outside"):
+        guards.check_policy(_policy_config(tmp_path, dataset={"name": "/srv/ds"}), deployed=True, env=roots)
+
+    code = _policy_config(tmp_path, teacher={"trust_remote_code": True})
+    refused = r"teacher\.trust_remote_code: this worker does not let runs execute code .* KD_CACHE_ALLOW_REMOTE_CODE=1"
+    with pytest.raises(ConfigError, match=refused):
+        guards.check_policy(code, deployed=True, env={})
+    with pytest.raises(ConfigError, match=refused):
+        guards.check_policy(code, deployed=False, env={guards.ALLOW_REMOTE_CODE_ENV: "0"})
+    guards.check_policy(code, deployed=True, env={guards.ALLOW_REMOTE_CODE_ENV: "1"})
+    guards.check_policy(code, deployed=False, env={})

@@ -260,3 +260,19 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
                          "'No space left on device')")
     assert not io._transient(OSError(errno.ENOSPC, "No space left on device")) and not io._transient(hdf5_style)
     assert _not_a_user_error(None, None, _FailedState(e.value)) is False
+
+
+def test_remote_target_with_too_little_local_staging_fails_in_estimate(bucket, moto_endpoint, small_teacher_dir,
+                                                                       corpus_path, tmp_path, monkeypatch):
+    """A remote run once found its local staging disk full at merge time, after all the GPU work."""
+    monkeypatch.setenv("KD_CACHE_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setattr("kd_core.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher must not load"))
+    real_free = pipeline.storage.local_free_bytes
+    monkeypatch.setattr(pipeline.storage, "local_free_bytes",
+                        lambda path: 10_000 if str(path).startswith(str(tmp_path)) else real_free(path))
+    opts = s3_options(moto_endpoint)
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
+                                                 output={"storage_options": opts}))
+    with pytest.raises(StorageError, match=r"KD_CACHE_STAGING: the local staging directory .* has 10\.0 KB free"):
+        pipeline.estimate(config)
+    assert listing(f"s3://{bucket}/kd", opts) == []

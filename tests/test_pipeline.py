@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+import kd_core
 from kd_core import pipeline
+from kd_core import teacher as teacher_module
 from kd_core.cachefile import CacheReader
-from kd_core.config import TeacherConfig
+from kd_core.config import TeacherConfig, load_config
+from kd_core.errors import CacheFileError
 from kd_core.teacher import load_teacher
 from s3helpers import assert_same_arrays, build, read_arrays
+from s3helpers import overrides as small_run
 
 
 def overrides(teacher_dir, corpus_path, out, **extra):
@@ -172,3 +176,54 @@ def test_four_shards_under_a_small_object_limit_read_by_stock_h5py_match_the_tea
     teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), dtype="float32", device="cpu"))
     report = verify_rows(teacher, rows, top_k=8)
     assert report.ok and report.samples == 58, report
+
+
+def test_version_key_covers_resolved_dtype_format_and_producer(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
+    """An fp32 cache then the same run with teacher.dtype=bfloat16 once said "up to date" (dtype not in the key)."""
+    uri = str(tmp_path / "out")
+    small = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1}}
+    fp32 = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, **small))
+    assert fp32.teacher.dtype == "float32"  # auto resolved on this CPU machine, and recorded so
+    build(fp32)
+    bf16 = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "bfloat16"},
+                                               **small))
+    assert bf16.content_key() != fp32.content_key() and pipeline.published(bf16) is None
+    explicit = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "float32"},
+                                                   **small))
+    assert explicit.content_key() == fp32.content_key() and pipeline.published(explicit) is not None
+    monkeypatch.setattr("kd_core.teacher.torch.cuda.is_available", lambda: True)  # the same profile on a GPU worker
+    gpu_worker = load_config("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"device": "auto"}, **small))
+    assert gpu_worker.content_key() == bf16.content_key()
+    monkeypatch.undo()
+    key = fp32.content_key()
+    with monkeypatch.context() as m:
+        m.setattr(kd_core, "__version__", "99.0")  # another producer may write other bytes
+        assert fp32.content_key() != key
+    with monkeypatch.context() as m:
+        m.setattr("kd_core.config.FORMAT_VERSION", 2)
+        assert fp32.content_key() != key
+    assert fp32.content_key() == key
+
+
+def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
+    """Killed in fp32 and resumed in bf16 once published one file whose parts differed by up to 0.05 nats."""
+    over = small_run(small_teacher_dir, corpus_path, str(tmp_path / "out"), dataset={"max_samples": 20},
+                     run={"num_shards": 1})
+    config = pipeline.validate("demo", over)
+    shard = pipeline.plan(config, pipeline.estimate(config))[0]
+    real_publish = pipeline.io.publish_file
+
+    def killed_after_part_0(local, uri, opts=None):
+        if "part-00001" in uri:
+            raise KeyboardInterrupt  # the worker dies before the second part is published
+        real_publish(local, uri, opts)
+
+    monkeypatch.setattr(pipeline.io, "publish_file", killed_after_part_0)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_shard(config, shard)
+    monkeypatch.setattr(pipeline.io, "publish_file", real_publish)
+    real_load = teacher_module.load_teacher
+    monkeypatch.setattr(teacher_module, "load_teacher",  # this worker resolves another dtype for the same key
+                        lambda cfg: real_load(cfg.model_copy(update={"dtype": "bfloat16"})))
+    with pytest.raises(CacheFileError, match=r"made in float32 but this worker loads the teacher in bfloat16"):
+        pipeline.run_shard(config, shard)

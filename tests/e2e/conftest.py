@@ -133,6 +133,9 @@ def prefect_stack(tmp_path_factory) -> PrefectStack:
         "PREFECT_API_AUTH_STRING": AUTH,
         "PREFECT_CLI_PROMPT": "false",
         "KD_CACHE_ROOT": str(REPO),  # the deployments' pull step: run the flows from this checkout
+        # The deployment policy (docs/DEPLOYMENT.md): runs may read local files only under pytest's temporary
+        # directory (the test teachers and corpora), and may not run a model repository's code.
+        "KD_CACHE_ALLOWED_ROOTS": str(tmp_path_factory.getbasetemp()),
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # workers pick up runs within a second (default 10)
         "PREFECT_WORKER_PREFETCH_SECONDS": "1",
     }

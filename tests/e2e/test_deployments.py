@@ -129,6 +129,27 @@ def test_guard_failure_ends_failed_with_its_message_and_starts_nothing(prefect_s
     assert not out.exists()
 
 
+@pytest.mark.parametrize("asks_for, message", [
+    (["dataset.data_files=/etc/passwd", "dataset.name=text"],
+     "dataset.data_files: '/etc/passwd' is a local path outside the directories this worker lets runs read"),
+    (["teacher.trust_remote_code=true"],
+     "teacher.trust_remote_code: this worker does not let runs execute code from a model repository"),
+])
+def test_a_rest_run_asking_for_more_than_the_worker_allows_fails_in_validate_config(
+        prefect_stack, small_teacher_dir, corpus_path, tmp_path, asks_for, message):
+    """The workers run with KD_CACHE_ALLOWED_ROOTS=<pytest's temp dir> and no KD_CACHE_ALLOW_REMOTE_CODE."""
+    out = tmp_path / "out"
+    overrides = tiny(small_teacher_dir, corpus_path, out) + asks_for
+    with prefect_stack.client() as client:
+        response = trigger(client, {"profile": "testing", "overrides": overrides})
+        assert response.status_code == 201, response.text
+        run = wait(prefect_stack, client, response.json()["id"])
+        task_runs = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+    assert run["state_type"] == "FAILED" and run["state"]["message"].startswith(message), run["state"]["message"]
+    assert [t["name"].rsplit("-", 1)[0] for t in task_runs] == ["validate-config"]
+    assert not out.exists()
+
+
 def test_a_ui_form_submission_keeps_the_profiles_values(prefect_stack, small_teacher_dir, corpus_path, tmp_path):
     """What the UI's run form sends: the profile field filled in (a YAML file on the worker), overrides left
     alone, so null. The run must use the profile as it is: its teacher, dataset, sample count and top_k."""

@@ -64,11 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_secret(name: str):
+    """output.credentials: the Prefect Secret block, read through Prefect (imported only when a config names one)."""
+    from tasks.validate_config import read_secret_block
+
+    return read_secret_block(name)
+
+
 def cmd_run(args) -> int:
     from kd_core import pipeline
 
-    # Check before starting Prefect, so a bad config is one clean message; the flow's first task checks again.
-    pipeline.validate(args.profile, args.overrides)
+    # Check before starting Prefect, so a bad config is one clean message (and credentials passed as overrides are
+    # refused before any flow run records them); the flow's first task checks again.
+    pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
     from flows.build_teacher_cache import build_teacher_cache
 
     result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
@@ -84,7 +92,8 @@ def cmd_estimate(args) -> int:
     """The numbers, always (a cache that would not fit included: `fits` says so and why); exit 0."""
     from kd_core import pipeline
 
-    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides, check_target=False), check=False)
+    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides, check_target=False,
+                                              read_secret=_read_secret), check=False)
     if args.json:
         print(json.dumps(est.as_dict(), indent=2))
     else:
@@ -96,11 +105,11 @@ def cmd_validate(args) -> int:
     """Every check `run` makes before the teacher loads, the size limits included."""
     from kd_core import pipeline
 
-    config = pipeline.validate(args.profile, args.overrides)
+    config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
     est = pipeline.estimate(config, check=False)
     print(json.dumps(config.public_dict(), indent=2))
     _print_rows(est.rows())
-    pipeline.check_fits(est)
+    pipeline.check_space(config, est)
     print(f"config OK (cache key {config.content_key()})")
     return 0
 

@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -96,7 +97,12 @@ class OutputConfig(_Section):
     uri: str = Field(description="Where the cache goes: a local directory or an fsspec URL (s3://bucket/prefix).")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for the target (endpoint, profile). Prefer credentials from the environment.",
+        description="fsspec options for the target (endpoint_url, profile, client_kwargs). Never credentials: "
+                    "those come from the worker's environment or output.credentials.",
+    )
+    credentials: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the target's credentials as a JSON object of "
+                          "fsspec options (key, secret, token). Each worker reads it at run time; never recorded.",
     )
     max_bytes: StrictInt | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
     max_object_bytes: StrictInt = Field(
@@ -125,6 +131,12 @@ class RunConfig(_Section):
     )
 
 
+CREDENTIALS_GO_HERE = (
+    "Give them to the workers instead: their environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE), "
+    "~/.aws, or a Prefect Secret block named by output.credentials (docs/DEPLOYMENT.md)."
+)
+
+
 class Config(_Section):
     teacher: TeacherConfig = Field(description="The teacher model.")
     dataset: DatasetConfig = Field(description="The text to run the teacher over.")
@@ -132,11 +144,23 @@ class Config(_Section):
     output: OutputConfig = Field(description="Where the cache goes and how big it may be.")
     run: RunConfig = Field(default_factory=RunConfig, description="How the work is split.")
 
+    @model_validator(mode="after")
+    def _no_credentials(self) -> "Config":
+        # Profiles and Python callers too, not only overrides: the config is recorded (manifests, attributes,
+        # Prefect's task results). A ConfigError, not a ValueError: pydantic would quote the value.
+        for section, values in self.model_dump(mode="json").items():
+            if where := find_credentials(section, values):
+                raise ConfigError(f"{where}: credentials are not accepted in the config: it is recorded (Prefect's "
+                                  f"database and UI, manifests, cache attributes); the value is not shown. "
+                                  f"{CREDENTIALS_GO_HERE}")
+        return self
+
     def public_dict(self) -> dict[str, Any]:
-        """The config as plain data with secrets masked: safe for logs, artifacts and file attributes."""
+        """The config as plain data, safe for logs, artifacts and file attributes: storage options are masked
+        except those known to be harmless (an allow-list), and any URL's user and password are dropped."""
         data = self.model_dump(mode="json")
-        data["output"]["storage_options"] = mask_secrets(data["output"]["storage_options"])
-        return data
+        data["output"]["storage_options"] = mask_options(data["output"]["storage_options"])
+        return strip_url_credentials(data)
 
     def content_key(self) -> str:
         """A short hash of everything that determines the cache's bytes (not where it is written): the teacher,
@@ -168,19 +192,37 @@ class Config(_Section):
         return auto_dtype(self.teacher.device)
 
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "auth", "credential")
+# Storage options recorded as they are: what an endpoint and its client need, none of it a secret. Everything
+# else is recorded as '***' (an allow-list: an option nobody thought of is masked, not leaked; credentials are
+# refused outright, find_credentials).
+_PUBLIC_OPTIONS = frozenset({
+    "endpoint_url", "anon", "profile", "region_name", "client_kwargs", "config_kwargs", "connect_timeout",
+    "read_timeout", "retries", "max_attempts", "total_max_attempts", "mode", "use_ssl", "verify", "requester_pays",
+    "default_block_size", "default_cache_type", "default_fill_cache", "version_aware", "cache_regions",
+    "use_listings_cache", "listings_expiry_time", "s3", "addressing_style", "signature_version",
+    "max_pool_connections", "project", "account_name", "consistency",
+})
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 
 
-def mask_secrets(options: Any) -> Any:
-    """Replace the value of any key that looks like a credential with '***', recursively."""
+def mask_options(options: Any) -> Any:
+    """Storage options as they may be recorded: allow-listed keys kept (recursively), every other value '***'."""
     if isinstance(options, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else mask_secrets(v)
-            for k, v in options.items()
-        }
+        return {k: mask_options(v) if k in _PUBLIC_OPTIONS else "***" for k, v in options.items()}
     if isinstance(options, list):
-        return [mask_secrets(v) for v in options]
+        return [mask_options(v) for v in options]
     return options
+
+
+def strip_url_credentials(value: Any) -> Any:
+    """Every string that is a URL with user:password@ gets '***@' instead, recursively."""
+    if isinstance(value, dict):
+        return {k: strip_url_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strip_url_credentials(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value)
+    return value
 
 
 def available_profiles() -> list[str]:
@@ -267,18 +309,24 @@ _CREDENTIAL_PARTS = {"key", "secret", "token", "password", "passwd", "credential
 _URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
 
-def _refuse_credentials(key: str, value: Any) -> None:
-    """Credentials must not be run parameters: Prefect stores parameters in its database and shows them in the UI."""
+def find_credentials(key: str, value: Any) -> str | None:
+    """The dotted key of the first credential under `key`: a credential-like storage option, or a URL with a
+    password in it; None when there is none."""
     for where, leaf in _walk(key, value):
         words = set(re.split(r"[_.\-]", where.lower().removeprefix("output.storage_options")))
         named = where.startswith("output.storage_options") and words & _CREDENTIAL_PARTS
         if named or (isinstance(leaf, str) and _URL_WITH_PASSWORD.search(leaf)):
-            raise ConfigError(
-                f"{where}: credentials are not accepted as overrides (Prefect stores run parameters in its "
-                "database and shows them in the UI); the value is not shown. Give them to the worker instead: "
-                "its environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE), ~/.aws/credentials, "
-                "or a Prefect Secret/credentials block (docs/DEPLOYMENT.md)."
-            )
+            return where
+    return None
+
+
+def _refuse_credentials(key: str, value: Any) -> None:
+    """Credentials must not be run parameters: Prefect stores parameters in its database and shows them in the UI."""
+    if where := find_credentials(key, value):
+        raise ConfigError(
+            f"{where}: credentials are not accepted as overrides (Prefect stores run parameters in its database "
+            f"and shows them in the UI); the value is not shown. {CREDENTIALS_GO_HERE}"
+        )
 
 
 def _walk(key: str, value: Any):
@@ -361,6 +409,8 @@ def describe_validation_error(error: ValidationError) -> str:
             lines.append(f"{key}: unknown key.{_did_you_mean(err['loc'])}")
         elif err["type"] == "missing":
             lines.append(f"{key}: required, set it in the profile or as {key}=VALUE.")
+        elif key.startswith("output.storage_options") or key == "output.credentials":
+            lines.append(f"{key}: {err['msg']}.")  # never quote what may be a secret
         else:
             lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}).")
     if len(lines) == 1:  # the usual case: one line that names the key

@@ -140,7 +140,25 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+# Credentials a worker read at run time (a Prefect Secret block named by output.credentials), per output root.
+# Held in this process only: never in a Config, so never in a parameter, a log, a manifest or a file attribute.
+_CREDENTIALS: dict[str, dict[str, Any]] = {}
+
+
+def use_credentials(root: str, options: dict[str, Any]) -> None:
+    """Use `options` (fsspec's key, secret, token, ...) for every URI under `root` in this process."""
+    _CREDENTIALS[root.rstrip("/")] = dict(options)
+
+
+def _with_credentials(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    for root, credentials in _CREDENTIALS.items():
+        if uri == root or uri.startswith(root + "/"):
+            return {**(storage_options or {}), **credentials}
+    return storage_options or {}
+
+
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    storage_options = _with_credentials(uri, storage_options)
     if is_local(uri):
         return url_to_fs(uri, **(storage_options or {}))
     # No listings cache: other processes (shard workers, a concurrent run) write here, and a stale listing

@@ -35,6 +35,7 @@ byte-for-byte the same.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -102,21 +103,46 @@ def staging_dir(config: Config) -> Path:
 # -- validate-config -------------------------------------------------------------------------------------------
 
 def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, check_target: bool = True,
-             deployed: bool = False) -> Config:
+             deployed: bool = False, read_secret: Callable[[str], Any] | None = None) -> Config:
     """Load and check the config. The max_samples guard runs before anything is loaded or written; the worker's
     policy (guards.check_policy; stricter for a `deployed` run) before any file the run names is read.
-    check_target=False skips the output target (`kd-cache estimate` needs no bucket to exist)."""
+    check_target=False skips the output target (`kd-cache estimate` needs no bucket to exist).
+
+    read_secret(name) returns the value of the Prefect Secret block named by output.credentials: the flow and
+    command-line layers pass it (kd_core imports no Prefect). The credentials go to io.use_credentials, never
+    into the config.
+    """
     from kd_core.teacher import teacher_vocab_size
 
     config = load_config(profile, overrides)
     guards.check_config(config)
     guards.check_policy(config, deployed)
+    if config.output.credentials is not None:
+        io.use_credentials(config.output.uri, _credentials(config, read_secret))
     # Resolved once, here: the key covers the dtype, and every shard of a build must run in the same one.
     config.teacher.dtype = config.resolved_dtype()
     if check_target:
         io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
     guards.check_vocab(config, teacher_vocab_size(config.teacher))  # reads the teacher's config file, no weights
     return config
+
+
+def _credentials(config: Config, read_secret: Callable[[str], Any] | None) -> dict[str, Any]:
+    """The fsspec options held by the Secret block named by output.credentials (a JSON object)."""
+    name = config.output.credentials
+    if read_secret is None:
+        raise ConfigError(f"output.credentials: the Secret block {name!r} can only be read by a Prefect flow run or "
+                          "the kd-cache command; this caller passed no reader.")
+    value = read_secret(name)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or not value:  # never quote the value: it is a secret
+        raise ConfigError(f"output.credentials: the Secret block {name!r} must hold a JSON object of fsspec options, "
+                          'e.g. {"key": "...", "secret": "..."} for S3.')
+    return value
 
 
 # -- estimate-storage ------------------------------------------------------------------------------------------
@@ -150,10 +176,15 @@ def estimate(config: Config, check: bool = True) -> storage.StorageEstimate:
     est.reason = storage.does_not_fit(est)
     est.fits = est.reason is None
     if check:
-        check_fits(est)
-        if not io.is_local(config.output.uri):
-            check_staging(est)
+        check_space(config, est)
     return est
+
+
+def check_space(config: Config, est: storage.StorageEstimate) -> None:
+    """The size limits: output.max_bytes, the target's free space, and local staging for a remote target."""
+    check_fits(est)
+    if not io.is_local(config.output.uri):
+        check_staging(est)
 
 
 def check_staging(est: storage.StorageEstimate) -> None:

@@ -16,5 +16,5 @@ def estimate_storage(config: Config) -> StorageEstimate:
                           human_bytes(est.upper_bound_bytes), f"{est.num_samples:,}")
     create_table_artifact(key="storage-estimate", table=[{"what": k, "value": v} for k, v in est.rows()],
                           description="Storage and GPU-time estimate for this cache build")
-    pipeline.check_fits(est)
+    pipeline.check_space(config, est)
     return est

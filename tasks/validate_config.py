@@ -1,16 +1,27 @@
 """validate-config: the first task and the first to fail (the max_samples guard and every config check)."""
 
 from prefect import get_run_logger, task
+from prefect.blocks.system import Secret
 from prefect.runtime import deployment
 
 from kd_core import pipeline
 from kd_core.config import Config
+from kd_core.errors import ConfigError
+
+
+def read_secret_block(name: str) -> Any:
+    """The value of the Prefect Secret block `name` (output.credentials), read on this worker at run time."""
+    try:
+        return Secret.load(name).get()
+    except ValueError as e:  # no such block (Prefect's message names it, never a value)
+        raise ConfigError(f"output.credentials: cannot read the Prefect Secret block {name!r} ({e}). Create it, e.g. "
+                          "Secret(value={\"key\": ..., \"secret\": ...}).save(NAME), or fix the name.") from None
 
 
 @task(name="validate-config")
 def validate_config(profile: str, overrides: list[str]) -> Config:
     # A run of a deployment (UI, REST, schedule, or a shard of one) gets only what the worker's policy allows.
-    config = pipeline.validate(profile, overrides, deployed=deployment.id is not None)
+    config = pipeline.validate(profile, overrides, deployed=deployment.id is not None, read_secret=read_secret_block)
     get_run_logger().info("config OK: profile %s, cache key %s, output %s", profile, config.content_key(),
                           config.output.uri)
     return config

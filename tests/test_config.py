@@ -192,17 +192,24 @@ def test_content_key_covers_only_the_mode_s_own_settings():
     assert load_config("testing", ["cache.mode=sampled", "cache.samples=16"]).content_key() != sampled
 
 
-def test_secrets_are_masked_and_do_not_change_the_content_key(tmp_path):
-    profile = tmp_path / "with-secrets.yaml"
-    text = (PROFILES_DIR / "testing.yaml").read_text()
-    profile.write_text(text.replace("output:\n", "output:\n  storage_options: {key: AKIA123, secret: s3cr3t, "
-                                                 "endpoint_url: 'http://x'}\n"))
-    a = load_config(str(profile))
+def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_key():
+    """Masking by secret names once missed connection_string and passwords inside URLs."""
+    options = {"endpoint_url": "http://x", "client_kwargs": {"region_name": "eu"}, "fixed_upload_size": True,
+               "s3_additional_kwargs": {"ACL": "private"}}
+    a = load_config("testing", {"output": {"storage_options": options}})
     b = load_config("testing")
     public = a.public_dict()["output"]["storage_options"]
-    assert public == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
-    assert "s3cr3t" not in str(a.public_dict())
+    assert public == {"endpoint_url": "http://x", "client_kwargs": {"region_name": "eu"}, "fixed_upload_size": "***",
+                      "s3_additional_kwargs": "***"}
     assert a.content_key() == b.content_key()
+    for secret in ({"key": "AKIA123"}, {"connection_string": "AccountKey=s3cr3t"},
+                   {"client_kwargs": {"aws_session_token": "s3cr3t"}}, {"endpoint_url": "https://u:s3cr3t@host"}):
+        with pytest.raises(ConfigError, match="credentials are not accepted in the config") as e:
+            load_config("testing", {"output": {"storage_options": secret}})
+        assert "s3cr3t" not in str(e.value) and "AKIA123" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^dataset\.data_files: credentials are not accepted in the config") as e:
+        load_config("testing", {"dataset": {"data_files": "https://u:s3cr3t@host/x.parquet"}})
+    assert "s3cr3t" not in str(e.value)
     assert load_config("testing", ["cache.top_k=8"]).content_key() != b.content_key()
 
 

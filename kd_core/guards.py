@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kd_core import storage
-from kd_core.config import Config
+from kd_core.config import PROFILES_DIR, Config
 from kd_core.errors import ConfigError
 
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.
@@ -120,19 +120,43 @@ def check_policy(config: Config, deployed: bool, env: Mapping[str, str] | None =
             f"teacher.trust_remote_code=false, or the worker's operator starts it with {ALLOW_REMOTE_CODE_ENV}=1 "
             "(docs/DEPLOYMENT.md)."
         )
+    allowed = allowed_roots(deployed, env)
+    for key, value in local_inputs(config):
+        check_local_path(key, value, allowed)
+
+
+def allowed_roots(deployed: bool, env: Mapping[str, str] | None = None) -> list[Path] | None:
+    """The directories runs may read local files under; None when unrestricted (a command-line run, no policy)."""
+    env = os.environ if env is None else env
     roots = env.get(ALLOWED_ROOTS_ENV)
     if roots is None and not deployed:
+        return None
+    from kd_core.demo import demo_dir  # imports torch: only when a policy applies
+
+    # Listed roots, then the shipped demo's own assets (@demo/..., resolved when the config loads): always readable.
+    return [*(Path(r).expanduser().resolve() for r in (roots or "").split(os.pathsep) if r.strip()),
+            demo_dir().resolve()]
+
+
+def check_local_path(key: str, value: str, allowed: list[Path] | None) -> None:
+    """ConfigError when the local path `value` (config key `key`) lies outside every allowed root."""
+    if allowed is None:
         return
-    allowed = [Path(r).expanduser().resolve() for r in (roots or "").split(os.pathsep) if r.strip()]
-    for key, value in local_inputs(config):
-        real = Path(value.removeprefix("file://")).expanduser().resolve()  # symlinks and .. resolved
-        if not any(real.is_relative_to(root) for root in allowed):
-            where = ", ".join(map(str, allowed[:-1])) or f"none: {ALLOWED_ROOTS_ENV} is not set"
-            raise ConfigError(
-                f"{key}: {value!r} is a local path outside the directories this worker lets runs read ({where}). "
-                f"Fix: use a hub id or a URL, or the worker's operator adds its directory to {ALLOWED_ROOTS_ENV} "
-                "(docs/DEPLOYMENT.md)."
-            )
+    real = Path(value.removeprefix("file://")).expanduser().resolve()  # symlinks and .. resolved
+    if not any(real.is_relative_to(root) for root in allowed):
+        where = ", ".join(map(str, allowed[:-1])) or f"none: {ALLOWED_ROOTS_ENV} is not set"
+        raise ConfigError(
+            f"{key}: {value!r} is a local path outside the directories this worker lets runs read ({where}). "
+            f"Fix: use a hub id or a URL, or the worker's operator adds its directory to {ALLOWED_ROOTS_ENV} "
+            "(docs/DEPLOYMENT.md)."
+        )
+
+
+def check_profile(profile: str, deployed: bool, env: Mapping[str, str] | None = None) -> None:
+    """A profile given as a path is a file the run reads: the same roots apply (shipped profiles always may)."""
+    path = Path(profile).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file() and not path.resolve().is_relative_to(PROFILES_DIR):
+        check_local_path("profile", profile, allowed_roots(deployed, env))
 
 
 def _truthy(value: str | None) -> bool:

@@ -114,6 +114,7 @@ def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, 
     """
     from kd_core.teacher import teacher_vocab_size
 
+    guards.check_profile(profile, deployed)
     config = load_config(profile, overrides)
     guards.check_config(config)
     guards.check_policy(config, deployed)

@@ -1,5 +1,7 @@
 """validate-config: the first task and the first to fail (the max_samples guard and every config check)."""
 
+from typing import Any
+
 from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.runtime import deployment

@@ -266,6 +266,14 @@ def test_deployment_policy_decides_what_a_run_may_read_and_run(tmp_path):
     with pytest.raises(ConfigError, match="dataset.name: '/srv/ds' is a local path outside"):
         guards.check_policy(_policy_config(tmp_path, dataset={"name": "/srv/ds"}), deployed=True, env=roots)
 
+    guards.check_profile("testing", deployed=True, env={})  # a shipped profile, by name
+    (tmp_path / "elsewhere").mkdir()
+    for where in (data / "in", tmp_path / "elsewhere"):
+        (where / "p.yaml").write_text("teacher: {model: org/model}\n")
+    guards.check_profile(str(data / "in" / "p.yaml"), deployed=True, env=roots)
+    with pytest.raises(ConfigError, match=r"profile: '.*elsewhere/p\.yaml' is a local path outside"):
+        guards.check_profile(str(tmp_path / "elsewhere" / "p.yaml"), deployed=True, env=roots)
+
     code = _policy_config(tmp_path, teacher={"trust_remote_code": True})
     refused = r"teacher\.trust_remote_code: this worker does not let runs execute code .* KD_CACHE_ALLOW_REMOTE_CODE=1"
     with pytest.raises(ConfigError, match=refused):

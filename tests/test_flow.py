@@ -53,7 +53,7 @@ def test_the_run_form_has_a_title_and_a_description_for_every_field():
 def test_a_null_parameter_means_as_the_profile_has_it(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """The UI sends null for untouched fields; the profile's values stay (here: its dataset and teacher)."""
     seen = {}
-    monkeypatch.setattr(pipeline, "validate", lambda profile, overrides: seen.update(p=profile, o=overrides)
+    monkeypatch.setattr(pipeline, "validate", lambda profile, overrides, **policy: seen.update(p=profile, o=overrides)
                         or (_ for _ in ()).throw(ConfigError("stop here")))
     assert build_teacher_cache(profile=None, overrides=None, return_state=True).is_failed()
     assert seen == {"p": "demo", "o": []}

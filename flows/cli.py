@@ -56,12 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("verify", help="recompute the teacher on random samples of a cache and compare")
     p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
-    p.add_argument("--samples", type=int, default=8, help="how many random samples to check (default: 8)")
+    p.add_argument("--samples", type=_positive_int, default=8, help="how many random samples to check (default: 8)")
+    p.add_argument("--teacher", metavar="MODEL", help="the teacher to recompute with (hub id or local directory); "
+                                                     "default: the one the cache names")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the teacher's repository run its own code; never taken from the cache file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float32", action="store_true",
                    help="compare with the teacher in float32 at fp16-rounding tolerances even when the cache was "
                         "made in bf16/fp16 (by default such a cache is compared with the teacher in its own dtype)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of samples, at least 1 (got {text!r})")
+    return value
 
 
 def _read_secret(name: str):
@@ -152,13 +166,13 @@ def cmd_verify(args) -> int:
     import torch
 
     from kd_core.cachefile import CacheReader
-    from kd_core.config import TeacherConfig
     from kd_core.pipeline import resolve_cache_uri
     from kd_core.teacher import load_teacher
-    from kd_core.verify import verify_rows
+    from kd_core.verify import teacher_to_verify, verify_rows
 
     with CacheReader(resolve_cache_uri(args.uri)) as reader:
-        teacher_cfg = TeacherConfig.model_validate(json.loads(reader.attrs["config"])["teacher"])
+        # A cache is someone else's data: it may name a teacher, never whether that teacher's code may run.
+        teacher_cfg = teacher_to_verify(reader.attrs, model=args.teacher, trust_remote_code=args.trust_remote_code)
         made_in = reader.attrs.get("teacher_dtype", "float32")
         picks = sorted(random.Random(args.seed).sample(range(len(reader)), min(args.samples, len(reader))))
         rows = [reader[i] for i in picks]
@@ -166,6 +180,9 @@ def cmd_verify(args) -> int:
         dtype, tolerances = "float32", {}
     else:
         dtype, tolerances = made_in, HALF_PRECISION_TOLERANCES
+    named = "given by --teacher" if args.teacher else "named by the cache; --teacher MODEL to use another"
+    print(f"loading teacher {teacher_cfg.model} @ {teacher_cfg.revision or 'default revision'} ({named}), "
+          f"trust_remote_code={teacher_cfg.trust_remote_code}", flush=True)
     teacher = load_teacher(teacher_cfg.model_copy(update={"dtype": dtype}))
     report = verify_rows(teacher, rows, top_k=reader.top_k, dtype=getattr(torch, dtype), **tolerances)
     print(f"checked {report.samples} samples ({report.positions:,} positions) of a cache made in {made_in} "

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_core.config import TeacherConfig
+from kd_core.errors import CacheFileError
 from kd_core.sampling import CDF_SCALE, FitAccumulator, FitReport
 from kd_core.inference import has_plain_head
 from kd_core.teacher import Teacher
@@ -68,6 +70,18 @@ class VerifyReport:
             and self.topk_mismatches == 0
             and sampled_ok
         )
+
+
+def teacher_to_verify(attrs: dict[str, Any], model: str | None = None,
+                      trust_remote_code: bool = False) -> TeacherConfig:
+    """The teacher to recompute a cache with: its model and revision from the cache's attributes (unless `model`
+    is given), and trust_remote_code only from the caller, never from the file (a cache may be crafted)."""
+    recorded = attrs.get("teacher_model")
+    if model is None and not isinstance(recorded, str):
+        raise CacheFileError("the cache names no teacher (attribute teacher_model); pass --teacher MODEL.")
+    revision = None if model is not None else attrs.get("teacher_revision")
+    return TeacherConfig(model=model or recorded, revision=revision if isinstance(revision, str) else None,
+                         trust_remote_code=trust_remote_code)
 
 
 def _get(row: Any, name: str) -> np.ndarray | None:

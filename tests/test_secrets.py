@@ -22,6 +22,7 @@ from s3helpers import ACCESS_KEY, SECRET_KEY, bucket, cache_attrs_text, listing,
 from flows.build_teacher_cache import build_teacher_cache
 from flows import cli
 from kd_core import io
+from kd_core.config import override_strings
 
 pytestmark = pytest.mark.slow  # two Prefect flow runs against S3: ~40 s
 
@@ -41,7 +42,11 @@ def prefect_files():
         yield [database.parent, Path(settings.home)]
 
 
-def tiny(small_teacher_dir, corpus_path, uri, **output) -> dict:
+def tiny(small_teacher_dir, corpus_path, uri, **output) -> list[str]:
+    return override_strings(tiny_dict(small_teacher_dir, corpus_path, uri, **output))
+
+
+def tiny_dict(small_teacher_dir, corpus_path, uri, **output) -> dict:
     return {
         "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
         "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 12},
@@ -71,7 +76,7 @@ def test_credentials_given_every_way_are_never_recorded(prefect_files, bucket, m
 
     # Refused: in overrides, in a profile file, as a password in a URL. One line naming the key, exit 2, no echo,
     # and no flow run created (a run's parameters are stored in Prefect's database the moment it exists).
-    base = tiny(small_teacher_dir, corpus_path, f"s3://{bucket}/refused", storage_options=opts)
+    base = tiny_dict(small_teacher_dir, corpus_path, f"s3://{bucket}/refused", storage_options=opts)
     profile = tmp_path / "with-secret.yaml"
     profile.write_text(yaml.safe_dump({**base, "output": {**base["output"], "storage_options": {
         **opts, "client_kwargs": {"aws_secret_access_key": REFUSED[1]}}}}))

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kd_core import storage
-from kd_core.config import PROFILES_DIR, Config
+from kd_core.config import DEMO_PREFIX, PROFILES_DIR, Config
 from kd_core.errors import ConfigError
 
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.

@@ -210,7 +210,7 @@ def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_pa
     over = small_run(small_teacher_dir, corpus_path, str(tmp_path / "out"), dataset={"max_samples": 20},
                      run={"num_shards": 1})
     config = pipeline.validate("demo", over)
-    shard = pipeline.plan(config, pipeline.estimate(config))[0]
+    shard = pipeline.plan(config).shards[0]
     real_publish = pipeline.io.publish_file
 
     def killed_after_part_0(local, uri, opts=None):

@@ -216,7 +216,7 @@ def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_pa
     def killed_after_part_0(local, uri, opts=None):
         if "part-00001" in uri:
             raise KeyboardInterrupt  # the worker dies before the second part is published
-        real_publish(local, uri, opts)
+        return real_publish(local, uri, opts)
 
     monkeypatch.setattr(pipeline.io, "publish_file", killed_after_part_0)
     with pytest.raises(KeyboardInterrupt):

@@ -1,0 +1,412 @@
+"""Fidelity: does a student distilled from a cache get as good as one with the teacher in the loop? Prints a table.
+
+    python bench/fidelity.py                    # the study in docs/FIDELITY.md (~15 min on 2 busy CPU cores)
+    python bench/fidelity.py --seeds 1 --steps 40 --arms ce,online,top8   # a quick look
+
+Everything is local and on CPU. The text is the Python standard library's docstrings (kd_core.demo's corpus),
+split by document into a training set and a held-out set. A teacher (small Llama, own BPE tokenizer) is
+trained on the training set; the caches are built from it over the same training set through the project's
+pipeline (validate, estimate, plan, run_shard, merge) and read back with CacheDataset + pad_collate.
+
+Every arm trains the same smaller student from the same initialisation (per seed), on the same batches in the
+same order, for the same number of steps, with the same optimiser; only the loss differs:
+    ce              next-token cross-entropy only
+    online          KL(teacher || student) on the full vocabulary, teacher run on each batch (full_kd_loss)
+    topK-bucket     topk_kd_loss against a top-K cache, tail="bucket"   (K = 8, 64)
+    topK-renorm     topk_kd_loss against a top-K cache, tail="renormalize"
+    sampledN        sampled_kd_loss against a cache of N draws per position (cache.mode=sampled; N = 16, 64)
+    ...+ce          the same, mixed 50/50 with the cross-entropy
+Reported on the held-out set: cross-entropy, KL(teacher || student) on the full vocabulary, expected calibration
+error of the top-1 prediction (15 equal-width bins), as mean +- standard deviation over seeds; and each cache's
+stored bytes per token (every file of the version / tokens). Sampled arms need cache.mode=sampled in kd_core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from kd_core import pipeline  # noqa: E402
+from kd_core.config import CacheConfig  # noqa: E402
+from kd_core.dataset import CacheDataset, pad_collate  # noqa: E402
+from kd_core.demo import build_corpus, build_teacher, train_tokenizer  # noqa: E402
+from kd_core.loss import full_kd_loss, sampled_kd_loss, topk_kd_loss  # noqa: E402
+
+ECE_BINS = 15
+SAMPLED_MODE = "mode" in CacheConfig.model_fields  # cache.mode=sampled exists in this checkout
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes of the study; the defaults are what docs/FIDELITY.md reports."""
+
+    vocab: int = 1024
+    max_length: int = 64  # cache.max_length: tokens per sample the student trains on
+    heldout_every: int = 10  # every 10th document is held out
+    heldout_docs: int = 200  # of the ~240 held out; the ~2170 others are the training set, all of it cached
+    teacher_hidden: int = 128
+    teacher_layers: int = 3
+    teacher_steps: int = 1500
+    teacher_seq_len: int = 128
+    student_hidden: int = 64
+    student_layers: int = 1
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 3e-3
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    kd: str | None  # None (CE only), "online", "topk", "sampled"
+    cache: str | None = None  # the cache it reads: "top8", "top64", "sampled16", ...
+    tail: str = "bucket"
+    ce_weight: float = 0.0
+
+
+def all_arms() -> list[Arm]:
+    kd = [Arm("online", "online")]
+    for k in (8, 64):
+        kd += [Arm(f"top{k}-bucket", "topk", f"top{k}"), Arm(f"top{k}-renorm", "topk", f"top{k}", "renormalize")]
+    kd += [Arm(f"sampled{n}", "sampled", f"sampled{n}") for n in (16, 64)]
+    mixed = [Arm(a.name + "+ce", a.kd, a.cache, a.tail, 0.5) for a in kd]
+    return [Arm("ce", None)] + [arm for pair in zip(kd, mixed) for arm in pair]
+
+
+# ------------------------------------------------------------------------------------------------- assets
+
+
+def build_assets(work: Path, setup: Setup) -> tuple[Path, list[str]]:
+    """Corpus split, tokenizer and trained teacher under work/ (reused when there); (teacher dir, held-out texts)."""
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.parquet"
+    if not corpus.exists():
+        build_corpus(corpus)
+    texts = pq.read_table(corpus).column("text").to_pylist()
+    heldout = [t for i, t in enumerate(texts) if i % setup.heldout_every == 0][: setup.heldout_docs]
+    train = [t for i, t in enumerate(texts) if i % setup.heldout_every != 0]
+    train_file = work / "train.parquet"
+    if not train_file.exists():
+        pq.write_table(pa.table({"text": train}), train_file)
+    teacher = teacher_path(work, setup)
+    if not teacher.exists():
+        tokenizer = work / f"tokenizer-v{setup.vocab}"
+        if not tokenizer.exists():
+            train_tokenizer(train, tokenizer, setup.vocab)
+        start = time.perf_counter()
+        tmp = teacher.with_name(teacher.name + ".tmp")
+        build_teacher(tokenizer, tmp, hidden_size=setup.teacher_hidden, num_layers=setup.teacher_layers,
+                      train_texts=train, train_steps=setup.teacher_steps, seq_len=setup.teacher_seq_len)
+        tmp.rename(teacher)
+        print(f"teacher trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return teacher, heldout
+
+
+def teacher_path(work: Path, setup: Setup) -> Path:
+    return work / f"teacher-v{setup.vocab}-h{setup.teacher_hidden}-l{setup.teacher_layers}-s{setup.teacher_steps}"
+
+
+def build_cache(work: Path, teacher: Path, setup: Setup, name: str) -> tuple[str, float]:
+    """Build cache `name` ("top8", "sampled16", ...) through the pipeline's steps; (output.uri, stored B/token)."""
+    uri = work / "caches" / name
+    cache = {"max_length": setup.max_length}
+    if name.startswith("top"):
+        cache["top_k"] = int(name[3:])
+    else:
+        cache.update(mode="sampled", samples=int(name[7:]))
+    over = {
+        "teacher": {"model": str(teacher), "device": "cpu", "dtype": "float32", "batch_tokens": 4096},
+        "dataset": {"name": "parquet", "data_files": str(work / "train.parquet"), "split": "train",
+                    "streaming": True, "max_samples": pq.read_metadata(work / "train.parquet").num_rows},
+        "cache": cache,
+        "output": {"uri": str(uri)},
+        "run": {"num_shards": 1},
+    }
+    config = pipeline.validate("testing", over)
+    manifest = pipeline.published(config)
+    if manifest is None:
+        start = time.perf_counter()
+        pipeline.estimate(config)
+        records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
+        manifest = pipeline.merge(config, records)
+        print(f"cache {name}: {manifest['bytes_per_token']:.1f} B/token, {time.perf_counter() - start:.0f} s",
+              flush=True)
+    return str(uri), float(manifest["bytes_per_token"])
+
+
+# ------------------------------------------------------------------------------------------ train and eval
+
+
+def build_student(vocab_size: int, setup: Setup, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    heads = max(1, setup.student_hidden // 32)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=setup.student_hidden, intermediate_size=4 * setup.student_hidden,
+        num_hidden_layers=setup.student_layers, num_attention_heads=heads, num_key_value_heads=heads,
+        tie_word_embeddings=True,
+    ))
+
+
+def ce_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) at t predict input_ids at t+1; padding ignored."""
+    labels = input_ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (B, T-1)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def kd_loss(arm: Arm, logits: torch.Tensor, batch: dict[str, torch.Tensor], teacher) -> torch.Tensor:
+    """The arm's KD term on (B, T, V) student logits; cache row t and logits row t both predict token t+1."""
+    mask = batch["attention_mask"]
+    if arm.kd == "online":
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=mask).logits  # (B, T, V)
+        return full_kd_loss(logits, teacher_logits, mask=mask)
+    if arm.kd == "topk":
+        return topk_kd_loss(logits, batch["topk_indices"], batch["topk_logprobs"], mask=mask, tail=arm.tail)
+    return sampled_kd_loss(logits, batch["sampled_ids"], batch["sampled_counts"], mask=mask)
+
+
+def train_arm(arm: Arm, dataset: CacheDataset, vocab_size: int, teacher, setup: Setup, seed: int):
+    """Train a fresh student (same init and batches for every arm of a seed) and return it."""
+    student = build_student(vocab_size, setup, seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=setup.lr, weight_decay=0.01)
+    warmup = max(1, setup.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (setup.steps - s) / (setup.steps - warmup + 1)))
+    )
+    # The sampler's generator fixes the batch order; every cache holds the same samples in the same order.
+    loader = DataLoader(dataset, batch_size=setup.batch_size, shuffle=True, drop_last=True, collate_fn=pad_collate,
+                        generator=torch.Generator().manual_seed(seed))
+    step = 0
+    student.train()
+    while step < setup.steps:
+        for batch in loader:
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.zeros(())
+            if arm.kd is not None:
+                loss = loss + (1 - arm.ce_weight) * kd_loss(arm, logits, batch, teacher)
+            if arm.kd is None or arm.ce_weight > 0:
+                ce_w = 1.0 if arm.kd is None else arm.ce_weight
+                loss = loss + ce_w * ce_loss(logits, batch["input_ids"], batch["attention_mask"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == setup.steps:
+                break
+    return student.eval()
+
+
+@dataclass
+class HeldOut:
+    """The held-out set, tokenized like the cache, with the teacher's float32 log-probs on every row."""
+
+    input_ids: torch.Tensor  # (B, T)
+    real: torch.Tensor  # (B, T) True on real tokens (the attention mask)
+    mask: torch.Tensor  # (B, T) True where row t has a next token (t+1 is a real token)
+    teacher_logprobs: torch.Tensor  # (B, T, V) float32
+
+
+def heldout_set(teacher, tokenizer, texts: list[str], max_length: int) -> HeldOut:
+    ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    ids = [x for x in ids if len(x) > 1]
+    T = max(len(x) for x in ids)
+    input_ids = torch.zeros(len(ids), T, dtype=torch.long)
+    real = torch.zeros(len(ids), T, dtype=torch.bool)
+    for b, x in enumerate(ids):
+        input_ids[b, : len(x)], real[b, : len(x)] = torch.tensor(x), True
+    with torch.no_grad():
+        logprobs = torch.cat([
+            teacher(input_ids=input_ids[i: i + 16], attention_mask=real[i: i + 16]).logits.float().log_softmax(-1)
+            for i in range(0, len(ids), 16)
+        ])
+    mask = real.clone()
+    mask[:, :-1] &= real[:, 1:]
+    mask[:, -1] = False
+    return HeldOut(input_ids, real, mask, logprobs)
+
+
+def evaluate(model, held: HeldOut) -> dict[str, float]:
+    """Held-out CE, KL(teacher || model) over the full vocabulary, and top-1 ECE, per predicted token."""
+    ce_sum = kl_sum = 0.0
+    conf, correct = [], []
+    with torch.no_grad():
+        for i in range(0, len(held.input_ids), 16):
+            ids, real, mask = held.input_ids[i: i + 16], held.real[i: i + 16], held.mask[i: i + 16]
+            logprobs = model(input_ids=ids, attention_mask=real).logits.float().log_softmax(-1)  # (b, T, V)
+            t_logprobs = held.teacher_logprobs[i: i + 16]  # (b, T, V)
+            target = ids.roll(-1, dims=1)  # (b, T): the next token
+            lp_target = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (b, T)
+            ce_sum += -lp_target[mask].sum().item()
+            kl = (t_logprobs.exp() * (t_logprobs - logprobs)).sum(-1)  # (b, T)
+            kl_sum += kl[mask].sum().item()
+            top_lp, top_id = logprobs.max(-1)
+            conf.append(top_lp.exp()[mask])
+            correct.append((top_id == target)[mask].float())
+    n = int(held.mask.sum())
+    return {"ce": ce_sum / n, "kl": kl_sum / n, "ece": ece(torch.cat(conf), torch.cat(correct))}
+
+
+def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width confidence bins of |bin| / n * |accuracy - confidence|."""
+    which = (confidence * bins).long().clamp_max(bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            total += sel.float().mean().item() * abs(correct[sel].mean().item() - confidence[sel].mean().item())
+    return total
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+def build_all(work: Path, setup: Setup, names: list[str]) -> dict[str, tuple[str, float]]:
+    """Teacher and caches (reused when there); {cache name: (uri, B/token)}, also kept in work/caches.json.
+
+    caches.json holds paths relative to work/, so a copy of work/ (on another machine) runs without rebuilding.
+    """
+    index = work / "caches.json"
+    known = json.loads(index.read_text()) if index.exists() else {}
+    if not all(n in known for n in names):
+        teacher_dir, _ = build_assets(work, setup)
+        for name in names:
+            if name not in known:
+                uri, bpt = build_cache(work, teacher_dir, setup, name)
+                known[name] = [os.path.relpath(uri, work), bpt]
+                index.write_text(json.dumps(known, indent=1))
+    return {n: (str(work / known[n][0]), known[n][1]) for n in names}
+
+
+_WORKER: dict = {}  # per process: the teacher and the held-out set, loaded once
+
+
+def run_one(task: tuple[Arm, int, Setup, str, dict[str, str]]) -> tuple[str, int, dict[str, float], float]:
+    """Train and evaluate one (arm, seed) in this process (1 thread); (arm name, seed, scores, CPU seconds)."""
+    arm, seed, setup, work, uris = task
+    torch.set_num_threads(1)
+    if not _WORKER:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path(Path(work), setup), dtype=torch.float32)
+        _WORKER["teacher"] = teacher.eval()
+        _WORKER["held"] = torch.load(Path(work) / "heldout.pt")
+        _WORKER["datasets"] = {}
+    name = arm.cache or "top64"
+    datasets = _WORKER["datasets"]
+    if name not in datasets:
+        datasets[name] = CacheDataset(uris[name])
+    cpu = time.process_time()
+    student = train_arm(arm, datasets[name], _WORKER["teacher"].config.vocab_size, _WORKER["teacher"], setup, seed)
+    scores = evaluate(student, HeldOut(**_WORKER["held"]))
+    return arm.name, seed, scores, time.process_time() - cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", default="./out/fidelity", help="assets and caches (reused between runs)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=Setup.steps)
+    parser.add_argument("--arms", help="comma-separated arm names, or prefixes before - or + (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
+    parser.add_argument("--json", help="also write the per-seed results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # tiny matrices; the machine is shared (see kd_core.demo._train)
+    setup = Setup(steps=args.steps)
+    arms = all_arms()
+    if args.arms:
+        wanted = args.arms.split(",")
+        arms = [a for a in arms if any(a.name == w or a.name.startswith((w + "-", w + "+")) for w in wanted)]
+    if not SAMPLED_MODE:
+        skipped = [a.name for a in arms if a.kd == "sampled"]
+        arms = [a for a in arms if a.kd != "sampled"]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: this checkout has no cache.mode=sampled", flush=True)
+
+    started = time.perf_counter()
+    work = Path(args.work).resolve()
+    caches = build_all(work, setup, sorted({a.cache for a in arms if a.cache} | {"top64"}))  # CE/online: top64's tokens
+    teacher_dir, heldout_texts = build_assets(work, setup)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    held = heldout_set(teacher, AutoTokenizer.from_pretrained(teacher_dir), heldout_texts, setup.max_length)
+    torch.save(held.__dict__, work / "heldout.pt")
+    teacher_scores = evaluate(teacher, held)
+    print(f"assets ready in {time.perf_counter() - started:.0f} s; held-out: {int(held.mask.sum())} tokens; "
+          f"teacher CE {teacher_scores['ce']:.3f}, ECE {teacher_scores['ece']:.3f}", flush=True)
+
+    uris = {name: uri for name, (uri, _) in caches.items()}
+    tasks = [(arm, seed, setup, str(work), uris) for seed in range(args.seeds) for arm in arms]
+    results: dict[str, list[dict[str, float]]] = {a.name: [None] * args.seeds for a in arms}
+    cpu_total = 0.0
+    with multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        for name, seed, scores, cpu in (pool.imap_unordered(run_one, tasks) if pool else map(run_one, tasks)):
+            results[name][seed] = scores
+            cpu_total += cpu
+            print(f"seed {seed} {name:16s} CE {scores['ce']:.3f}  KL {scores['kl']:.3f}  ECE {scores['ece']:.3f}  "
+                  f"({cpu:.0f} s CPU)", flush=True)
+
+    vocab_size = teacher.config.vocab_size
+    print(f"\nteacher: {sum(p.numel() for p in teacher.parameters()):,} parameters, held-out CE "
+          f"{teacher_scores['ce']:.3f}; student: {sum(p.numel() for p in build_student(vocab_size, setup, 0).parameters()):,} "
+          f"parameters; {setup.steps} steps x {setup.batch_size} samples of <= {setup.max_length} tokens; "
+          f"{args.seeds} seed(s); {len(tasks)} runs, {cpu_total / 60:.1f} CPU-min, "
+          f"{(time.perf_counter() - started) / 60:.1f} min wall with {args.jobs} job(s)\n")
+    print("| student trained with | held-out CE | KL(teacher, student) | ECE | cache B/token |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| (teacher) | {teacher_scores['ce']:.3f} | 0 | {teacher_scores['ece']:.3f} | - |")
+    for arm in arms:
+        r = results[arm.name]
+        bpt = f"{caches[arm.cache][1]:.1f}" if arm.cache else "-"
+        print(f"| {arm.name} | {fmt([x['ce'] for x in r])} | {fmt([x['kl'] for x in r])} | "
+              f"{fmt([x['ece'] for x in r])} | {bpt} |")
+    print_goal(arms, results, caches)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": setup.__dict__, "teacher": teacher_scores,
+                                               "bytes_per_token": {k: v[1] for k, v in caches.items()},
+                                               "results": results}, indent=2))
+    return 0
+
+
+def print_goal(arms: list[Arm], results: dict[str, list[dict[str, float]]], caches: dict[str, tuple[str, float]]) -> None:
+    """The issue's goal: sampled within 1% of the best online arm on CE and within 5% on KL, at <= 40 B/token."""
+    mean = {a.name: {m: statistics.mean(x[m] for x in results[a.name]) for m in ("ce", "kl")} for a in arms}
+    online = [a.name for a in arms if a.kd == "online"]
+    sampled = [a for a in arms if a.kd == "sampled" and caches[a.cache][1] <= 40]
+    if not online or not sampled:
+        return
+    best_online = min(online, key=lambda n: mean[n]["ce"])
+    print(f"\ngoal (vs {best_online}: CE {mean[best_online]['ce']:.3f}, KL {mean[best_online]['kl']:.3f}):")
+    for a in sampled:
+        d_ce = 100 * (mean[a.name]["ce"] / mean[best_online]["ce"] - 1)
+        d_kl = 100 * (mean[a.name]["kl"] / mean[best_online]["kl"] - 1)
+        ok = d_ce <= 1 and d_kl <= 5
+        print(f"  {a.name:14s} {caches[a.cache][1]:.1f} B/token: CE {d_ce:+.1f}%, KL {d_kl:+.1f}% -> "
+              f"{'met' if ok else 'not met'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

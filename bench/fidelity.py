@@ -18,7 +18,9 @@ same order, for the same number of steps, with the same optimiser; only the loss
     ...+ce          the same, mixed 50/50 with the cross-entropy
 Reported on the held-out set: cross-entropy, KL(teacher || student) on the full vocabulary, expected calibration
 error of the top-1 prediction (15 equal-width bins), as mean +- standard deviation over seeds; and each cache's
-stored bytes per token (every file of the version / tokens). Sampled arms need cache.mode=sampled in kd_core.
+stored bytes per token (every file of the version / tokens). Arms whose cache this checkout cannot build are
+skipped with the reason. Teacher, caches and caches.json live under --work and are reused: a copy of that
+directory runs the study on another machine without rebuilding them.
 """
 
 from __future__ import annotations
@@ -45,13 +47,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kd_core import pipeline  # noqa: E402
-from kd_core.config import CacheConfig  # noqa: E402
+from kd_core.errors import ConfigError  # noqa: E402
 from kd_core.dataset import CacheDataset, pad_collate  # noqa: E402
 from kd_core.demo import build_corpus, build_teacher, train_tokenizer  # noqa: E402
 from kd_core.loss import full_kd_loss, sampled_kd_loss, topk_kd_loss  # noqa: E402
 
 ECE_BINS = 15
-SAMPLED_MODE = "mode" in CacheConfig.model_fields  # cache.mode=sampled exists in this checkout
 
 
 @dataclass(frozen=True)
@@ -296,11 +297,16 @@ def build_all(work: Path, setup: Setup, names: list[str]) -> dict[str, tuple[str
     if not all(n in known for n in names):
         teacher_dir, _ = build_assets(work, setup)
         for name in names:
-            if name not in known:
+            if name in known:
+                continue
+            try:
                 uri, bpt = build_cache(work, teacher_dir, setup, name)
-                known[name] = [os.path.relpath(uri, work), bpt]
-                index.write_text(json.dumps(known, indent=1))
-    return {n: (str(work / known[n][0]), known[n][1]) for n in names}
+            except ConfigError as e:  # e.g. cache.mode=sampled before this checkout writes it
+                print(f"skipping cache {name}: {e}", flush=True)
+                continue
+            known[name] = [os.path.relpath(uri, work), bpt]
+            index.write_text(json.dumps(known, indent=1))
+    return {n: (str(work / known[n][0]), known[n][1]) for n in names if n in known}
 
 
 _WORKER: dict = {}  # per process: the teacher and the held-out set, loaded once
@@ -341,15 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.arms:
         wanted = args.arms.split(",")
         arms = [a for a in arms if any(a.name == w or a.name.startswith((w + "-", w + "+")) for w in wanted)]
-    if not SAMPLED_MODE:
-        skipped = [a.name for a in arms if a.kd == "sampled"]
-        arms = [a for a in arms if a.kd != "sampled"]
-        if skipped:
-            print(f"skipping {', '.join(skipped)}: this checkout has no cache.mode=sampled", flush=True)
 
     started = time.perf_counter()
     work = Path(args.work).resolve()
     caches = build_all(work, setup, sorted({a.cache for a in arms if a.cache} | {"top64"}))  # CE/online: top64's tokens
+    arms = [a for a in arms if a.cache is None or a.cache in caches]
     teacher_dir, heldout_texts = build_assets(work, setup)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     held = heldout_set(teacher, AutoTokenizer.from_pretrained(teacher_dir), heldout_texts, setup.max_length)

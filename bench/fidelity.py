@@ -352,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     caches = build_all(work, setup, sorted({a.cache for a in arms if a.cache} | {"top64"}))  # CE/online: top64's tokens
     arms = [a for a in arms if a.cache is None or a.cache in caches]
+    # Same samples in the same order in every cache, so one sampler seed gives every arm the same batches.
+    first = {name: CacheDataset(uri)[0]["input_ids"] for name, (uri, _) in caches.items()}
+    sizes = {name: len(CacheDataset(uri)) for name, (uri, _) in caches.items()}
+    assert len(set(sizes.values())) == 1 and all(x.equal(first["top64"]) for x in first.values()), sizes
     teacher_dir, heldout_texts = build_assets(work, setup)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     held = heldout_set(teacher, AutoTokenizer.from_pretrained(teacher_dir), heldout_texts, setup.max_length)

@@ -148,9 +148,9 @@ def build_cache(work: Path, teacher: Path, setup: Setup, name: str) -> tuple[str
         pipeline.estimate(config)
         records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
         manifest = pipeline.merge(config, records)
-        print(f"cache {name}: {manifest['bytes_per_token']:.1f} B/token, {time.perf_counter() - start:.0f} s",
+        print(f"cache {name}: {manifest.bytes_per_token:.1f} B/token, {time.perf_counter() - start:.0f} s",
               flush=True)
-    return str(uri), float(manifest["bytes_per_token"])
+    return str(uri), float(manifest.bytes_per_token)
 
 
 # ------------------------------------------------------------------------------------------ train and eval
@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", help="comma-separated arm names, or prefixes before - or + (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
     parser.add_argument("--json", help="also write the per-seed results here")
+    parser.add_argument("--build-only", action="store_true", help="build the teacher and caches, then stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # tiny matrices; the machine is shared (see kd_core.demo._train)
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     caches = build_all(work, setup, sorted({a.cache for a in arms if a.cache} | {"top64"}))  # CE/online: top64's tokens
     arms = [a for a in arms if a.cache is None or a.cache in caches]
+    if args.build_only:
+        return 0
     # Same samples in the same order in every cache, so one sampler seed gives every arm the same batches.
     first = {name: CacheDataset(uri)[0]["input_ids"] for name, (uri, _) in caches.items()}
     sizes = {name: len(CacheDataset(uri)) for name, (uri, _) in caches.items()}

@@ -19,6 +19,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from kd_core import pipeline
+from kd_core.config import Config
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.records import Manifest, ShardRecord
@@ -68,6 +69,17 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
                                           f"`{manifest.key}`). No teacher work was done.")
         return {**manifest.model_dump(mode="json"), "up_to_date": True}
 
+    try:
+        return _run(profile, overrides, config, started)
+    except KDCacheError:
+        if (manifest := pipeline.published(config)) is None:
+            raise
+        # A same-config run published this version while ours ran (its shards then refuse to redo the work).
+        logger.info("up to date: another run published %s (key %s) meanwhile", manifest.uri, manifest.key)
+        return {**manifest.model_dump(mode="json"), "up_to_date": True}
+
+
+def _run(profile: str, overrides: list[str], config: Config, started: float) -> dict[str, Any]:
     estimate_storage(config)
     shards = shard_dataset(config)
     progress = ShardProgress(shards)

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance")
     p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--deep", action="store_true",
+                   help="read every file whole and check its size and sha256 against the manifest (exit 2 if damaged)")
     p = sub.add_parser("verify", help="recompute the teacher on random samples of a cache and compare")
     p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
     p.add_argument("--samples", type=_positive_int, default=8, help="how many random samples to check (default: 8)")
@@ -139,8 +141,15 @@ def cmd_inspect(args) -> int:
     from kd_core.pipeline import resolve_cache_uri
     from kd_core.storage import human_bytes
 
+    from kd_core.errors import CacheFileError
+
     with CacheReader(resolve_cache_uri(args.uri)) as reader:
         info = reader.info()
+        reader[len(reader) - 1]  # reads data, not only metadata: a damaged last part shows here
+        damage = reader.damage(deep=args.deep)  # sizes from a listing; --deep: every byte against its sha256
+    if damage:
+        more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
+        raise CacheFileError(f"{damage[0]}{more}. Fix: run the build again: a damaged version is rebuilt.")
     if args.json:
         print(json.dumps({**info.__dict__, "bytes_per_token": info.bytes_per_token}, indent=2, default=str))
         return 0

@@ -31,6 +31,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from kd_core.errors import CacheFileError
+
 FORMAT_VERSION = 1
 TOKEN_DATASETS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")  # one row per token
 SAMPLE_DATASETS = ("sample_index",)  # one row per sample (plus /offsets, S+1)
@@ -527,6 +529,10 @@ class CacheInfo:
 READ_DTYPES = {"input_ids": np.int64, "topk_indices": np.int64, "topk_logprobs": np.float32}
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 class CacheReader:
     """Random access to a cache by sample: a published version (its output root, its directory or its cache.h5;
     local or any fsspec URL, always through its manifest) or a single format-v1 file.
@@ -579,8 +585,15 @@ class CacheReader:
         """(h5py file, the fsspec file object under it or None for a local path)."""
         from kd_core import io
 
-        fileobj, _ = io.open_for_read(uri, self.storage_options)
-        return h5py.File(fileobj if fileobj is not None else io.local_path(uri), "r"), fileobj
+        try:
+            fileobj, _ = io.open_for_read(uri, self.storage_options)
+        except FileNotFoundError:
+            raise CacheFileError(f"{uri}: missing. The cache is incomplete: run the build again.") from None
+        try:
+            return h5py.File(fileobj if fileobj is not None else io.local_path(uri), "r"), fileobj
+        except OSError as e:  # truncated, overwritten, not HDF5
+            raise CacheFileError(f"{uri}: not a readable HDF5 file ({_first_line(e)}). It is damaged: run the build "
+                                 "again (a damaged version is rebuilt), or `kd-cache inspect --deep` for details.") from None
 
     @staticmethod
     def _close(handle: tuple[h5py.File, Any]) -> None:
@@ -609,13 +622,48 @@ class CacheReader:
         i %= len(self)
         f = int(np.searchsorted(self.starts, i, side="right")) - 1
         file, j = self._file(f), i - int(self.starts[f])
-        lo, hi = (int(x) for x in file["offsets"][j:j + 2])
-        sample = {"sample_index": int(file["sample_index"][j])}
-        for name, dataset in file.items():
-            if name not in PER_SAMPLE_DATASETS:
-                rows = dataset[lo:hi]
-                sample[name] = rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
+        try:
+            lo, hi = (int(x) for x in file["offsets"][j:j + 2])
+            sample = {"sample_index": int(file["sample_index"][j])}
+            for name, dataset in file.items():
+                if name not in PER_SAMPLE_DATASETS:
+                    rows = dataset[lo:hi]
+                    sample[name] = rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
+        except (OSError, KeyError, ValueError) as e:  # a corrupt chunk (checksum/decompression), a missing dataset
+            raise CacheFileError(f"{self.files[f]}: sample {i} cannot be read ({_first_line(e)}). The file is "
+                                 "damaged: run the build again, or `kd-cache inspect --deep` for details.") from None
         return sample
+
+    def damage(self, deep: bool = False) -> list[str]:
+        """Every file of the cache against the manifest (a version): its size, and with `deep` its sha256 (every
+        byte read); a single-file cache against its own checksums. One line per damaged file; empty if intact."""
+        from kd_core import io
+
+        if self.source.manifest is None:
+            if not deep:
+                return []
+            try:
+                verify_file(io.local_path(self.files[0]) if io.is_local(self.files[0]) else self._fetch(0))
+            except CacheFileError as e:
+                return [f"{self.files[0]}: {e}"]
+            return []
+        problems = []
+        for entry in self.source.manifest.files:
+            uri = self.source.join(entry.name)
+            try:
+                size = self._size(uri)
+            except FileNotFoundError:
+                problems.append(f"{uri}: missing")
+                continue
+            if size != entry.bytes:
+                problems.append(f"{uri}: {size:,} bytes, the manifest says {entry.bytes:,} (truncated or replaced)")
+            elif deep and io.sha256_of(uri, self.storage_options) != entry.sha256:
+                problems.append(f"{uri}: its sha256 differs from the manifest's (the bytes were changed)")
+        return problems
+
+    def _fetch(self, f: int):
+        raise CacheFileError(f"{self.files[f]}: a remote single-file cache is checked by downloading it first "
+                             "(kd-cache export), then inspect --deep on the local copy.")
 
     def read_all(self) -> dict[str, np.ndarray]:
         """Every dataset of the whole cache as stored, offsets included (small caches: tests, tools)."""

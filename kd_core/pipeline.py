@@ -49,7 +49,8 @@ import kd_core
 from kd_core import cachefile, data, guards, io, records, storage, versions
 from kd_core.config import Config, load_config
 from kd_core.data import ShardSpec
-from kd_core.errors import CacheFileError, ConfigError, StorageError
+from kd_core.errors import CacheFileError, ConfigError, KDCacheError, StorageError
+from kd_core.locks import is_held
 from kd_core.records import FileRecord, Manifest, ManifestFile, PartRecord, Provenance, ShardRecord
 
 log = logging.getLogger("kd_core.pipeline")
@@ -231,9 +232,11 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
     if (record := records.read_shard(layout.shard_record(shard), opts)) is not None:
         log.info("%s already complete, skipping", shard.name)
         return record
+    _refuse_if_published(layout, opts, shard.name)
 
     scratch = io.local_path(layout.root) if io.is_local(layout.root) else staging_dir(config)
     with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(scratch):
+        _refuse_if_published(layout, opts, shard.name)  # checked again under the lock: it may have just happened
         parts = plan_parts(shard, config.run.part_samples)
         done = complete_parts(layout, shard, parts, opts)
         if len(done) < len(parts):
@@ -344,8 +347,26 @@ def published(config: Config) -> Manifest | None:
     A complete version is made `latest` again if it is not (the config went back to an earlier one), so that
     "up to date" always means readers of `latest` get this config's cache.
     """
-    layout = Layout(config)
-    return versions.make_latest(layout.root, layout.key, config.output.storage_options)
+    layout, opts = Layout(config), config.output.storage_options
+    manifest = versions.make_latest(layout.root, layout.key, opts)
+    if manifest is not None and io.exists(layout.work_dir, opts) and not is_held(layout.merge_lock, opts):
+        # Left by a run killed between its manifest and its clean-up: every later run is "up to date", so
+        # nothing else would ever remove it (at scale, a second copy of the cache).
+        log.info("removing %s, left by a run stopped after publishing", layout.work_dir)
+        io.remove(layout.work_dir, opts)
+    return manifest
+
+
+class AlreadyPublished(KDCacheError):
+    """Another run published this version while this one was running: there is nothing left to do."""
+
+
+def _refuse_if_published(layout: Layout, opts: dict[str, Any], what: str) -> None:
+    """A same-config run that found the version unpublished may meet it published later (the other run was
+    merging): it must then stop, not redo the work and overwrite files of a live version."""
+    if io.exists(layout.manifest, opts):
+        raise AlreadyPublished(f"{layout.version_dir} was published by another run while this one was starting "
+                               f"{what}; nothing more to do.")
 
 
 def cache_attrs(config: Config, shards: list[ShardRecord]) -> dict[str, Any]:
@@ -386,6 +407,9 @@ def merge(config: Config, shards: list[ShardRecord]) -> Manifest:
 
 def _merge_locked(config: Config, shards: list[ShardRecord]) -> Manifest:
     layout, opts = Layout(config), config.output.storage_options
+    if (existing := records.read_manifest(layout.manifest, opts)) is not None:  # another run published it first
+        log.info("%s is already published; leaving it as it is", layout.version_dir)
+        return existing
     shards = sorted(shards, key=lambda r: r.shard.index)
     records.check_consistent([r.provenance for r in shards], f"the version {layout.key}")
     found = io.stamps(layout.version_dir, opts)  # one listing for every file of the version

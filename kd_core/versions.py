@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kd_core import io, records
-from kd_core.errors import ConfigError
+from kd_core.errors import CacheFileError, ConfigError
 from kd_core.locks import LEASE_SECONDS, LeaseLock, is_held
 from kd_core.records import Manifest, read_manifest
 
@@ -92,15 +92,44 @@ def make_latest(root: str, key: str, storage_options: dict[str, Any] | None = No
         return None
     with publish_lock(root, storage_options):
         found = read_manifest(manifest, storage_options)
-        if found is not None and latest_key(root, storage_options) != key:  # None: pruned while we waited
+        if found is None:  # pruned while we waited
+            return None
+        if damage := damaged_files(root, key, found, storage_options):
+            # Not complete after all: drop the manifest (the version is then being built, and nothing reads it)
+            # so that this run rebuilds it, rather than calling it up to date.
+            log.warning("version %s is damaged (%s): rebuilding it", key, "; ".join(damage))
+            io.remove(manifest, storage_options)
+            return None
+        if latest_key(root, storage_options) != key:
             set_latest(root, key, storage_options)
         return found
 
 
+def damaged_files(root: str, key: str, manifest: Manifest, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """What is wrong with a version's files against its manifest (missing, wrong size), from one listing."""
+    found = io.stamps(io.join(root, "versions", key), storage_options)
+    problems = []
+    for file in manifest.files:
+        size = found.get(file.name, {}).get("size")
+        if size != file.bytes:
+            problems.append(f"{file.name} " + ("is missing" if size is None else f"has {size:,} bytes, not {file.bytes:,}"))
+    return problems
+
+
 def latest_key(root: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The version latest.json points at, or None when nothing was published yet."""
+    """The version latest.json points at, or None when nothing was published yet; CacheFileError if damaged."""
     latest = io.join(root, "latest.json")
-    return io.read_json(latest, storage_options)["version"] if io.exists(latest, storage_options) else None
+    if not io.exists(latest, storage_options):
+        return None
+    try:
+        key = io.read_json(latest, storage_options)["version"]
+    except (ValueError, TypeError, KeyError) as e:  # garbage, or JSON without the key
+        raise CacheFileError(f"{latest}: damaged, not the JSON this tool writes ({type(e).__name__}). Fix: point it "
+                             'at a complete version, e.g. {"version": "<key>"} for one under versions/, or run '
+                             "the build again.") from None
+    if not isinstance(key, str) or not key or "/" in key:
+        raise CacheFileError(f"{latest}: damaged, its version is not a key under versions/. Fix: run the build again.")
+    return key
 
 
 def set_latest(root: str, key: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -1,6 +1,8 @@
-"""A cache is data from someone else: reading, inspecting or verifying one never runs code named by the file."""
+"""A cache is data from someone else: reading, inspecting or verifying one never runs code named by the file, and
+every damaged file is one line that names it, exit code 2."""
 
 import json
+import re
 import shutil
 
 import h5py
@@ -8,7 +10,9 @@ import pytest
 from s3helpers import build, overrides
 
 from flows import cli
-from kd_core import pipeline
+from kd_core import io, pipeline
+from kd_core.dataset import CacheDataset
+from kd_core.errors import CacheFileError
 
 EVIL = '''
 import pathlib
@@ -60,3 +64,51 @@ def test_verify_samples_must_be_positive(crafted_cache, samples, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --samples: must be a whole number of samples, at least 1" in err
     assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, small_teacher_dir, corpus_path):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 20},
+                                              run={"num_shards": 2, "part_samples": 10})))
+    return out
+
+
+def _damage(out, how):
+    """Damage a copy of a cache the way `how` says; the file that is now wrong."""
+    key = io.read_json(str(out / "latest.json"))["version"]
+    part = sorted((out / "versions" / key / "parts").rglob("*.h5"))[-1]
+    if how == "garbage latest.json":
+        (out / "latest.json").write_text("{not json")
+        return out / "latest.json"
+    data = part.read_bytes()
+    if how == "truncated part":
+        part.write_bytes(data[: len(data) // 2])
+    else:  # same size, 64 bytes flipped in the middle of the data
+        at = int(len(data) * 0.6)
+        part.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at:at + 64]) + data[at + 64:])
+    return part
+
+
+@pytest.mark.parametrize("how", ["truncated part", "garbage latest.json", "bit flips in a part"])
+def test_every_damaged_cache_is_one_line_naming_the_file_with_exit_2(how, clean_cache, tmp_path, capsys):
+    """Damaged caches once gave bare OSError/JSONDecodeError tracebacks (exit 1) or, bit-flipped, exit 0."""
+    out = tmp_path / "out"
+    shutil.copytree(clean_cache, out)
+    damaged = _damage(out, how)
+    commands = [["inspect", str(out), "--deep"]]
+    if how != "bit flips in a part":  # only the checksums see flipped bits in compressed chunks for sure
+        commands += [["inspect", str(out)], ["verify", str(out), "--samples", "20"]]
+    for argv in commands:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and str(damaged) in err, (argv, err)
+    if how != "bit flips in a part":
+        with pytest.raises(CacheFileError, match=re.escape(str(damaged))):
+            dataset = CacheDataset(str(out))
+            [dataset[i] for i in range(len(dataset))]
+
+
+def test_inspect_deep_passes_an_intact_cache(clean_cache, capsys):
+    assert cli.main(["inspect", str(clean_cache), "--deep"]) == 0

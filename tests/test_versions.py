@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from s3helpers import bucket, moto_endpoint, overrides  # noqa: F401
+from s3helpers import bucket, build, moto_endpoint, overrides  # noqa: F401
 
 from kd_core import io, pipeline, versions
 
@@ -117,3 +117,67 @@ def test_two_configs_publishing_at_once_with_keep_0_leave_latest_readable(tmp_pa
     assert (tmp_path / "out" / "versions" / latest / "manifest.json").exists()
     assert (tmp_path / "out" / "versions" / latest / "cache.h5").exists()
     assert remaining(uri, {}) == [latest]  # keep_versions=0: A's version pruned once B was latest
+
+
+SMALL = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1, "part_samples": 10}}
+
+
+def _small_run(tmp_path, small_teacher_dir, corpus_path):
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out"), **SMALL))
+    return config, pipeline.Layout(config)
+
+
+def test_a_same_config_run_meeting_its_version_published_neither_redoes_nor_overwrites_it(
+        tmp_path, small_teacher_dir, corpus_path, monkeypatch):
+    """Run B checked "published?" while run A was merging; A then published and cleaned up. B once redid every
+    shard and wrote over the live version's files."""
+    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    shards = pipeline.plan(config).shards
+    shard_records = [pipeline.run_shard(config, s) for s in shards]  # run A ...
+    manifest = pipeline.merge(config, shard_records)  # ... publishes, and removes work/<key>/
+    written = []
+    real_publish = pipeline.io.publish_file
+    monkeypatch.setattr(pipeline.io, "publish_file", lambda *a: written.append(a[1]) or real_publish(*a))
+    with pytest.raises(pipeline.AlreadyPublished, match="was published by another run"):
+        pipeline.run_shard(config, shards[0])  # run B, past its "published?" check
+    assert pipeline.merge(config, shard_records).published_at == manifest.published_at  # B's merge: A's version
+    assert written == []
+
+
+def test_work_left_by_a_kill_between_manifest_and_clean_up_is_removed_by_the_next_run(
+        tmp_path, small_teacher_dir, corpus_path, monkeypatch):
+    """work/<key>/ once leaked forever: every later run said "up to date" and never removed it."""
+    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    shard_records = [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards]
+    real_remove = pipeline.io.remove
+
+    def killed_before_clean_up(uri, opts=None):
+        if uri == layout.work_dir:
+            raise KeyboardInterrupt  # kill -9 right after latest.json moved
+        real_remove(uri, opts)
+
+    monkeypatch.setattr(pipeline.io, "remove", killed_before_clean_up)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.merge(config, shard_records)
+    monkeypatch.setattr(pipeline.io, "remove", real_remove)
+    assert io.exists(layout.work_dir) and versions.latest_key(layout.root) == layout.key
+    assert pipeline.published(config) is not None  # the next run: up to date ...
+    assert not io.exists(layout.work_dir)  # ... and the leftover is gone
+
+
+@pytest.mark.parametrize("damage", ["delete the index", "truncate a part"])
+def test_up_to_date_means_the_manifests_files_are_there_with_their_sizes(
+        damage, tmp_path, small_teacher_dir, corpus_path, monkeypatch):
+    """With cache.h5 deleted or a part truncated, runs once said "up to date", exit 0, and never rebuilt."""
+    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    manifest = build(config)
+    victim = io.local_path(layout.cache_file if damage == "delete the index"
+                           else io.join(layout.version_dir, manifest.parts[-1].name))
+    if damage == "delete the index":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert pipeline.published(config) is None  # not up to date: the version is rebuilt
+    rebuilt = build(config)
+    assert rebuilt.num_samples == manifest.num_samples and pipeline.published(config) is not None
+    assert victim.stat().st_size == (rebuilt.index if damage == "delete the index" else rebuilt.parts[-1]).bytes

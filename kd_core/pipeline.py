@@ -186,21 +186,24 @@ def check_space(config: Config, est: storage.StorageEstimate) -> None:
     """The size limits: output.max_bytes, the target's free space, and local staging for a remote target."""
     check_fits(est)
     if not io.is_local(config.output.uri):
-        check_staging(est)
+        check_staging(config, est)
 
 
-def check_staging(est: storage.StorageEstimate) -> None:
-    """A remote target still needs local disk: parts are written locally before upload, and the merge downloads
-    every part and writes the merged cache beside them (twice the cache). Checked before any teacher work."""
+def check_staging(config: Config, est: storage.StorageEstimate) -> None:
+    """A remote target still needs local disk: each part is written locally, checked, then uploaded (one part at
+    a time per shard). Checked before any teacher work, against what this process's shards stage."""
     root = staging_root()
     while not root.exists():
         root = root.parent
-    free, need = storage.local_free_bytes(root), 2 * est.expected_bytes
+    part_share = min(1.0, config.run.part_samples / max(1, est.num_samples))
+    need = int(est.expected_bytes * part_share)
+    free = storage.local_free_bytes(root)
     if need > free:
         raise StorageError(
             f"KD_CACHE_STAGING: the local staging directory {root} has {storage.human_bytes(free)} free; a run to a "
-            f"remote output.uri needs about {storage.human_bytes(need)} there (its parts, then the merge). Fix: set "
-            "KD_CACHE_STAGING to a directory on a larger disk, or lower dataset.max_samples."
+            f"remote output.uri writes each part there before uploading it, about {storage.human_bytes(need)} at "
+            f"run.part_samples={config.run.part_samples}. Fix: set KD_CACHE_STAGING to a directory on a larger "
+            "disk, or lower run.part_samples."
         )
 
 

@@ -147,21 +147,38 @@ def cmd_inspect(args) -> int:
         info = reader.info()
         reader[len(reader) - 1]  # reads data, not only metadata: a damaged last part shows here
         damage = reader.damage(deep=args.deep)  # sizes from a listing; --deep: every byte against its sha256
+        distinct = _distinct_ids(reader) if info.samples is not None and not damage else None
     if damage:
         more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
         raise CacheFileError(f"{damage[0]}{more}. Fix: run the build again: a damaged version is rebuilt.")
     if args.json:
-        print(json.dumps({**info.__dict__, "bytes_per_token": info.bytes_per_token}, indent=2, default=str))
+        print(json.dumps({**info.__dict__, "mode": info.mode, "bytes_per_token": info.bytes_per_token,
+                          "distinct_ids_per_row": distinct}, indent=2, default=str))
         return 0
     attrs = info.attrs
+    rows = f"top_k {info.top_k}" if info.samples is None else f"sampled, {info.samples} draws per row"
     print(f"cache       {info.path}")
-    print(f"samples     {info.num_samples:,}   tokens {info.num_tokens:,}   top_k {info.top_k}   vocab {info.vocab_size:,}")
+    print(f"samples     {info.num_samples:,}   tokens {info.num_tokens:,}   {rows}   vocab {info.vocab_size:,}")
+    if distinct:
+        print(f"distinct    ids per row (in {distinct['samples_read']} samples): mean {distinct['mean']:.1f}, "
+              f"p10 {distinct['p10']:.0f}, p50 {distinct['p50']:.0f}, p90 {distinct['p90']:.0f}, max {distinct['max']}")
     if info.file_bytes:
         print(f"size        {human_bytes(info.file_bytes)} ({info.bytes_per_token:.1f} B/token)")
     print(f"teacher     {attrs.get('teacher_model')} @ {attrs.get('teacher_revision', 'default')}")
     print(f"dataset     {attrs.get('dataset_name')} {attrs.get('dataset_config', '')} split={attrs.get('dataset_split')}")
     print(f"max_length  {attrs.get('max_length')}   format v{attrs.get('format_version')}   {attrs.get('producer')}")
     return 0
+
+
+def _distinct_ids(reader, most: int = 200) -> dict:
+    """Distinct ids per row of a sampled cache, from up to `most` samples spread over it."""
+    import numpy as np
+
+    picks = np.unique(np.linspace(0, len(reader) - 1, min(most, len(reader))).astype(int))
+    m = np.concatenate([(reader[int(i)]["sampled_counts"] > 0).sum(-1) for i in picks])
+    p10, p50, p90 = np.percentile(m, [10, 50, 90])
+    return {"samples_read": len(picks), "mean": float(m.mean()), "p10": p10, "p50": p50, "p90": p90,
+            "max": int(m.max())}
 
 
 # Tolerances when a cache made in half precision is checked against the teacher in that same precision:
@@ -193,13 +210,20 @@ def cmd_verify(args) -> int:
     print(f"loading teacher {teacher_cfg.model} @ {teacher_cfg.revision or 'default revision'} ({named}), "
           f"trust_remote_code={teacher_cfg.trust_remote_code}", flush=True)
     teacher = load_teacher(teacher_cfg.model_copy(update={"dtype": dtype}))
-    report = verify_rows(teacher, rows, top_k=reader.top_k, dtype=getattr(torch, dtype), **tolerances)
+    report = verify_rows(teacher, rows, top_k=reader.top_k, draws=reader.samples, dtype=getattr(torch, dtype),
+                         **tolerances)
     print(f"checked {report.samples} samples ({report.positions:,} positions) of a cache made in {made_in} "
-          f"against the teacher recomputed alone in {dtype}")
-    print(f"  max log-prob error     {report.max_logprob_error:.2e}  ({report.logprob_outliers} beyond "
-          f"{report.rtol:g}*|x| + {report.atol:g})")
+          f"against the teacher recomputed alone in {dtype} (output layer in float64)")
     print(f"  max logsumexp error    {report.max_logsumexp_error:.2e}  (tolerance {report.lse_tol:g})")
-    print(f"  top-k set mismatches   {report.topk_mismatches}")
+    if report.fit is None:
+        print(f"  max log-prob error     {report.max_logprob_error:.2e}  ({report.logprob_outliers} beyond "
+              f"{report.rtol:g}*|x| + {report.atol:g})")
+        print(f"  top-k set mismatches   {report.topk_mismatches}")
+    else:
+        print(f"  rows with bad counts   {report.layout_errors}  (counts must sum to {reader.samples}, ids ascending)")
+        print(f"  impossible draws       {report.impossible_draws}  (ids the teacher gives p < 1e-9)")
+        print(f"  draws vs the teacher   chi-square {report.fit.statistic:.1f} on {report.fit.dof} dof over "
+              f"{report.fit.draws:,} draws, p = {report.fit.p_value:.3g} (fails below {report.alpha:g})")
     print("OK" if report.ok else "MISMATCH: this cache does not match the teacher")
     return 0 if report.ok else 1
 

@@ -17,7 +17,6 @@ from kd_core.errors import ConfigError
 
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.
 MAX_SAMPLES_PER_POSITION = 32767
-SAMPLED_WRITER_READY = False
 
 # The deployment policy: what a run may touch is the worker's decision, not the run's (config values are run
 # parameters, so anyone who can trigger a run sets them). docs/DEPLOYMENT.md, "What a run may touch".
@@ -35,16 +34,19 @@ RECOMMENDED_MAX_SAMPLES = {
 
 
 def streaming_guard_message(config: Config) -> str:
+    sampled = config.cache.mode == "sampled"
     per_million = storage.upper_bound_bytes(
-        num_samples=1_000_000, max_length=config.cache.max_length, top_k=config.cache.top_k, vocab_size=128_000
+        num_samples=1_000_000, max_length=config.cache.max_length, top_k=config.cache.top_k, vocab_size=128_000,
+        samples=config.cache.samples if sampled else None,
     )
+    what = f"cache.samples {config.cache.samples}" if sampled else f"top_k {config.cache.top_k}"
     recommended = "\n".join(f"    {n:>12,}  {use}" for use, n in RECOMMENDED_MAX_SAMPLES.items())
     return (
         "dataset.max_samples is required when dataset.streaming=true.\n"
         f"  Why: a streaming source such as {config.dataset.name!r} can hold billions of samples (FineWeb: "
         "~15 trillion tokens). With no limit the run would read the whole stream: months of GPU time and up to "
         f"{storage.human_bytes(per_million)} of cache per million samples at "
-        f"max_length {config.cache.max_length}, top_k {config.cache.top_k}.\n"
+        f"max_length {config.cache.max_length}, {what}.\n"
         "  Fix: set a limit (the seed's form distillation.dataset.max_samples=1000000 works too), e.g.\n"
         "    command line:  kd-cache run --profile PROFILE dataset.max_samples=1000000\n"
         "    REST API:      \"overrides\": [\"dataset.max_samples=1000000\"]\n"
@@ -66,8 +68,6 @@ def check_config(config: Config) -> None:
         )
     if cache.mode == "topk" and cache.top_k < 1:
         raise ConfigError(f"cache.top_k must be at least 1, got {cache.top_k}. Fix: e.g. cache.top_k=64.")
-    if cache.mode == "sampled" and not SAMPLED_WRITER_READY:  # until the cache format has its datasets
-        raise ConfigError("cache.mode=sampled: this version does not write sampled caches yet. Fix: cache.mode=topk.")
     if cache.mode == "sampled" and not 1 <= cache.samples <= MAX_SAMPLES_PER_POSITION:
         raise ConfigError(
             f"cache.samples must be between 1 and {MAX_SAMPLES_PER_POSITION} draws per position, got "

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import kd_core
 from kd_core import cachefile, data, guards, io, records, storage, versions
-from kd_core.config import Config, load_config
+from kd_core.config import SAMPLER_VERSION, Config, load_config
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError, ConfigError, KDCacheError, StorageError
 from kd_core.locks import is_held
@@ -171,7 +171,8 @@ def estimate(config: Config, check: bool = True) -> storage.StorageEstimate:
                for t in texts]
     free = storage.local_free_bytes(io.local_path(config.output.uri)) if io.is_local(config.output.uri) else None
     est = storage.estimate(num_samples=total, max_length=max_length, top_k=config.cache.top_k,
-                           vocab_size=teacher_vocab_size(config.teacher), probe_lengths=lengths,
+                           samples=sampled_draws(config), vocab_size=teacher_vocab_size(config.teacher),
+                           probe_lengths=lengths,
                            max_bytes=config.output.max_bytes, free_bytes=free,
                            teacher_parameters=teacher_num_parameters(config.teacher),
                            num_shards=min(config.run.num_shards, total))
@@ -205,6 +206,11 @@ def check_staging(config: Config, est: storage.StorageEstimate) -> None:
             f"run.part_samples={config.run.part_samples}. Fix: set KD_CACHE_STAGING to a directory on a larger "
             "disk, or lower run.part_samples."
         )
+
+
+def sampled_draws(config: Config) -> int | None:
+    """N draws per row when the config asks for a sampled cache, None for a top-k cache."""
+    return config.cache.samples if config.cache.mode == "sampled" else None
 
 
 def check_fits(est: storage.StorageEstimate) -> None:
@@ -282,8 +288,10 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
 
     opts = config.output.storage_options
     teacher = load_teacher(config.teacher)
+    samples = sampled_draws(config)
     provenance = Provenance(format_version=cachefile.FORMAT_VERSION, vocab_size=teacher.vocab_size,
-                            top_k=config.cache.top_k, tokenizer=getattr(teacher.tokenizer, "name_or_path", None),
+                            top_k=config.cache.top_k if samples is None else None, samples=samples,
+                            tokenizer=getattr(teacher.tokenizer, "name_or_path", None),
                             teacher_dtype=str(teacher.dtype).removeprefix("torch."))
     if done and done[0].provenance.teacher_dtype != provenance.teacher_dtype:  # never mix precisions
         raise CacheFileError(
@@ -317,11 +325,12 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
 
         attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
         with cachefile.SplitWriter(local_path, config.output.max_object_bytes, publish, top_k=config.cache.top_k,
-                                   vocab_size=teacher.vocab_size, attrs=attrs) as writer:
+                                   vocab_size=teacher.vocab_size, attrs=attrs, samples=samples) as writer:
             # One teacher pass per part: batches never straddle a part, so a resumed run batches like a clean one.
+            # (Sampled mode's draws depend on each row's source row and position only, not on the batching.)
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
                                     max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
-                                    stats=stats):
+                                    stats=stats, mode=config.cache.mode, draws=config.cache.samples):
                 writer.append_rows(rows)
                 if progress is not None:
                     progress(stats)
@@ -377,7 +386,9 @@ def cache_attrs(config: Config, shards: list[ShardRecord]) -> dict[str, Any]:
     return {
         "producer": f"kd-cache {kd_core.__version__}",
         "teacher_model": config.teacher.model, "teacher_revision": config.teacher.revision,
-        "vocab_size": provenance.vocab_size, "tokenizer": provenance.tokenizer, "top_k": provenance.top_k,
+        "vocab_size": provenance.vocab_size, "tokenizer": provenance.tokenizer,
+        **({"mode": "topk", "top_k": provenance.top_k} if provenance.samples is None else
+           {"mode": "sampled", "samples": provenance.samples, "sampler": SAMPLER_VERSION}),
         "teacher_dtype": provenance.teacher_dtype,
         "dataset_name": ds.name, "dataset_config": ds.config, "dataset_split": ds.split,
         "dataset_revision": ds.revision, "dataset_data_files": ds.data_files,

@@ -34,7 +34,8 @@ class Provenance(_Record):
 
     format_version: int
     vocab_size: int
-    top_k: int
+    top_k: int | None            # None in a sampled cache
+    samples: int | None = None   # N draws per row in a sampled cache
     tokenizer: str | None
     teacher_dtype: str
 

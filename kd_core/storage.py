@@ -42,10 +42,28 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "A100": 312e12, "L4": 121e12}
 # The same MFU is assumed on A100 and L4 (not measured there).
 MEASURED_MFU = 0.22
 
+# Sampled mode (bench/bench_sampled.py, docs/FORMAT.md "Sampled mode"). A row stores m distinct ids; m depends on
+# how peaked the teacher is, which nothing before the run knows. Measured on the demo corpus: m = 46 at N = 64
+# for the demo teacher (200 training steps), 29 for the same model trained 2000 steps; "Sparse Logit Sampling"
+# reports about 12 for large LMs. m grows about as N**0.8 (m at N = 16, 64, 256: 13.5, 46, 147 and 10, 29, 77).
+# The estimate assumes the least trained of them, so it errs high (a size limit then refuses rather than
+# overflows) and is about 3x high for a large, confident teacher.
+SAMPLED_DISTINCT_AT_64 = 46.0
+SAMPLED_DISTINCT_EXPONENT = 0.8
+#  - an id stored as the gap to the previous id of its row: a random m-subset of V costs about log2(e V / m)
+#    bits per id, and gzip gets close to it (1.0 B measured at V = 4096, m = 46; the formula says 0.99);
+#  - counts (mostly 1): 0.22 B each; per-row lengths: 0.7 B measured.
+SAMPLED_COUNT_STORED_BYTES = 0.22
+SAMPLED_LENGTH_STORED_BYTES = 0.7
 
-def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int) -> int:
+
+def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int,
+                      samples: int | None = None) -> int:
+    """Every sample at max_length, uncompressed (sampled: every draw a distinct id)."""
     tokens = num_samples * max_length
-    return tokens * cachefile.bytes_per_token(top_k, vocab_size) + num_samples * cachefile.BYTES_PER_SAMPLE + 8 + FILE_OVERHEAD_BYTES
+    per_sample = cachefile.BYTES_PER_SAMPLE + (8 if samples is not None else 0)  # + /sampled_offsets
+    return (tokens * cachefile.bytes_per_token(top_k, vocab_size, samples) + num_samples * per_sample + 16
+            + FILE_OVERHEAD_BYTES)
 
 
 def human_bytes(n: float) -> str:
@@ -56,9 +74,19 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def stored_bytes_per_token(top_k: int, vocab_size: int) -> float:
+def expected_distinct(samples: int, vocab_size: int) -> float:
+    """The model's distinct ids per row among `samples` draws (see SAMPLED_DISTINCT_AT_64)."""
+    return min(samples, vocab_size, SAMPLED_DISTINCT_AT_64 * (samples / 64) ** SAMPLED_DISTINCT_EXPONENT)
+
+
+def stored_bytes_per_token(top_k: int, vocab_size: int, samples: int | None = None) -> float:
     """Expected bytes one token takes in the file after compression (see the constants above)."""
     id_bytes = math.log2(max(vocab_size, 2)) / 8
+    if samples is not None:
+        m = expected_distinct(samples, vocab_size)
+        gap_bytes = math.log2(math.e * max(vocab_size, 2) / m) / 8
+        return (id_bytes + LOGSUMEXP_STORED_BYTES + SAMPLED_LENGTH_STORED_BYTES
+                + m * (gap_bytes + SAMPLED_COUNT_STORED_BYTES))
     topk_id_bytes = id_bytes * TOPK_ID_ENTROPY_FRACTION
     return id_bytes + top_k * (topk_id_bytes + LOGPROB_STORED_BYTES) + LOGSUMEXP_STORED_BYTES
 
@@ -67,9 +95,9 @@ def stored_bytes_per_token(top_k: int, vocab_size: int) -> float:
 class StorageEstimate:
     num_samples: int
     max_length: int
-    top_k: int
+    top_k: int | None             # None in sampled mode
     vocab_size: int
-    bytes_per_token: int          # uncompressed, exact
+    bytes_per_token: int          # uncompressed, exact (sampled: at most)
     upper_bound_tokens: int       # every sample at max_length
     upper_bound_bytes: int
     probe_samples: int
@@ -83,6 +111,7 @@ class StorageEstimate:
     num_shards: int = 1
     fits: bool = True
     reason: str | None = None     # why it does not fit, and the fix
+    samples: int | None = None    # N draws per row in sampled mode
 
     @property
     def teacher_flops(self) -> float | None:
@@ -113,7 +142,8 @@ class StorageEstimate:
         """(what, value) pairs for a table in the terminal or the Prefect UI."""
         return [
             ("samples", f"{self.num_samples:,}"),
-            ("top_k / max_length / vocab", f"{self.top_k} / {self.max_length} / {self.vocab_size:,}"),
+            (("top_k" if self.samples is None else "samples (draws, sampled mode)") + " / max_length / vocab",
+             f"{self.top_k if self.samples is None else self.samples} / {self.max_length} / {self.vocab_size:,}"),
             ("bytes per token (uncompressed)", f"{self.bytes_per_token}"),
             ("upper bound (every sample at max_length)", f"{human_bytes(self.upper_bound_bytes)} ({self.upper_bound_tokens:,} tokens)"),
             (f"mean tokens per sample ({self.probe_samples} probed)", f"{self.mean_tokens_per_sample:.1f}"),
@@ -145,20 +175,22 @@ def human_hours(hours: float) -> str:
 
 def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, probe_lengths: list[int],
              max_bytes: int | None = None, free_bytes: int | None = None, teacher_parameters: int | None = None,
-             num_shards: int = 1) -> StorageEstimate:
-    """probe_lengths: token counts (already truncated to max_length) of real samples from the dataset."""
+             num_shards: int = 1, samples: int | None = None) -> StorageEstimate:
+    """probe_lengths: token counts (already truncated to max_length) of real samples from the dataset.
+    samples=N: a sampled cache (top_k ignored)."""
     mean_tokens = sum(probe_lengths) / len(probe_lengths) if probe_lengths else float(max_length)
-    per_token = cachefile.bytes_per_token(top_k, vocab_size)
+    per_token = cachefile.bytes_per_token(top_k, vocab_size, samples)
     expected_tokens = round(mean_tokens * num_samples)
-    stored = stored_bytes_per_token(top_k, vocab_size)
+    stored = stored_bytes_per_token(top_k, vocab_size, samples)
     expected = round(expected_tokens * stored) + num_samples * cachefile.BYTES_PER_SAMPLE + FILE_OVERHEAD_BYTES
     return StorageEstimate(
-        num_samples=num_samples, max_length=max_length, top_k=top_k, vocab_size=vocab_size,
-        bytes_per_token=per_token, upper_bound_tokens=num_samples * max_length,
-        upper_bound_bytes=upper_bound_bytes(num_samples=num_samples, max_length=max_length, top_k=top_k, vocab_size=vocab_size),
+        num_samples=num_samples, max_length=max_length, top_k=top_k if samples is None else None,
+        vocab_size=vocab_size, bytes_per_token=per_token, upper_bound_tokens=num_samples * max_length,
+        upper_bound_bytes=upper_bound_bytes(num_samples=num_samples, max_length=max_length, top_k=top_k,
+                                            vocab_size=vocab_size, samples=samples),
         probe_samples=len(probe_lengths), mean_tokens_per_sample=mean_tokens, expected_tokens=expected_tokens,
         expected_bytes=expected, stored_bytes_per_token=stored, max_bytes=max_bytes, free_bytes=free_bytes,
-        teacher_parameters=teacher_parameters, num_shards=num_shards,
+        teacher_parameters=teacher_parameters, num_shards=num_shards, samples=samples,
     )
 
 
@@ -168,7 +200,8 @@ def does_not_fit(est: StorageEstimate) -> str | None:
     if est.max_bytes is not None and est.expected_bytes > est.max_bytes:
         return (f"output.max_bytes: the cache is expected to take {expected} ({est.num_samples:,} samples, "
                 f"{est.mean_tokens_per_sample:,.0f} tokens each on average), over the limit of "
-                f"{human_bytes(est.max_bytes)}. Fix: lower dataset.max_samples, cache.top_k or cache.max_length, "
+                f"{human_bytes(est.max_bytes)}. Fix: lower dataset.max_samples, cache.top_k (cache.samples when "
+                "sampled) or cache.max_length, "
                 "or raise output.max_bytes.")
     # Shard files and the merged copy sit side by side until the merge publishes: twice the cache.
     if est.free_bytes is not None and 2 * est.expected_bytes > est.free_bytes:

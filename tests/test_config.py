@@ -171,8 +171,7 @@ def test_top_k_larger_than_vocab_is_refused():
     guards.check_vocab(config, 5000)
 
 
-def test_sampled_mode_checks_samples_and_ignores_top_k(monkeypatch):
-    monkeypatch.setattr(guards, "SAMPLED_WRITER_READY", True)
+def test_sampled_mode_checks_samples_and_ignores_top_k():
     for samples in (0, 40000):
         with pytest.raises(ConfigError, match=r"cache\.samples must be between 1 and 32767.*Fix: e\.g\. cache\.samples=64"):
             guards.check_config(load_config("testing", ["cache.mode=sampled", f"cache.samples={samples}"]))

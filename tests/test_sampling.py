@@ -230,3 +230,80 @@ def test_verify_rows_accepts_sampled_rows_and_flags_wrong_ones(small_teacher_dir
         return np.full_like(ids, 3), counts
 
     assert edited(least_likely).layout_errors > 0  # repeated ids are not distinct
+
+
+# -- the format -------------------------------------------------------------------------------------------------
+
+def random_sampled(n, draws, vocab, seed=0, max_len=40):
+    """Samples as run_teacher yields them in sampled mode: (L, m) ids ascending, counts summing to N, 0 = padding."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        L = int(rng.integers(1, max_len))
+        drawn = np.sort(rng.zipf(1.3, size=(L, draws)) % vocab, axis=1)  # peaked, like a teacher
+        ids, counts = (t.numpy() for t in distinct_counts(torch.from_numpy(drawn)))
+        width = int((counts > 0).sum(-1).max())
+        out.append(SimpleNamespace(sample_index=5 * i + 2, input_ids=rng.integers(0, vocab, L).astype(np.uint32),
+                                   logsumexp=rng.normal(size=L).astype(np.float32), topk_indices=None,
+                                   topk_logprobs=None, sampled_ids=ids[:, :width].astype(np.uint32),
+                                   sampled_counts=counts[:, :width].astype(np.uint16)))
+    return out
+
+
+@pytest.mark.parametrize("draws, vocab, max_bytes", [(64, 1000, 60_000), (300, 70000, 300_000)])
+def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
+    """Split parts + the virtual index: stock h5py sees the whole cache, CacheReader gives back (L, m) arrays."""
+    import h5py
+
+    from kd_core import cachefile
+    from kd_core.cachefile import CacheReader
+    from kd_core.dataset import CacheDataset, pad_collate
+
+    samples = random_sampled(120, draws, vocab)
+    closed = []
+    with cachefile.SplitWriter(lambda i: tmp_path / "v" / "parts" / f"part-{i:04d}.h5", max_bytes,
+                               lambda path, summary: closed.append((path, summary)), top_k=0, vocab_size=vocab,
+                               attrs={}, samples=draws) as writer:
+        for s in samples:
+            writer.append_rows(s)
+    assert len(closed) >= 2 and max(p.stat().st_size for p, _ in closed) <= max_bytes
+    for path, summary in closed:
+        cachefile.verify_file(path, expect=summary)
+    entries = [cachefile.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
+    cachefile.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"mode": "sampled", "samples": draws,
+                                                                       "vocab_size": vocab})
+    with h5py.File(tmp_path / "v" / "cache.h5") as index:  # stock h5py: the whole cache, entries included
+        lengths, offsets = index["sampled_lengths"][:], index["sampled_offsets"][:]
+        assert index["sampled_id_gaps"].is_virtual and index["sampled_id_gaps"].dtype == cachefile.index_dtype(vocab)
+        assert index["sampled_counts"].dtype == cachefile.count_dtype(draws)
+        assert offsets[-1] == lengths.sum() == index["sampled_counts"].shape[0]
+        assert np.all(np.add.reduceat(index["sampled_counts"][:].astype(np.int64), (np.cumsum(lengths) - lengths).astype(np.int64)) == draws)
+        whole = {name: index[name][:] for name in ("sample_index", "input_ids")}
+    np.testing.assert_array_equal(whole["sample_index"], [s.sample_index for s in samples])
+    with CacheReader(tmp_path / "v" / "cache.h5") as reader:  # one file: the index, through its VDS
+        assert reader.samples == draws and reader.top_k is None and reader.info().mode == "sampled"
+        for i in (0, 37, len(samples) - 1):
+            got, want = reader[i], samples[i]
+            assert set(got) == {"sample_index", "input_ids", "logsumexp", "sampled_ids", "sampled_counts"}
+            np.testing.assert_array_equal(got["sampled_ids"], want.sampled_ids)
+            np.testing.assert_array_equal(got["sampled_counts"], want.sampled_counts)
+            np.testing.assert_array_equal(got["logsumexp"], want.logsumexp)
+        assert reader.read_all()["sampled_offsets"][-1] == offsets[-1]
+    ds = CacheDataset(str(tmp_path / "v" / "cache.h5"))
+    batch = pad_collate([ds[0], ds[1], ds[2]])
+    assert batch["sampled_counts"].shape == batch["sampled_ids"].shape
+    assert bool((batch["sampled_counts"].sum(-1)[batch["attention_mask"]] == draws).all())
+    assert int(batch["sampled_counts"].sum(-1)[~batch["attention_mask"]].sum()) == 0  # padded rows: no draws
+
+
+def test_sampled_writer_refuses_rows_that_do_not_sum_to_n(tmp_path):
+    from kd_core.cachefile import CacheWriter
+
+    sample = random_sampled(1, 16, 100)[0]
+    sample.sampled_counts[0, 0] += 1
+    with pytest.raises(ValueError, match="sum to 16"):
+        with CacheWriter(tmp_path / "c.h5", top_k=0, vocab_size=100, attrs={}, samples=16) as writer:
+            writer.append_rows(sample)
+    assert not list(tmp_path.iterdir())  # nothing left behind

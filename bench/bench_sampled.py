@@ -81,7 +81,7 @@ def main() -> None:
             topk = build(path, demo / "corpus.parquet", Path(tmp) / "topk", args.samples, ["cache.top_k=64"])
             ce = cross_entropy(CacheDataset(str(Path(tmp) / "topk")))
             m = topk["manifest"]
-            print(f"| {name} | {ce:.2f} | top-64 | {m['bytes_per_token']:.1f} | "
+            print(f"| {name} | {ce:.2f} | top-64 | {m.bytes_per_token:.1f} | "
                   f"{topk['estimate'].stored_bytes_per_token:.1f} | | | | | |")
             for n in args.draws:
                 out = Path(tmp) / f"sampled{n}"
@@ -89,7 +89,7 @@ def main() -> None:
                             ["cache.mode=sampled", f"cache.samples={n}"])
                 m, tokens = distinct_stats(CacheDataset(str(out)))
                 p10, p50, p90 = np.percentile(m, [10, 50, 90])
-                print(f"| {name} | {ce:.2f} | sampled N={n} | {run['manifest']['bytes_per_token']:.1f} | "
+                print(f"| {name} | {ce:.2f} | sampled N={n} | {run['manifest'].bytes_per_token:.1f} | "
                       f"{run['estimate'].stored_bytes_per_token:.1f} | {m.mean():.1f} | {p10:.0f} | {p50:.0f} | "
                       f"{p90:.0f} | {m.max()} |")
 

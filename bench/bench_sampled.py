@@ -40,7 +40,7 @@ def build(teacher: str, corpus: Path, out: Path, samples: int, cache: list[str])
                                         f"dataset.max_samples={samples}", f"output.uri={out}", "run.num_shards=1",
                                         *cache])
     est = pipeline.estimate(config)
-    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config, est)])
+    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
     return {"manifest": manifest, "estimate": est}
 
 

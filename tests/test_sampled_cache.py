@@ -98,7 +98,7 @@ def test_storage_estimate_knows_the_mode(small_teacher_dir, corpus_path, tmp_pat
             "dataset.max_samples=120", "cache.max_length=128", "run.part_samples=1000"]
     config = pipeline.validate("testing", over)
     est = pipeline.estimate(config)
-    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config, est)])
+    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
     assert est.samples == N and est.top_k is None
     assert est.upper_bound_bytes >= manifest.file_bytes
     print(f"sampled N={N}: expected {est.expected_bytes} B, real {manifest.file_bytes} B "

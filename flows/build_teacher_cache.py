@@ -1,10 +1,9 @@
 """build-teacher-cache: validate-config -> estimate-storage -> shard-dataset -> teacher-inference (per shard)
 -> merge-to-hdf5. Thin: every step is one task around one kd_core call."""
 
+import json
 import time
 from typing import Annotated, Any
-
-from pydantic import Field
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -13,17 +12,20 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.futures import as_completed
 from prefect.runtime import deployment
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from kd_core import pipeline
 from kd_core.config import Config
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.records import Manifest, ShardRecord
-from kd_core.storage import human_bytes
+from kd_core.storage import StorageEstimate, human_bytes
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
 from tasks.shard_dataset import shard_dataset
@@ -80,9 +82,9 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _run(profile: str, overrides: list[str], config: Config, started: float) -> dict[str, Any]:
-    estimate_storage(config)
+    estimate = estimate_storage(config)
     shards = shard_dataset(config)
-    progress = ShardProgress(shards)
+    progress = ShardProgress(shards, estimate)
     if deployment.id is None:  # a local run: shards one after another in this process
         for shard in shards:
             progress.done(teacher_inference(config, shard))
@@ -99,33 +101,52 @@ def _run(profile: str, overrides: list[str], config: Config, started: float) -> 
 
 
 class ShardProgress:
-    """The parent run's view of its shards as they finish: a progress artifact (a percentage is all it holds) and
-    a table artifact with samples, tokens and tokens/s, both under stable keys so the UI shows the newest."""
+    """The parent run's view of its shards as they finish, in two artifacts created once and updated in place:
+    `shard-progress` (share of shards done; its description says samples, tokens and the projected cache size)
+    and `shard-throughput` (a table: one row per finished shard and a total)."""
 
-    def __init__(self, shards: list[ShardSpec]):
-        self.shards, self.records, self.started = shards, [], time.perf_counter()
-        self.bar = create_progress_artifact(progress=0.0, key="shard-progress", description="Shards finished")
-        self._table()
+    def __init__(self, shards: list[ShardSpec], estimate: StorageEstimate):
+        self.shards, self.estimate, self.records, self.started = shards, estimate, [], time.perf_counter()
+        self.bar = create_progress_artifact(progress=0.0, key="shard-progress", description=self._description())
+        self.table = create_table_artifact(key="shard-throughput", table=self._rows(), description=THROUGHPUT_HELP)
 
     def done(self, record: ShardRecord) -> None:
         self.records.append(record)
-        update_progress_artifact(self.bar, 100.0 * len(self.records) / len(self.shards))
-        self._table()
+        update_progress_artifact(self.bar, 100.0 * len(self.records) / len(self.shards), self._description())
+        # A keyed table artifact created again would be a new version (a new card per shard): update this one.
+        with get_client(sync_client=True) as client:
+            client.update_artifact(self.table, ArtifactUpdate(data=json.dumps(self._rows())))
         get_run_logger().info("%d/%d shards done", len(self.records), len(self.shards))
 
-    def _table(self) -> None:
-        elapsed = time.perf_counter() - self.started
-        rows = [_row(r.shard.index, r.num_samples, r.num_tokens, r.seconds) for r in self.records]
-        rows.sort(key=lambda row: row["shard"])
-        total = _row(f"all ({len(self.records)}/{len(self.shards)} done)", sum(r.num_samples for r in self.records),
-                     sum(r.num_tokens for r in self.records), elapsed)
-        create_table_artifact(key="shard-throughput", table=[*rows, total],
-                              description="Finished shards: samples, tokens and teacher tokens/s")
+    def _description(self) -> str:
+        samples, tokens = sum(r.num_samples for r in self.records), sum(r.num_tokens for r in self.records)
+        projected = [p.projected_cache_bytes for r in self.records for p in r.parts if p.projected_cache_bytes]
+        text = (f"{len(self.records):,} of {len(self.shards):,} shards finished: {samples:,} samples, "
+                f"{tokens:,} tokens. Expected cache size (estimate): {human_bytes(self.estimate.expected_bytes)}")
+        if projected:
+            text += f"; projected from the real size of the first parts: {human_bytes(max(projected))}"
+        return text + "."
+
+    def _rows(self) -> list[dict[str, str]]:
+        rows = [_row(f"shard {r.shard.index:,}", r.num_samples, r.num_tokens, r.seconds)
+                for r in sorted(self.records, key=lambda r: r.shard.index)]
+        total = _row(f"all finished ({len(self.records):,} of {len(self.shards):,})",
+                     sum(r.num_samples for r in self.records), sum(r.num_tokens for r in self.records),
+                     sum(r.seconds for r in self.records))
+        total["wall-clock seconds since the shards started"] = f"{time.perf_counter() - self.started:,.1f}"
+        return [*rows, total]
 
 
-def _row(shard: Any, samples: int, tokens: int, seconds: float) -> dict[str, Any]:
-    return {"shard": shard, "samples": samples, "tokens": tokens, "seconds": round(seconds, 1),
-            "tokens/s": round(tokens / max(seconds, 1e-9))}
+THROUGHPUT_HELP = ("Finished shards. Teacher seconds: the time a shard spent loading data, running the teacher and "
+                   "writing its parts (summed over shards in the total row). Tokens per teacher-second: tokens / "
+                   "teacher seconds, the speed of one worker; wall-clock seconds show how long the shards took "
+                   "side by side.")
+
+
+def _row(shard: str, samples: int, tokens: int, seconds: float) -> dict[str, str]:
+    return {"shard": shard, "samples": f"{samples:,}", "tokens": f"{tokens:,}", "teacher seconds": f"{seconds:,.1f}",
+            "tokens per teacher-second": f"{tokens / max(seconds, 1e-9):,.0f}",
+            "wall-clock seconds since the shards started": ""}
 
 
 def _summary(manifest: Manifest, records: list[ShardRecord], wall: float) -> str:
@@ -135,8 +156,9 @@ def _summary(manifest: Manifest, records: list[ShardRecord], wall: float) -> str
         f"| output | `{manifest.uri}` |",
         f"| samples | {manifest.num_samples:,} ({manifest.skipped_empty:,} empty skipped) |",
         f"| tokens | {manifest.num_tokens:,} |",
-        f"| size | {human_bytes(manifest.file_bytes)} in {len(manifest.parts)} part files + a "
+        f"| size | {human_bytes(manifest.file_bytes)} in {len(manifest.parts):,} part files + a "
         f"{human_bytes(manifest.index.bytes)} index ({manifest.bytes_per_token:.1f} B/token) |",
-        f"| teacher tokens/s | {manifest.num_tokens / max(shard_seconds, 1e-9):,.0f} (summed over {len(records)} shards) |",
-        f"| wall time | {wall:.1f} s |",
+        f"| tokens per teacher-second | {manifest.num_tokens / max(shard_seconds, 1e-9):,.0f} (all tokens / "
+        f"teacher seconds summed over {len(records):,} shards: one worker's speed) |",
+        f"| wall-clock time | {wall:,.1f} s (the whole run, validation to publication) |",
     ])

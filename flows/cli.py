@@ -6,9 +6,12 @@ Config errors are one clear message and exit code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from kd_core.errors import KDCacheError
@@ -90,18 +93,43 @@ def _read_secret(name: str):
 def cmd_run(args) -> int:
     from kd_core import pipeline
 
-    # Check before starting Prefect, so a bad config is one clean message (and credentials passed as overrides are
+    server = _start_embedded_server()
+    # Check before the flow starts, so a bad config is one clean message (and credentials passed as overrides are
     # refused before any flow run records them); the flow's first task checks again.
-    pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
+    config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
+    if server is not None:
+        server.join()
     from flows.build_teacher_cache import build_teacher_cache
 
     result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
+    root = config.output.uri
     if result.get("up_to_date"):
-        print(f"up to date: {result['uri']} already holds this cache (key {result['key']})")
+        print(f"up to date: {root} already holds this cache (key {result['key']}); no teacher work was done.")
     else:
         print(f"wrote {result['uri']}: {result['num_samples']:,} samples, {result['num_tokens']:,} tokens, "
-              f"{result['bytes_per_token']:.1f} B/token, in {result['wall_seconds']:.1f} s")
+              f"{result['bytes_per_token']:.1f} B/token, in {result['wall_seconds']:,.1f} s")
+    print(f"next: kd-cache inspect {root}                # counts, size, provenance\n"
+          f"      kd-cache verify {root} --samples 8     # recompute the teacher on 8 samples and compare")
     return 0
+
+
+def _start_embedded_server() -> threading.Thread | None:
+    """With no Prefect server configured, a local run talks to a temporary one that takes seconds to start:
+    start it now, beside the config checks, instead of after them. Prefect's client finds it running."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # it would log "Failed to send telemetry"
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # a failure shows again, with Prefect's message, when the flow starts
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def cmd_estimate(args) -> int:
@@ -233,6 +261,9 @@ COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Hugging Face's own bars (weights loading, dataset files) would interleave with the shard's progress line.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:

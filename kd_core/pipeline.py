@@ -219,6 +219,32 @@ def check_fits(est: storage.StorageEstimate) -> None:
         raise StorageError(est.reason)
 
 
+def check_projection(config: Config, shard: ShardSpec, part_bytes: int, part_rows: int) -> int:
+    """The whole cache's size projected from a shard's first part (its real bytes per row x the run's rows).
+
+    A StorageError when the projection passes output.max_bytes or the target's free space, raised before the
+    part's record is written (so the part is not complete, and nothing more is written): a run with the limit
+    fixed resumes at this part. The estimate's
+    compression model is measured on small teachers and was 23% low on one with a 70k vocabulary: this catches
+    that after one part instead of at a full disk.
+    """
+    run_rows = config.dataset.max_samples or shard.num_samples * shard.world_size
+    projected = round(part_bytes / max(part_rows, 1) * run_rows)
+    free = storage.local_free_bytes(io.local_path(config.output.uri)) if io.is_local(config.output.uri) else None
+    log.info("%s: cache projected at %s from its first part (%s for %s rows)", shard.name,
+             storage.human_bytes(projected), storage.human_bytes(part_bytes), f"{part_rows:,}")
+    over = storage.projection_over(projected, part_bytes, config.output.max_bytes, free)
+    if over:
+        key, limit = over
+        raise StorageError(
+            f"{key}: stopped at {shard.name}'s first part: its real size ({storage.human_bytes(part_bytes)} for "
+            f"{part_rows:,} rows) projects the cache at {storage.human_bytes(projected)}, over {limit}. Parts "
+            "already published are kept: raise output.max_bytes or free space and run the same command again to "
+            "resume here; or lower dataset.max_samples, cache.top_k or cache.max_length (a new cache)."
+        )
+    return projected
+
+
 # -- shard-dataset ---------------------------------------------------------------------------------------------
 
 def plan(config: Config) -> data.ShardPlan:
@@ -340,9 +366,13 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
             raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + num_samples + skipped:,}, "
                               f"before the {shard.stop:,} rows planned. Fix: dataset.max_samples="
                               f"{start + num_samples + skipped} or fewer.")
+        part_bytes = sum(f.bytes for f in files)
+        # Real bytes meet the estimate's compression model: stop before this part is complete if the cache won't fit.
+        projected = check_projection(config, shard, part_bytes, stop - start) if index == first else None
         record = PartRecord(part=index, start=start, stop=stop, num_samples=num_samples,
                             num_tokens=sum(f.num_tokens for f in files), skipped_empty=skipped,
-                            seconds=round(time.perf_counter() - started, 3), provenance=provenance, files=files)
+                            seconds=round(time.perf_counter() - started, 3), provenance=provenance, files=files,
+                            projected_cache_bytes=projected)
         lock.check()
         records.write(layout.part_record(shard, index), record, opts)  # the part is complete from here on
         log.info("%s part %d/%d: %d samples, %d tokens in %d file(s)", shard.name, index + 1, first + len(todo),

@@ -61,6 +61,7 @@ class PartRecord(_Record):
     seconds: float
     provenance: Provenance
     files: list[FileRecord]      # in row order; more than one when the part passed output.max_object_bytes
+    projected_cache_bytes: int | None = None  # the shard's first part of a run: the whole cache at its bytes/row
 
 
 class ShardRecord(_Record):

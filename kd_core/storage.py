@@ -211,6 +211,16 @@ def does_not_fit(est: StorageEstimate) -> str | None:
     return None
 
 
+def projection_over(projected: int, written: int, max_bytes: int | None,
+                    free_bytes: int | None) -> tuple[str, str] | None:
+    """(key, limit) that a cache projected at `projected` bytes passes, `written` of them on the target already."""
+    if max_bytes is not None and projected > max_bytes:
+        return "output.max_bytes", f"the limit of {human_bytes(max_bytes)}"
+    if free_bytes is not None and projected - written > free_bytes:
+        return "output.uri", f"the target's free space ({human_bytes(free_bytes)})"
+    return None
+
+
 def local_free_bytes(path: str | Path) -> int:
     """Free space on the filesystem that holds `path` (or its nearest existing parent)."""
     path = Path(path).absolute()

@@ -54,3 +54,31 @@ def test_parameter_count_from_the_config_matches_the_loaded_model(small_teacher_
     config = TeacherConfig(model=str(small_teacher_dir))
     model = load_teacher(config).model
     assert teacher_num_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_projection_stops_a_cache_the_estimate_underrated_after_one_part_and_the_run_resumes(
+        small_teacher_dir, corpus_path, tmp_path, caplog):
+    """The estimate's compression model can be low for an unseen teacher: the first real part is checked."""
+    from s3helpers import overrides
+
+    from kd_core import pipeline
+    from kd_core.errors import StorageError
+
+    uri = str(tmp_path / "out")
+    limited = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"max_bytes": 20_000}))
+    shard = pipeline.plan(limited).shards[0]
+    with pytest.raises(StorageError, match=r"output\.max_bytes: stopped at shard-00000-of-00002's first part: its "
+                                           r"real size .* projects the cache at .*, over the limit of 20\.0 KB"):
+        pipeline.run_shard(limited, shard)
+    layout = pipeline.Layout(limited)
+    assert not list((tmp_path / "out").rglob("*.h5")) and not list((tmp_path / "out").rglob("part-*.json"))
+
+    # The limit raised: the same cache (output settings are not part of its key) runs, and records its projection.
+    caplog.set_level("INFO", logger="kd_core")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    assert pipeline.Layout(config).key == layout.key
+    record = pipeline.run_shard(config, shard)
+    projected = record["parts"][0]["projected_cache_bytes"]
+    shard_bytes = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.h5"))  # half of the 60 samples
+    assert projected == pytest.approx(2 * shard_bytes, rel=0.5)
+    assert "cache projected at" in caplog.text

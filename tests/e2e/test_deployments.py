@@ -4,6 +4,7 @@ Everything goes through HTTP against the real server of tests/e2e/conftest.py (b
 docs/DEPLOYMENT.md's curl example does it.
 """
 
+import json
 import time
 
 import pyarrow as pa
@@ -78,14 +79,17 @@ def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack,
             assert shard["state_type"] == "COMPLETED"
 
         response = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
-        artifacts = {}
-        for artifact in sorted(response.json(), key=lambda a: a["created"]):  # the newest version of each key
-            artifacts[artifact["key"]] = artifact
+        listed = response.json()
+    artifacts = {artifact["key"]: artifact for artifact in listed}
+    assert len(listed) == len(artifacts), "one artifact per key and run, updated in place"
     assert {k: a["type"] for k, a in artifacts.items()} == {
         "storage-estimate": "table", "shard-progress": "progress", "shard-throughput": "table", "cache-summary": "markdown",
     }
     assert artifacts["shard-progress"]["data"] == 100.0
-    assert "all (2/2 done)" in str(artifacts["shard-throughput"]["data"])
+    assert artifacts["shard-progress"]["description"].startswith("2 of 2 shards finished: 14 samples")
+    throughput = json.loads(artifacts["shard-throughput"]["data"])
+    assert [row["shard"] for row in throughput] == ["shard 0", "shard 1", "all finished (2 of 2)"]
+    assert all(set(row) == set(throughput[0]) for row in throughput)  # every figure under a labelled column
     assert "| tokens |" in artifacts["cache-summary"]["data"]
 
     # The published cache: every sample, and it agrees with the teacher recomputed in float32.

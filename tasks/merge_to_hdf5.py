@@ -11,7 +11,7 @@ from kd_core.storage import human_bytes
 @task(name="merge-to-hdf5")
 def merge_to_hdf5(config: Config, records: list[ShardRecord]) -> Manifest:
     manifest = pipeline.merge(config, records)
-    get_run_logger().info("published %s: %d samples, %d tokens, %s in %d part files (%.1f B/token)", manifest.uri,
-                          manifest.num_samples, manifest.num_tokens, human_bytes(manifest.file_bytes),
-                          len(manifest.parts), manifest.bytes_per_token)
+    get_run_logger().info("published %s: %s samples, %s tokens, %s in %s part files (%.1f B/token)", manifest.uri,
+                          f"{manifest.num_samples:,}", f"{manifest.num_tokens:,}", human_bytes(manifest.file_bytes),
+                          f"{len(manifest.parts):,}", manifest.bytes_per_token)
     return manifest

@@ -188,6 +188,12 @@ def test_bad_parameters_fail_with_the_command_lines_message(prefect_stack):
     assert no_profile["state_type"] == "FAILED" and "no profile named 'nope'" in no_profile["state"]["message"]
 
 
+def test_nightly_is_deployed_with_its_schedule_paused(prefect_stack):
+    with prefect_stack.client() as client:
+        nightly = deployment(client, "build-teacher-cache/nightly")
+    assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", False)]
+
+
 def test_basic_auth_is_required(prefect_stack):
     with prefect_stack.client(auth=None) as anonymous, prefect_stack.client(auth=("kd-cache", "wrong")) as wrong:
         assert anonymous.get("/deployments/name/build-teacher-cache/default").status_code == 401

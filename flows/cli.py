@@ -19,7 +19,7 @@ from kd_core.errors import KDCacheError
 EXAMPLES = """\
 examples:
   kd-cache run --profile demo                              # the offline demo: tiny teacher, stdlib docstrings
-  kd-cache estimate --profile medium --json                # how big will 1M samples be?
+  kd-cache estimate --profile medium --json                # size and GPU hours of 1M samples (reads the hub)
   kd-cache run --profile small dataset.max_samples=5000 output.uri=s3://bucket/kd/run1
   kd-cache inspect ./out/demo                              # summarise the latest cache under an output.uri
   kd-cache verify ./out/demo --samples 8                   # recompute the teacher on 8 samples and compare
@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline (a local Prefect flow; no server needed)")
     _config_args(p)
-    p = sub.add_parser("estimate", help="print the storage estimate without running the teacher")
+    p = sub.add_parser("estimate", help="print size, teacher FLOPs and GPU hours without running the teacher "
+                                        "(always, whether it fits or not)")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON (upper_bound_bytes, expected_bytes, ...)")
-    p = sub.add_parser("validate", help="check the config (the max_samples guard and every other check)")
+    p = sub.add_parser("validate", help="every check run makes before loading the teacher, size limits included")
     _config_args(p)
     p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance")
     p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
@@ -91,14 +92,18 @@ def _read_secret(name: str):
 
 
 def cmd_run(args) -> int:
-    from kd_core import pipeline
+    from kd_core import guards, pipeline
+    from kd_core.config import load_config
 
-    server = _start_embedded_server()
     # Check before the flow starts, so a bad config is one clean message (and credentials passed as overrides are
     # refused before any flow run records them); the flow's first task checks again.
-    config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
-    if server is not None:
-        server.join()
+    guards.check_config(load_config(args.profile, args.overrides))  # instant: unknown keys, the guard
+    server = _start_embedded_server()
+    try:  # the target, the teacher's config: seconds, beside the server's start
+        config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
+    finally:
+        if server is not None:  # Prefect stops the server at exit only once its start has registered it
+            server.join()
     from flows.build_teacher_cache import build_teacher_cache
 
     result = build_teacher_cache(profile=args.profile, overrides=args.overrides)

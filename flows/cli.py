@@ -6,7 +6,6 @@ Config errors are one clear message and exit code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -129,8 +128,11 @@ def _start_embedded_server() -> threading.Thread | None:
     from prefect.server.api.server import SubprocessASGIServer
 
     def start() -> None:
-        with contextlib.suppress(Exception):  # a failure shows again, with Prefect's message, when the flow starts
-            SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        try:
+            server.start()
+        except Exception:  # e.g. not healthy within Prefect's 20 s on a busy machine: stop this process, or it
+            server.stop()  # would outlive the command; the flow starts a fresh one, and reports its own failure
 
     thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
     thread.start()

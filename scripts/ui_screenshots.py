@@ -1,7 +1,7 @@
 """Drive the real Prefect UI's run form with headless Chromium and save screenshots. Not part of CI.
 
     apt-get install chromium                 # the Debian package; Playwright drives it, it downloads no browser
-    python3 -m venv /tmp/ui && /tmp/ui/bin/pip install playwright
+    python3 -m venv /tmp/ui && /tmp/ui/bin/pip install playwright httpx
     /tmp/ui/bin/python scripts/ui_screenshots.py [--out ui-screenshots] [--chromium /usr/bin/chromium]
 
 What it does, as a person would: starts `prefect server start` (UI on, basic auth on, a temporary PREFECT_HOME),
@@ -54,6 +54,7 @@ class Stack:
         base = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         self.server_env = {**base, "PREFECT_SERVER_API_AUTH_STRING": AUTH, "PREFECT_UI_ENABLED": "true",
+                           "PREFECT_UI_API_URL": f"{self.url}/api",  # the UI calls 4200 otherwise
                            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}  # no 02:00 nightly build here
         self.client_env = {**base, "PREFECT_API_URL": f"{self.url}/api", "PREFECT_API_AUTH_STRING": AUTH,
                            "KD_CACHE_ROOT": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -119,20 +120,25 @@ def drive(page: Page, stack: Stack, out: Path, output_uri: str) -> str:
     page.get_by_text("default", exact=True).first.click()
     page.wait_for_timeout(2000)
     shot(page, out, "03-deployment")
-    page.get_by_role("button", name="Run").first.click()
+    page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").first.click()
     page.wait_for_timeout(2000)
     shot(page, out, "04-custom-run-form")
 
-    # The overrides field: a list of strings. Add two items, as a person types them.
+    # The overrides field: None (as the profile has it) until "list" is picked; then one item per override.
+    page.get_by_role("button", name="list", exact=True).click()
+    shot(page, out, "05a-overrides-as-list")
     for value in ("dataset.max_samples=20", f"output.uri={output_uri}"):
-        page.get_by_role("button", name="Add item").first.click()
-        page.locator("input[type=text]").last.fill(value)
+        page.get_by_role("button", name="Add item", exact=True).click()
+        page.locator("input[type=text], textarea").last.fill(value)
     shot(page, out, "05-form-filled")
     page.get_by_role("button", name="Submit").last.click()
-    page.wait_for_url("**/flow-runs/flow-run/**", timeout=60_000)
-    run_id = page.url.rstrip("/").split("/")[-1]
+    page.wait_for_timeout(3000)  # the UI goes back to the deployment's page, the new run listed
     shot(page, out, "06-run-submitted")
+    with stack.api() as api:  # the newest run of the deployment: the one just submitted
+        runs = api.post("/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 1}).json()
+    run_id = runs[0]["id"]
+    page.goto(f"{stack.url}/runs/flow-run/{run_id}")
 
     with stack.api() as api:
         deadline = time.monotonic() + 600

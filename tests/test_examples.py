@@ -13,18 +13,27 @@ from s3helpers import build
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_student.py"
 
 
-@pytest.fixture(scope="module")
-def topk_cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
-    """A top-8 cache of 24 docstrings by the small teacher, built through the pipeline's steps."""
+def build_cache(tmp_path_factory, teacher_dir, corpus_path, cache: dict) -> str:
+    """A cache of 24 docstrings by the small teacher, built through the pipeline's steps; its output.uri."""
     out = tmp_path_factory.mktemp("example_cache")
     over = {
-        "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
+        "teacher": {"model": str(teacher_dir), "batch_tokens": 2048},
         "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 24},
-        "cache": {"top_k": 8, "max_length": 64},
+        "cache": {"max_length": 64, **cache},
         "output": {"uri": str(out)},
     }
     build(pipeline.validate("testing", over))
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def topk_cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
+    return build_cache(tmp_path_factory, small_teacher_dir, corpus_path, {"top_k": 8})
+
+
+@pytest.fixture(scope="module")
+def sampled_cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
+    return build_cache(tmp_path_factory, small_teacher_dir, corpus_path, {"mode": "sampled", "samples": 16})
 
 
 def run_example(*args: str) -> list[float]:
@@ -42,3 +51,9 @@ def test_example_trains_a_student_from_a_topk_cache(topk_cache, tmp_path, extra)
     assert len(losses) == 12
     assert sum(losses[-3:]) < sum(losses[:3])  # it learns from the cache
     assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_example_trains_a_student_from_a_sampled_cache(sampled_cache):
+    losses = run_example(sampled_cache, "--steps", "12", "--batch-size", "4")
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3])

@@ -14,10 +14,8 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
-from prefect.futures import as_completed
 from prefect.runtime import deployment
 from prefect.states import Failed, State
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from kd_core import pipeline
@@ -29,17 +27,17 @@ from kd_core.storage import StorageEstimate, human_bytes
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
 from tasks.shard_dataset import shard_dataset
-from tasks.teacher_inference import teacher_inference, teacher_inference_on_pool
+from tasks.teacher_inference import fan_out, teacher_inference
 from tasks.validate_config import validate_config
 
-# The two fields of the UI's run form (and of the REST API's `parameters`), shared with teacher-inference-shard.
+# The two fields of the UI's run form (and of the REST API's `parameters`).
 # The UI sends null for a field left alone: null means "as the profile has it". Prefect titles each field with
 # the parameter's name and describes it with the docstring's Args entry.
 Profile = str | None
 Overrides = Annotated[list[str] | None, Field(examples=[["dataset.max_samples=1000", "output.uri=./out/run1"]])]
 
 
-@flow(name="build-teacher-cache", task_runner=ThreadPoolTaskRunner(max_workers=64))
+@flow(name="build-teacher-cache")
 def build_teacher_cache(profile: Profile = "demo", overrides: Overrides = None) -> dict[str, Any] | State:
     """Run a teacher over a dataset and publish its top-k log-probs as an HDF5 cache.
 
@@ -88,10 +86,8 @@ def _run(profile: str, overrides: list[str], config: Config, started: float) -> 
     if deployment.id is None:  # a local run: shards one after another in this process
         for shard in shards:
             progress.done(teacher_inference(config, shard))
-    else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all in flight at once
-        futures = [teacher_inference_on_pool.submit(profile, overrides, config, shard) for shard in shards]
-        for future in as_completed(futures):
-            progress.done(future.result())  # raises the shard's error if it failed after its retries
+    else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all scheduled at once
+        fan_out(config, shards, progress.done)
 
     manifest = merge_to_hdf5(config, progress.records)
     wall = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""kd-cache command line: run, estimate, validate, inspect, verify.
+"""kd-cache command line: run, estimate, validate, plan, inspect, verify.
 
 Config errors are one clear message and exit code 2, without a traceback.
 """
@@ -20,6 +20,7 @@ examples:
   kd-cache run --profile demo                              # the offline demo: tiny teacher, stdlib docstrings
   kd-cache estimate --profile medium --json                # size and GPU hours of 1M samples (reads the hub)
   kd-cache run --profile small dataset.max_samples=5000 output.uri=s3://bucket/kd/run1
+  kd-cache plan --profile large --json                     # which rows each of 512 shards reads
   kd-cache inspect ./out/demo                              # summarise the latest cache under an output.uri
   kd-cache verify ./out/demo --samples 8                   # recompute the teacher on 8 samples and compare
 
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (upper_bound_bytes, expected_bytes, ...)")
     p = sub.add_parser("validate", help="every check run makes before loading the teacher, size limits included")
     _config_args(p)
+    p = sub.add_parser("plan", help="print the shard plan (rows per shard, source rows each decodes) without running")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help='print {"method", "source_rows", "rows_read", "shards": '
+                                                        '[{"index", "start", "stop", "rows_read"}, ...]}')
     p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance")
     p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -171,6 +176,26 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def cmd_plan(args) -> int:
+    from kd_core import guards, pipeline
+    from kd_core.config import load_config
+
+    config = load_config(args.profile, args.overrides)
+    guards.check_config(config)  # the dataset is all a plan needs: no output target, no teacher
+    summary = pipeline.plan(config).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    rows = summary["rows_read"]
+    samples = summary["shards"][-1]["stop"]
+    print(f"{len(summary['shards'])} shards over {samples:,} samples, planned by {summary['method']}: "
+          f"{rows:,} source rows read in all ({rows / max(1, samples):.3f} per sample)")
+    print(f"{'index':>6} {'start':>12} {'stop':>12} {'rows_read':>12}")
+    for shard in summary["shards"]:
+        print(f"{shard['index']:>6} {shard['start']:>12,} {shard['stop']:>12,} {shard['rows_read']:>12,}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from kd_core.cachefile import CacheReader
     from kd_core.pipeline import resolve_cache_uri
@@ -263,7 +288,8 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, "inspect": cmd_inspect, "verify": cmd_verify}
+COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, "plan": cmd_plan,
+            "inspect": cmd_inspect, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

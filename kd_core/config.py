@@ -129,6 +129,11 @@ class RunConfig(_Section):
         description="A shard is written in parts of this many samples, each published with a completion record: "
                     "a killed shard resumes after its last complete part, so a kill costs at most one part.",
     )
+    shard_restarts: int = Field(
+        3, ge=0,
+        description="Deployed runs: how many times a shard whose worker died (its run CRASHED, or its lease went "
+                    "stale) is re-submitted; it resumes from its finished parts. A shard that FAILED is not.",
+    )
 
 
 CREDENTIALS_GO_HERE = (

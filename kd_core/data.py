@@ -211,7 +211,8 @@ class Source:
 
 def _check_size(cfg: DatasetConfig, size: int | None) -> int:
     if size == 0:
-        raise ConfigError(f"dataset: split {cfg.split!r} of {cfg.name!r} is empty. Fix dataset.split or dataset.data_files.")
+        raise ConfigError(f"dataset: split {cfg.split!r} of {cfg.name!r} is empty. "
+                          "Fix dataset.split or dataset.data_files.")
     if cfg.max_samples is None:
         return size
     if size is not None and cfg.max_samples > size:

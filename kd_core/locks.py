@@ -25,7 +25,9 @@ from kd_core.errors import StorageError
 
 log = logging.getLogger("kd_core.locks")
 
-LEASE_SECONDS = 120.0  # a dead holder's lock is taken over after this long
+# A dead holder's lock is taken over after this long. KD_CACHE_LEASE_SECONDS shortens it for tests; every host that
+# shares an output should use the same value (the holder writes its expiry into the lock, readers trust that).
+LEASE_SECONDS = float(os.environ.get("KD_CACHE_LEASE_SECONDS", "120"))
 REFRESH_SECONDS = LEASE_SECONDS / 4
 
 
@@ -99,6 +101,15 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def holder_state(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """("held", token) while a live holder refreshes it, ("stale", token) once its holder stopped (expired, or a
+    dead pid here), ("free", None) when there is no lock."""
+    holder = read_holder(uri, storage_options)
+    if holder is None:
+        return "free", None
+    return ("stale" if _stale(holder, socket.gethostname()) else "held"), holder.token
 
 
 class LeaseLock:

@@ -2,7 +2,7 @@
 
     validate(profile, overrides)   -> Config            every check that needs no data; the max_samples guard first
     estimate(config)               -> StorageEstimate   exact upper bound + expected size from a probe; size limits
-    plan(config)                   -> ShardPlan          contiguous shards from the source's layout, exactly the run's rows
+    plan(config)                   -> ShardPlan          contiguous shards from the source's layout (footers)
     run_shard(config, shard)       -> shard record       teacher inference for one shard, written in parts
     merge(config, records)         -> manifest           verify every shard, merge, publish, move `latest`
 
@@ -45,9 +45,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 import kd_core
-from kd_core import cachefile, data, guards, io, records, storage, versions
-from kd_core.config import SAMPLER_VERSION, Config, load_config
+from kd_core import cachefile, data, guards, io, locks, records, storage, versions
+from kd_core.config import SAMPLER_VERSION, Config, describe_validation_error, load_config
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError, ConfigError, KDCacheError, StorageError
 from kd_core.locks import is_held
@@ -113,10 +115,15 @@ def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, 
     command-line layers pass it (kd_core imports no Prefect). The credentials go to io.use_credentials, never
     into the config.
     """
+    guards.check_profile(profile, deployed)
+    return check(load_config(profile, overrides), check_target, deployed, read_secret)
+
+
+def check(config: Config, check_target: bool = True, deployed: bool = False,
+          read_secret: Callable[[str], Any] | None = None) -> Config:
+    """Every check validate makes on a loaded config (a shard's flow run checks the config its parent sent)."""
     from kd_core.teacher import teacher_vocab_size
 
-    guards.check_profile(profile, deployed)
-    config = load_config(profile, overrides)
     guards.check_config(config)
     guards.check_policy(config, deployed)
     if config.output.credentials is not None:
@@ -145,6 +152,39 @@ def _credentials(config: Config, read_secret: Callable[[str], Any] | None) -> di
         raise ConfigError(f"output.credentials: the Secret block {name!r} must hold a JSON object of fsspec options, "
                           'e.g. {"key": "...", "secret": "..."} for S3.')
     return value
+
+
+def child_config(config: Config) -> dict[str, Any]:
+    """The resolved config as a shard's flow-run parameter. It holds no credentials (Config refuses them; they
+    come from output.credentials or the worker's environment), and teacher.dtype is already resolved."""
+    return config.model_dump(mode="json")
+
+
+def accept(config: dict[str, Any], version_key: str, read_secret: Callable[[str], Any] | None = None) -> Config:
+    """The parent's resolved config as this worker sees it: checked under this worker's policy for deployed runs,
+    and refused when this worker resolves it to another version key (another kd-cache checkout or other teacher
+    files would write other bytes)."""
+    try:
+        resolved = check(Config.model_validate(config), deployed=True, read_secret=read_secret)
+    except ValidationError as e:
+        raise ConfigError(describe_validation_error(e)) from None
+    if resolved.content_key() != version_key:
+        raise ConfigError(
+            f"version key: this worker resolves the parent's config to {resolved.content_key()}, the parent to "
+            f"{version_key}: its kd-cache checkout ({kd_core.__version__}) or teacher files differ from the "
+            "parent's. Fix: deploy the same kd-cache version and teacher files on every worker."
+        )
+    return resolved
+
+
+def shard_state(config: Config, shard: ShardSpec) -> tuple[str, str | None]:
+    """(state, lease token): "done" (its record is published), "writing" (a live run holds its lease), "dead" (the
+    lease's holder stopped refreshing it) or "free" (no lease). The deployed parent re-submits a dead shard's run."""
+    layout, opts = Layout(config), config.output.storage_options
+    if io.exists(layout.shard_record(shard), opts):
+        return "done", None
+    state, token = locks.holder_state(layout.shard_lock(shard), opts)
+    return {"held": "writing", "stale": "dead", "free": "free"}[state], token
 
 
 # -- estimate-storage ------------------------------------------------------------------------------------------
@@ -261,8 +301,6 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
     Idempotent and resumable: a shard with a record is skipped; otherwise its complete parts are kept and the run
     continues after the last one. A lease lock refuses a second run on this shard while this one is alive.
     """
-    from kd_core.locks import LeaseLock
-
     layout, opts = Layout(config), config.output.storage_options
     if (record := records.read_shard(layout.shard_record(shard), opts)) is not None:
         log.info("%s already complete, skipping", shard.name)
@@ -270,7 +308,7 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
     _refuse_if_published(layout, opts, shard.name)
 
     scratch = io.local_path(layout.root) if io.is_local(layout.root) else staging_dir(config)
-    with LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(scratch):
+    with locks.LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(scratch):
         _refuse_if_published(layout, opts, shard.name)  # checked again under the lock: it may have just happened
         parts = plan_parts(shard, config.run.part_samples)
         done = complete_parts(layout, shard, parts, opts)
@@ -437,15 +475,13 @@ def merge(config: Config, shards: list[ShardRecord]) -> Manifest:
     changed since it was published is read whole, to check its sha256. Under a lease lock (Layout.merge_lock):
     a second merge of the same cache refuses instead of racing this one.
     """
-    from kd_core.locks import LeaseLock
-
     layout, opts = Layout(config), config.output.storage_options
     if sum(r.num_samples for r in shards) == 0:
         rows = sum(r.skipped_empty for r in shards)
         raise ConfigError(f"dataset.text_column: all {rows:,} rows of column {config.dataset.text_column!r} were "
                           "empty, so the cache would hold no samples; nothing was published. Fix: "
                           "dataset.text_column or dataset.data_files.")
-    with LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(staging_dir(config)):
+    with locks.LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(staging_dir(config)):
         return _merge_locked(config, shards)
 
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from flows import cli
 from kd_core import data, pipeline
 from kd_core.config import DatasetConfig
 from kd_core.errors import ConfigError
@@ -47,6 +48,20 @@ def test_plan_from_parquet_footers_covers_the_run_and_reads_at_most_a_group_more
     assert seconds < 10, f"planning took {seconds:.1f} s"
 
 
+def test_kd_cache_plan_json(web_scale, capsys):
+    started = time.perf_counter()
+    assert cli.main(["plan", "--profile", "testing", "dataset.name=parquet", f"dataset.data_files={web_scale}",
+                     "dataset.streaming=true", "dataset.max_samples=150000", "run.num_shards=64", "--json"]) == 0
+    seconds = time.perf_counter() - started
+    printed = json.loads(capsys.readouterr().out)
+    shards = printed["shards"]
+    assert [list(s) for s in shards] == [["index", "start", "stop", "rows_read"]] * 64
+    assert shards[0]["start"] == 0 and shards[-1]["stop"] == 150_000
+    assert all(a["stop"] == b["start"] for a, b in zip(shards, shards[1:]))
+    assert printed["rows_read"] == sum(s["rows_read"] for s in shards) <= 150_000 + 64 * 1000
+    assert seconds < 10, f"kd-cache plan took {seconds:.1f} s"
+
+
 def test_a_shard_opens_only_its_files_and_reads_exactly_its_rows(web_scale, monkeypatch):
     cfg = dataset(web_scale, max_samples=150_000)
     shard = data.plan(cfg, 64).shards[37]  # rows [86718, 89062): the end of file 21, the start of file 22
@@ -75,7 +90,8 @@ def test_max_samples_larger_than_the_source_is_found_in_planning(web_scale):
 
 def test_json_files_are_counted_once_and_shards_read_only_their_files(tmp_path, monkeypatch):
     for f in range(3):
-        (tmp_path / f"{f}.jsonl").write_text("".join(json.dumps({"text": f"row {f * 10 + i}"}) + "\n" for i in range(10)))
+        rows = [json.dumps({"text": f"row {f * 10 + i}"}) + "\n" for i in range(10)]
+        (tmp_path / f"{f}.jsonl").write_text("".join(rows))
     cfg = DatasetConfig(name="json", data_files=str(tmp_path / "*.jsonl"), streaming=True, max_samples=25)
     plan = data.plan(cfg, 2)
     assert plan.method == "counted files"

@@ -5,13 +5,19 @@ auth on, the two process work pools, `prefect deploy --all` from this checkout's
 and two gpu-pool workers, all as separate processes in their own process groups, exactly as docs/DEPLOYMENT.md
 tells a user to run them. Every process started here is killed at the end of the session, group and all (a
 worker's flow-run subprocesses included), even when startup fails halfway.
+
+`bare_stack` (per module, on SQLite and on PostgreSQL) is the same without gpu-pool workers, for tests that start
+and kill their own; `postgres_url` is a throwaway PostgreSQL cluster from Debian's binaries on loopback.
 """
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +52,8 @@ class PrefectStack:
     api_url: str
     logs: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    client_env: dict[str, str] = field(default_factory=dict)
+    database: str = "sqlite"
 
     def client(self, auth: tuple[str, str] | None = tuple(AUTH.split(":", 1))) -> httpx.Client:
         return httpx.Client(base_url=self.api_url, auth=auth, timeout=30, transport=RetryBusyTransport())
@@ -61,6 +69,12 @@ class PrefectStack:
                                    start_new_session=True)  # its own process group: killed with its children
         self.processes.append(process)
         return process
+
+    def start_gpu_worker(self, gpu: int, name: str | None = None) -> subprocess.Popen:
+        """A gpu-pool worker that runs one flow run at a time and sees only GPU `gpu`."""
+        name = name or f"gpu-worker-{gpu}"
+        return self.start(name, [PREFECT, "worker", "start", "--pool", "gpu-pool", "--type", "process",
+                                 "--name", name, "--limit", "1"], {**self.client_env, "CUDA_VISIBLE_DEVICES": str(gpu)})
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -108,11 +122,14 @@ def _run(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
-@pytest.fixture(scope="session")
-def prefect_stack(tmp_path_factory) -> PrefectStack:
+@contextlib.contextmanager
+def running_stack(tmp_path_factory, *, gpu_workers: int = 2, database_url: str | None = None):
+    """Server (SQLite in its PREFECT_HOME, or `database_url`), pools, deployments, a cpu-pool worker and
+    `gpu_workers` gpu-pool workers; everything killed on exit."""
     home = tmp_path_factory.mktemp("prefect-home")
     logs = tmp_path_factory.mktemp("prefect-logs")
-    stack = PrefectStack(api_url=f"http://127.0.0.1:{_free_port()}/api", logs=logs)
+    stack = PrefectStack(api_url=f"http://127.0.0.1:{_free_port()}/api", logs=logs,
+                         database="postgresql" if database_url else "sqlite")
     base = {
         **os.environ,  # tests/conftest.py has set the offline and no-telemetry variables
         "PREFECT_HOME": str(home),
@@ -126,8 +143,9 @@ def prefect_stack(tmp_path_factory) -> PrefectStack:
         # No scheduler: the nightly deployment's cron must not start a real build during the tests.
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
+        **({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}),
     }
-    client_env = {
+    stack.client_env = {
         **base,
         "PREFECT_API_URL": stack.api_url,
         "PREFECT_API_AUTH_STRING": AUTH,
@@ -144,14 +162,59 @@ def prefect_stack(tmp_path_factory) -> PrefectStack:
         server = stack.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", port], server_env)
         _wait_healthy(stack, server)
         for pool in ("cpu-pool", "gpu-pool"):
-            _run([PREFECT, "work-pool", "create", pool, "--type", "process"], client_env)
-        _run([PREFECT, "--no-prompt", "deploy", "--all"], client_env)
+            _run([PREFECT, "work-pool", "create", pool, "--type", "process"], stack.client_env)
+        _run([PREFECT, "--no-prompt", "deploy", "--all"], stack.client_env)
         stack.start("worker-cpu", [PREFECT, "worker", "start", "--pool", "cpu-pool", "--type", "process",
-                                   "--name", "cpu-worker"], client_env)
-        for gpu in range(2):  # one worker per GPU, each seeing only its own
-            stack.start(f"worker-gpu{gpu}", [PREFECT, "worker", "start", "--pool", "gpu-pool", "--type", "process",
-                                             "--name", f"gpu-worker-{gpu}", "--limit", "1"],
-                        {**client_env, "CUDA_VISIBLE_DEVICES": str(gpu)})
+                                   "--name", "cpu-worker"], stack.client_env)
+        for gpu in range(gpu_workers):  # one worker per GPU, each seeing only its own
+            stack.start_gpu_worker(gpu)
         yield stack
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def prefect_stack(tmp_path_factory) -> PrefectStack:
+    with running_stack(tmp_path_factory) as stack:
+        yield stack
+
+
+def _postgres_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql package "
+                    "(apt-get install postgresql)")
+    return str(found[-1])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A throwaway PostgreSQL cluster on loopback (Debian's postgresql binaries), removed at the end.
+
+    initdb refuses to run as root, so as root the cluster belongs to the `postgres` user (runuser)."""
+    root = Path(tempfile.mkdtemp(prefix="kd-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", _free_port()
+    try:
+        subprocess.run([*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "prefect", "--auth=trust"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, _postgres_bin("pg_ctl"), "-D", str(data), "-l", str(root / "pg.log"), "-w", "-o",
+                        f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c max_connections=200", "start"],
+                       check=True, capture_output=True, timeout=120)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, _postgres_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def bare_stack(request, tmp_path_factory) -> PrefectStack:
+    """A server on SQLite or PostgreSQL with the deployments and a cpu-pool worker, and no gpu-pool worker: the
+    tests start (and kill) the ones they need."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    with running_stack(tmp_path_factory, gpu_workers=0, database_url=url) as stack:
+        yield stack

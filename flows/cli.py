@@ -1,4 +1,4 @@
-"""kd-cache command line: run, estimate, validate, plan, inspect, verify.
+"""kd-cache command line: run, estimate, validate, plan, inspect, verify, export.
 
 Config errors are one clear message and exit code 2, without a traceback.
 """
@@ -23,6 +23,7 @@ examples:
   kd-cache plan --profile large --json                     # which rows each of 512 shards reads
   kd-cache inspect ./out/demo                              # summarise the latest cache under an output.uri
   kd-cache verify ./out/demo --samples 8                   # recompute the teacher on 8 samples and compare
+  kd-cache export s3://bucket/kd/run1 one.h5               # the latest version as one self-contained file
 
 overrides are KEY=VALUE with VALUE parsed as YAML 1.2 (null unsets), e.g. cache.top_k=32 dataset.streaming=true;
 the seed's form distillation.KEY=VALUE works too. Credentials never go here: set them in the environment.
@@ -59,13 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--json", action="store_true", help='print {"method", "source_rows", "rows_read", "shards": '
                                                         '[{"index", "start", "stop", "rows_read"}, ...]}')
-    p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance")
-    p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
+    uri_help = "an output.uri (its latest version), a version directory or a cache.h5; a local path or any fsspec URL"
+    p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance, its part files and index")
+    p.add_argument("uri", help=uri_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--deep", action="store_true",
                    help="read every file whole and check its size and sha256 against the manifest (exit 2 if damaged)")
     p = sub.add_parser("verify", help="recompute the teacher on random samples of a cache and compare")
-    p.add_argument("uri", help="a cache.h5 path/URL, or an output.uri directory (its latest version)")
+    p.add_argument("uri", help=uri_help)
     p.add_argument("--samples", type=_positive_int, default=8, help="how many random samples to check (default: 8)")
     p.add_argument("--teacher", metavar="MODEL", help="the teacher to recompute with (hub id or local directory); "
                                                      "default: the one the cache names")
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float32", action="store_true",
                    help="compare with the teacher in float32 at fp16-rounding tolerances even when the cache was "
                         "made in bf16/fp16 (by default such a cache is compared with the teacher in its own dtype)")
+    p = sub.add_parser("export", help="write a cache as one self-contained HDF5 file (compressed chunks copied)")
+    p.add_argument("uri", help=uri_help)
+    p.add_argument("out", help="the file to write, e.g. one.h5")
     return parser
 
 
@@ -198,13 +203,12 @@ def cmd_plan(args) -> int:
 
 def cmd_inspect(args) -> int:
     from kd_core.cachefile import CacheReader
-    from kd_core.pipeline import resolve_cache_uri
     from kd_core.storage import human_bytes
 
     from kd_core.errors import CacheFileError
 
-    with CacheReader(resolve_cache_uri(args.uri)) as reader:
-        info = reader.info()
+    with CacheReader(args.uri) as reader:
+        info, manifest = reader.info(), reader.source.manifest
         reader[len(reader) - 1]  # reads data, not only metadata: a damaged last part shows here
         damage = reader.damage(deep=args.deep)  # sizes from a listing; --deep: every byte against its sha256
         distinct = _distinct_ids(reader) if info.samples is not None and not damage else None
@@ -213,7 +217,8 @@ def cmd_inspect(args) -> int:
         raise CacheFileError(f"{damage[0]}{more}. Fix: run the build again: a damaged version is rebuilt.")
     if args.json:
         print(json.dumps({**info.__dict__, "mode": info.mode, "bytes_per_token": info.bytes_per_token,
-                          "distinct_ids_per_row": distinct}, indent=2, default=str))
+                          "distinct_ids_per_row": distinct,
+                          "manifest": manifest.model_dump(mode="json") if manifest else None}, indent=2, default=str))
         return 0
     attrs = info.attrs
     rows = f"top_k {info.top_k}" if info.samples is None else f"sampled, {info.samples} draws per row"
@@ -227,6 +232,24 @@ def cmd_inspect(args) -> int:
     print(f"teacher     {attrs.get('teacher_model')} @ {attrs.get('teacher_revision', 'default')}")
     print(f"dataset     {attrs.get('dataset_name')} {attrs.get('dataset_config', '')} split={attrs.get('dataset_split')}")
     print(f"max_length  {attrs.get('max_length')}   format v{attrs.get('format_version')}   {attrs.get('producer')}")
+    if manifest is None:
+        print(f"layout      one self-contained file ({reader.source.index_uri})")
+        return 0
+    print(f"index       {manifest.index.name}  {human_bytes(manifest.index.bytes)}  "
+          f"({100 * manifest.index.bytes / manifest.file_bytes:.2f}% of the version)")
+    print(f"parts       {len(manifest.parts)} files, largest {human_bytes(max(p.bytes for p in manifest.parts))}")
+    for part in manifest.parts:
+        print(f"  {part.name}  {human_bytes(part.bytes):>9}  {part.num_samples:,} samples  {part.num_tokens:,} tokens")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from kd_core.cachefile import export_cache
+    from kd_core.storage import human_bytes
+
+    done = export_cache(args.uri, args.out)
+    print(f"wrote {args.out}: {done['num_samples']:,} samples, {done['num_tokens']:,} tokens; "
+          f"{human_bytes(done['bytes'])} copied in {done['seconds']:.1f} s ({done['bytes'] / 1e6 / done['seconds']:.0f} MB/s)")
     return 0
 
 
@@ -252,11 +275,10 @@ def cmd_verify(args) -> int:
     import torch
 
     from kd_core.cachefile import CacheReader
-    from kd_core.pipeline import resolve_cache_uri
     from kd_core.teacher import load_teacher
     from kd_core.verify import teacher_to_verify, verify_rows
 
-    with CacheReader(resolve_cache_uri(args.uri)) as reader:
+    with CacheReader(args.uri) as reader:
         # A cache is someone else's data: it may name a teacher, never whether that teacher's code may run.
         teacher_cfg = teacher_to_verify(reader.attrs, model=args.teacher, trust_remote_code=args.trust_remote_code)
         made_in = reader.attrs.get("teacher_dtype", "float32")

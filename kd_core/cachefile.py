@@ -56,6 +56,10 @@ COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1:
 UNSHUFFLED = {"topk_indices"}
 
 
+# How readers return each dataset (others come as stored): ids as int64 for torch indexing, fp16 as float32.
+READ_DTYPES = {"input_ids": np.int64, "topk_indices": np.int64, "topk_logprobs": np.float32}
+
+
 def index_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 
@@ -121,6 +125,13 @@ def unpack_sampled(lengths: np.ndarray, gaps: np.ndarray, counts: np.ndarray) ->
 def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
     """Uncompressed bytes of one row of every dataset in `layout`."""
     return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in layout.values())
+
+
+def row_datasets(file: h5py.File) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """A cache file's row datasets as it holds them: name -> (shape after the row axis, dtype). Every root
+    dataset but the per-sample ones (an export keeps its parts' copies in a group, not at the root)."""
+    return {name: (d.shape[1:], d.dtype) for name, d in file.items()
+            if isinstance(d, h5py.Dataset) and name not in PER_SAMPLE_DATASETS}
 
 
 def bytes_per_token(top_k: int, vocab_size: int, samples: int | None = None) -> int:
@@ -570,7 +581,7 @@ def index_entry(source, name: str, expect: dict[str, Any]) -> dict[str, Any]:
                 raise CacheFileError(f"{name}: not a kd-cache v{FORMAT_VERSION} file.")
             offsets, sample_index = file["offsets"][:], file["sample_index"][:]
             entry_offsets = file[ENTRY_OFFSETS][:] if ENTRY_OFFSETS in file else None
-            layout = {key: (d.shape[1:], d.dtype) for key, d in file.items() if key not in PER_SAMPLE_DATASETS}
+            layout = row_datasets(file)
             rows = {key: file[key].shape[0] for key in layout}
             problems = _entry_problems(file, len(sample_index), ENTRY_DATASETS) if entry_offsets is not None else []
     except (OSError, KeyError, ValueError) as e:
@@ -592,9 +603,25 @@ def index_entry(source, name: str, expect: dict[str, Any]) -> dict[str, Any]:
 def write_index(path: str | Path, entries: list[dict[str, Any]], attrs: dict[str, Any]) -> dict[str, Any]:
     """The index of a version: one format-v1 cache to stock h5py, whose row datasets are virtual datasets over
     the part files (by their path relative to the index, resolved against its directory) and whose /offsets and
-    /sample_index are stored. Row datasets are whatever the parts hold (every dataset but the per-sample ones),
-    so new ones need no change here. entries: index_entry() of each file, in sample order. Written atomically.
+    /sample_index are stored. entries: index_entry() of each file, in sample order. Written atomically.
     """
+    path = Path(path)
+    tmp = temporary_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with h5py.File(tmp, "w") as f:
+            summary = _write_index_into(f, entries, attrs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return summary
+
+
+def _write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[str, Any]) -> dict[str, Any]:
+    """Root datasets of `f` over the entries' files: a virtual dataset per row dataset, whose source k is
+    dataset `entries[k]["group"] + name` of file `entries[k]["name"]` ("." for f itself); /offsets and
+    /sample_index stored. Row datasets are whatever the parts hold (every dataset but the per-sample ones), so
+    new ones need no change here."""
     from kd_core.errors import CacheFileError
 
     layouts = {tuple((k, v[0], str(v[1])) for k, v in sorted(e["layout"].items())) for e in entries}
@@ -605,29 +632,108 @@ def write_index(path: str | Path, entries: list[dict[str, Any]], attrs: dict[str
     if sampled:  # entry datasets are concatenated like token datasets, over their own offsets
         entry_counts, entry_starts, entry_offsets = _concatenated_offsets([e["entry_offsets"] for e in entries])
     sample_index = np.concatenate([e["sample_index"] for e in entries]).astype(np.int64)
+    for name, (tail, dtype) in entries[0]["layout"].items():
+        rows_of = (entry_starts, entry_counts) if name in ENTRY_DATASETS else (starts, counts)
+        virtual = h5py.VirtualLayout(shape=(int(rows_of[0][-1]), *tail), dtype=dtype)
+        for entry, start, count in zip(entries, *rows_of):
+            if count:
+                source = h5py.VirtualSource(entry["name"], entry.get("group", "") + name, shape=(count, *tail))
+                virtual[start:start + count] = source
+        f.create_virtual_dataset(name, virtual, fillvalue=0)
+    stored = [("offsets", offsets), ("sample_index", sample_index)]
+    for name, array in stored + ([(ENTRY_OFFSETS, entry_offsets)] if sampled else []):
+        f.create_dataset(name, data=array, chunks=(max(1, min(len(array), 1 << 16)),), shuffle=True, **COMPRESSION)
+    checksums = {"sample_index": hashlib.sha256(sample_index.tobytes()).hexdigest()}
+    write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": "virtual", "parts": len(entries),
+                    "num_samples": len(sample_index), "num_tokens": int(starts[-1]),
+                    "checksums": json.dumps(checksums, sort_keys=True)})
+    return {"num_samples": len(sample_index), "num_tokens": int(starts[-1])}
+
+
+def copy_chunks(src: h5py.Dataset, dst_file: h5py.File, name: str) -> None:
+    """Dataset `src` into dst_file[name] with the same shape, chunks and filters, chunk by chunk as stored
+    (read_direct_chunk/write_direct_chunk): nothing is decompressed or compressed again."""
+    dst = dst_file.create_dataset(name, shape=src.shape, maxshape=src.maxshape, dtype=src.dtype, chunks=src.chunks,
+                                  compression=src.compression, compression_opts=src.compression_opts,
+                                  shuffle=src.shuffle)
+    for i in range(src.id.get_num_chunks()):
+        info = src.id.get_chunk_info(i)
+        filter_mask, data = src.id.read_direct_chunk(info.chunk_offset)
+        dst.id.write_direct_chunk(info.chunk_offset, data, filter_mask)
+
+
+def export(files: list[Path], path: str | Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """One self-contained format-v1 file from a version's part files (local paths, in sample order): each part's
+    datasets copied chunk for chunk under /parts/NNNNN/, and the root datasets virtual datasets over them within
+    the same file (any stock HDF5 reader follows those). Written atomically. Returns {num_samples, num_tokens}."""
     path = Path(path)
     tmp = temporary_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with h5py.File(tmp, "w") as f:
-            for name, (tail, dtype) in entries[0]["layout"].items():
-                rows_of = (entry_starts, entry_counts) if name in ENTRY_DATASETS else (starts, counts)
-                virtual = h5py.VirtualLayout(shape=(int(rows_of[0][-1]), *tail), dtype=dtype)
-                for entry, start, count in zip(entries, *rows_of):
-                    if count:
-                        virtual[start:start + count] = h5py.VirtualSource(entry["name"], name, shape=(count, *tail))
-                f.create_virtual_dataset(name, virtual, fillvalue=0)
-            stored = [("offsets", offsets), ("sample_index", sample_index)]
-            for name, array in stored + ([(ENTRY_OFFSETS, entry_offsets)] if sampled else []):
-                f.create_dataset(name, data=array, chunks=(max(1, min(len(array), 1 << 16)),), shuffle=True, **COMPRESSION)
-            checksums = {"sample_index": hashlib.sha256(sample_index.tobytes()).hexdigest()}
-            write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": "virtual", "parts": len(entries),
-                            "num_samples": len(sample_index), "num_tokens": int(starts[-1]),
-                            "checksums": json.dumps(checksums, sort_keys=True)})
+        with h5py.File(tmp, "w") as out:
+            entries = []
+            for k, part in enumerate(files):
+                group = f"parts/{k:05d}/"
+                with h5py.File(part, "r") as src:
+                    for name in (*row_datasets(src), *(n for n in PER_SAMPLE_DATASETS if n in src)):
+                        copy_chunks(src[name], out, group + name)
+                    entry = {"name": ".", "group": group, "offsets": src["offsets"][:],
+                             "sample_index": src["sample_index"][:], "layout": row_datasets(src),
+                             "entry_offsets": src[ENTRY_OFFSETS][:] if ENTRY_OFFSETS in src else None}
+                entries.append(entry)
+            summary = _write_index_into(out, entries, {**attrs, "index": "exported"})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"num_samples": len(sample_index), "num_tokens": int(starts[-1])}
+    return summary
+
+
+def export_cache(uri: str, path: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`kd-cache export`: the cache at `uri` (any URI form, local or remote) as one self-contained file at
+    `path`. Remote parts are downloaded next to the output first (so the disk there holds up to twice the
+    cache until they are deleted). Returns {num_samples, num_tokens, bytes (the version's), seconds}."""
+    import tempfile
+    import time
+
+    from kd_core import io
+
+    started = time.perf_counter()
+    with CacheReader(uri, storage_options) as reader:
+        files, attrs, read_bytes = list(reader.files), dict(reader.attrs), reader.file_bytes
+    attrs.pop("index", None), attrs.pop("parts", None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".kd-export-") as scratch:
+        local = []
+        for k, file in enumerate(files):
+            if io.is_local(file):
+                local.append(io.local_path(file))
+            else:
+                local.append(Path(scratch) / f"part-{k:05d}.h5")
+                io.fetch_file(file, local[-1], storage_options)
+        summary = export(local, path, attrs)
+    return {**summary, "bytes": read_bytes, "seconds": time.perf_counter() - started}
+
+
+def iter_samples(source, block_tokens: int = 1 << 18) -> Iterator[dict[str, Any]]:
+    """Every sample of one cache file (a path or a file object), front to back, as CacheReader returns them:
+    whole samples are read in blocks of about block_tokens rows, so each chunk is decompressed once."""
+    with h5py.File(source, "r") as file:
+        offsets, sample_index = file["offsets"][:], file["sample_index"][:]
+        names = list(row_datasets(file))
+        s = 0
+        while s < len(sample_index):
+            e = max(s + 1, int(np.searchsorted(offsets, offsets[s] + block_tokens, side="right")) - 1)
+            lo, hi = int(offsets[s]), int(offsets[e])
+            block = {name: file[name][lo:hi] for name in names}
+            for i in range(s, e):
+                a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
+                yield {"sample_index": int(sample_index[i]), **{n: _as_read(n, block[n][a:b]) for n in names}}
+            s = e
+
+
+def _as_read(name: str, rows: np.ndarray) -> np.ndarray:
+    return rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
 
 
 def _concatenated_offsets(parts: list[np.ndarray]) -> tuple[list[int], np.ndarray, np.ndarray]:
@@ -656,10 +762,6 @@ class CacheInfo:
     @property
     def bytes_per_token(self) -> float | None:
         return self.file_bytes / self.num_tokens if self.file_bytes and self.num_tokens else None
-
-
-# How the reader returns each dataset (others come as stored): ids as int64 for torch indexing, fp16 as float32.
-READ_DTYPES = {"input_ids": np.int64, "topk_indices": np.int64, "topk_logprobs": np.float32}
 
 
 def _first_line(e: BaseException) -> str:
@@ -762,10 +864,9 @@ class CacheReader:
         try:
             lo, hi = (int(x) for x in file["offsets"][j:j + 2])
             sample = {"sample_index": int(file["sample_index"][j])}
-            for name, dataset in file.items():
-                if name not in PER_SAMPLE_DATASETS and name not in ENTRY_DATASETS:
-                    rows = dataset[lo:hi]
-                    sample[name] = rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
+            for name in row_datasets(file):
+                if name not in ENTRY_DATASETS:
+                    sample[name] = _as_read(name, file[name][lo:hi])
             if ENTRY_OFFSETS in file:  # a sampled cache: its entries, back to (L, m)
                 first, last = (int(x) for x in file[ENTRY_OFFSETS][j:j + 2])
                 gaps, counts = (file[name][first:last] for name in ENTRY_DATASETS)
@@ -813,8 +914,8 @@ class CacheReader:
         rows = {"offsets": 0, ENTRY_OFFSETS: 0}  # rows of the files before this one, per offsets dataset
         for f in range(len(self.files)):
             file = self._file(f)
-            for name, dataset in file.items():
-                data = dataset[:]
+            for name in (*row_datasets(file), *(n for n in PER_SAMPLE_DATASETS if n in file)):
+                data = file[name][:]
                 if name in rows:
                     data = (data if f == 0 else data[1:]) + rows[name]
                 arrays.setdefault(name, []).append(data)

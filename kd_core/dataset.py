@@ -1,6 +1,7 @@
-"""A torch Dataset over a cache, and a collate that pads, for training a student.
+"""Torch datasets over a cache, and a collate that pads, for training a student.
 
     ds = CacheDataset("./out/demo")       # an output.uri (its latest version), a version directory or a cache.h5
+    ds = StreamingCacheDataset("s3://bucket/kd/run1", seed=0)   # sequential, for training from object storage
     loader = DataLoader(ds, batch_size=8, collate_fn=pad_collate, num_workers=2)
     for batch in loader:
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
@@ -10,12 +11,19 @@
 from __future__ import annotations
 
 import os
+import random
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from kd_core.cachefile import CacheReader
+from kd_core import io
+from kd_core.cachefile import CacheReader, iter_samples
 
 
 class CacheDataset(Dataset):
@@ -45,8 +53,7 @@ class CacheDataset(Dataset):
         return self._len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        sample = self.reader[i]
-        return {k: torch.as_tensor(v) for k, v in sample.items()}
+        return _tensors(self.reader[i])
 
 
 def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -79,3 +86,81 @@ def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -
         for name, _, _ in fields:
             batch[name][b, :L, : s[name].shape[-1]] = s[name]
     return batch
+
+
+class StreamingCacheDataset(IterableDataset):
+    """Sequential reading for training from object storage: the version's part files in a seeded shuffled order,
+    each read front to back (on S3: one GET per file, downloaded to local scratch while the previous file is
+    consumed), samples mixed through a shuffle buffer of `shuffle_buffer` samples.
+
+    Files are dealt round-robin to (DDP rank, DataLoader worker) slots after the shuffle, so every sample is read
+    once per epoch by exactly one slot; slots may get a few samples more or fewer than others (whole files).
+    Call set_epoch(e) before each epoch for a new order. Samples are the dicts CacheDataset returns.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, seed: int = 0,
+                 shuffle_buffer: int = 1000, rank: int | None = None, world_size: int | None = None,
+                 scratch: str | None = None):
+        self.storage_options, self.seed, self.shuffle_buffer, self.scratch = storage_options, seed, shuffle_buffer, scratch
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        with CacheReader(str(uri), storage_options) as reader:
+            self.files = list(reader.files)
+            self.num_samples = len(reader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _slot(self) -> tuple[int, int]:
+        """(this process's slot, number of slots) over DDP ranks x DataLoader workers."""
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            ready = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        return rank * workers + worker_id, world * workers
+
+    def my_files(self) -> list[str]:
+        slot, slots = self._slot()
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.files))
+        return [self.files[i] for i in order[slot::slots]]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        slot, _ = self._slot()
+        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
+        buffer: list[dict[str, Any]] = []
+        for sample in self._stream(self.my_files()):
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], sample = sample, buffer[j]
+            yield _tensors(sample)
+        rng.shuffle(buffer)
+        for sample in buffer:
+            yield _tensors(sample)
+
+    def _stream(self, files: list[str]) -> Iterator[dict[str, Any]]:
+        """Samples of `files` in order; a remote file is downloaded while the one before it is read."""
+        if all(io.is_local(f) for f in files):
+            for f in files:
+                yield from iter_samples(io.local_path(f))
+            return
+        with tempfile.TemporaryDirectory(dir=self.scratch, prefix="kd-stream-") as scratch, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
+            def fetch(k: int) -> Path:
+                local = Path(scratch) / f"{k}.h5"
+                io.fetch_file(files[k], local, self.storage_options)
+                return local
+
+            pending = pool.submit(fetch, 0) if files else None
+            for k in range(len(files)):
+                local = pending.result()
+                pending = pool.submit(fetch, k + 1) if k + 1 < len(files) else None
+                yield from iter_samples(local)
+                local.unlink()
+
+
+def _tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v) for k, v in sample.items()}

@@ -271,6 +271,12 @@ def sha256_of(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     return retrying(f"reading {uri}", digest)
 
 
+def fetch_file(uri: str, local: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """Download `uri` to a local path front to back (one GET stream on S3), retrying transient errors."""
+    fs, path = filesystem(uri, storage_options)
+    retrying(f"downloading {uri}", lambda: fs.get_file(path, str(local)))
+
+
 def create_exclusive(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Create `uri` holding `text` only if nothing is there: True if created, False if it already existed.
 

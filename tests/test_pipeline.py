@@ -227,3 +227,22 @@ def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_pa
                         lambda cfg: real_load(cfg.model_copy(update={"dtype": "bfloat16"})))
     with pytest.raises(CacheFileError, match=r"made in float32 but this worker loads the teacher in bfloat16"):
         pipeline.run_shard(config, shard)
+
+
+def test_inspect_names_the_parts_and_the_index_and_export_writes_one_file(small_teacher_dir, corpus_path, tmp_path,
+                                                                          capsys):
+    from flows.cli import main
+
+    config, _, manifest = run_steps("testing", overrides(small_teacher_dir, corpus_path, tmp_path / "out",
+                                                         run={"num_shards": 2}))
+    version = tmp_path / "out" / "versions" / config.content_key()
+    for uri in (tmp_path / "out", version, version / "cache.h5"):  # every URI form names the same cache
+        assert main(["inspect", str(uri)]) == 0
+        out = capsys.readouterr().out
+        assert "samples     38" in out and f"parts       {len(manifest.parts)} files" in out
+        assert "index       cache.h5" in out and manifest.parts[-1].name in out
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "one.h5")]) == 0
+    assert "MB/s" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "one.h5")]) == 0
+    assert "one self-contained file" in capsys.readouterr().out
+    assert_same_arrays(read_arrays(str(tmp_path / "one.h5")), read_arrays(str(tmp_path / "out")))

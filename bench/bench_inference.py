@@ -29,7 +29,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -218,9 +217,10 @@ def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path)
     batch_size = max(1, args.batch_tokens // args.max_length)
     k, start = args.top_k, time.perf_counter()
     with h5py.File(path, "w") as f, torch.inference_mode():
+        # The format's datasets, with uint32 ids whatever the vocab (the naive layout).
+        layout = cachefile.row_layout(k, vocab_size=1 << 32)
         sets = {name: f.create_dataset(name, (0, *tail), maxshape=(None, *tail), dtype=dt, chunks=True)
-                for name, tail, dt in [("input_ids", (), np.uint32), ("topk_indices", (k,), np.uint32),
-                                       ("topk_logprobs", (k,), np.float16), ("logsumexp", (), np.float32)]}
+                for name, (tail, dt) in layout.items()}
         for i in range(0, len(tokenized), batch_size):
             batch = tokenized[i : i + batch_size]
             logits = teacher.model(input_ids=padded(batch, args.max_length, teacher.device), use_cache=False).logits
@@ -251,9 +251,7 @@ def sweep(path: Path, rows: int, threads: int) -> list[tuple[str, float, float]]
     def size(array, chunk_bytes, level, shuffle):
         n = max(1024, chunk_bytes // array[0].nbytes)
         def one(chunk):
-            b = chunk.reshape(-1).view(np.uint8)
-            b = b.reshape(-1, chunk.dtype.itemsize).T if shuffle else b
-            return len(zlib.compress(np.ascontiguousarray(b), level))
+            return len(cachefile.encode_chunk(chunk, shuffle, level))
         with ThreadPoolExecutor(threads) as pool:
             return sum(pool.map(one, [array[i : i + n] for i in range(0, len(array), n)])) / len(array)
 

@@ -39,7 +39,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from kd_core.errors import CacheFileError
+from kd_core import io
+from kd_core.errors import CacheFileError, ConfigError
 
 FORMAT_VERSION = 1
 TOKEN_DATASETS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")  # one row per token (top-k mode)
@@ -168,13 +169,13 @@ def _deflate_bound(n: int) -> int:
     return n + n // 1000 + 64
 
 
-def _encode_chunk(chunk: np.ndarray, shuffle: bool) -> bytes:
+def encode_chunk(chunk: np.ndarray, shuffle: bool, level: int = COMPRESSION["compression_opts"]) -> bytes:
     """What HDF5's shuffle + deflate filters would store for this chunk (run on a worker thread: zlib releases
     the GIL, so chunks compress on several cores at once)."""
     raw = chunk.reshape(-1).view(np.uint8)
     if shuffle:  # byte k of every element together: the high bytes of small ids and similar floats compress well
         raw = raw.reshape(-1, chunk.dtype.itemsize).T
-    return zlib.compress(np.ascontiguousarray(raw).tobytes(), COMPRESSION["compression_opts"])
+    return zlib.compress(np.ascontiguousarray(raw).tobytes(), level)
 
 
 class _Column:
@@ -210,7 +211,7 @@ class _Column:
     def _submit(self) -> None:
         chunk = self.buffer
         self.hasher.submit(self.hash.update, chunk[:self.fill])  # one hashing thread: updates stay in order
-        self._pending.append((self._chunks, self.pool.submit(_encode_chunk, chunk, self.shuffle)))
+        self._pending.append((self._chunks, self.pool.submit(encode_chunk, chunk, self.shuffle)))
         self._chunks += 1
         self._new_buffer()
         while len(self._pending) > self.max_pending or (self._pending and self._pending[0][1].done()):
@@ -419,8 +420,6 @@ def verify_file(path: str | Path, expect: dict[str, Any] | None = None, checksum
     `expect` may hold num_samples, num_tokens and checksums recorded by the writer (e.g. a shard's completion
     record). Returns {num_samples, num_tokens, checksums} (checksums empty when not computed).
     """
-    from kd_core.errors import CacheFileError
-
     try:
         file = h5py.File(path, "r")
     except OSError as e:
@@ -503,8 +502,6 @@ class SplitWriter:
         need = self.writer.sample_bound(len(rows.input_ids))
         if self.writer.size_bound() + need > self.max_bytes:
             if self.writer.num_samples == 0:
-                from kd_core.errors import ConfigError
-
                 raise ConfigError(
                     f"output.max_object_bytes: {self.max_bytes:,} bytes cannot hold one sample of "
                     f"{len(rows.input_ids):,} tokens (up to {self.writer.size_bound() + need:,} bytes in a file). "
@@ -544,26 +541,6 @@ class SplitWriter:
             self.abort()
 
 
-def file_digest(path: str | Path, upload_part_bytes: int | None = None) -> tuple[str, str]:
-    """(sha256 of the file, the ETag S3 gives it when uploaded in parts of upload_part_bytes: the MD5 of the
-    bytes for a single PUT, else the MD5 of the parts' MD5s plus "-<parts>"). One read of the file."""
-    sha, whole, part_md5s = hashlib.sha256(), hashlib.md5(), []
-    step = upload_part_bytes or (1 << 62)  # a multiple of the 1 MiB blocks read here
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-            whole.update(block)
-            # Blocks never straddle an upload part: step is a multiple of the block or the block is smaller.
-            if f.tell() % step == 0 or f.tell() == os.fstat(f.fileno()).st_size:
-                part_md5s.append(whole.digest())
-                whole = hashlib.md5()
-    if len(part_md5s) <= 1:
-        etag = (part_md5s[0] if part_md5s else hashlib.md5().digest()).hex()
-    else:
-        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
-    return sha.hexdigest(), f'"{etag}"'
-
-
 def index_entry(source, name: str, expect: dict[str, Any]) -> dict[str, Any]:
     """What the index needs of one part file (a path or a file object), checked cheaply: format, row counts,
     offsets, sample_index (whose checksum is compared with the record's). Reads only metadata and the per-sample
@@ -573,8 +550,6 @@ def index_entry(source, name: str, expect: dict[str, Any]) -> dict[str, Any]:
     sample_index (S,), layout {dataset: (shape after the row axis, dtype)}, entry_offsets (S+1,) or None}
     (a sampled file's ENTRY_DATASETS are in layout too, with one row per entry); CacheFileError naming the problem.
     """
-    from kd_core.errors import CacheFileError
-
     try:
         with h5py.File(source, "r") as file:
             if read_attrs(file).get("format_version") != FORMAT_VERSION:
@@ -622,8 +597,6 @@ def _write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[s
     dataset `entries[k]["group"] + name` of file `entries[k]["name"]` ("." for f itself); /offsets and
     /sample_index stored. Row datasets are whatever the parts hold (every dataset but the per-sample ones), so
     new ones need no change here."""
-    from kd_core.errors import CacheFileError
-
     layouts = {tuple((k, v[0], str(v[1])) for k, v in sorted(e["layout"].items())) for e in entries}
     if len(layouts) != 1:
         raise CacheFileError(f"the parts hold different datasets or shapes ({layouts}); they cannot form one cache.")
@@ -695,8 +668,6 @@ def export_cache(uri: str, path: str | Path, storage_options: dict[str, Any] | N
     import tempfile
     import time
 
-    from kd_core import io
-
     started = time.perf_counter()
     with CacheReader(uri, storage_options) as reader:
         files, attrs, read_bytes = list(reader.files), dict(reader.attrs), reader.file_bytes
@@ -715,9 +686,10 @@ def export_cache(uri: str, path: str | Path, storage_options: dict[str, Any] | N
     return {**summary, "bytes": read_bytes, "seconds": time.perf_counter() - started}
 
 
-def iter_samples(source, block_tokens: int = 1 << 18) -> Iterator[dict[str, Any]]:
-    """Every sample of one cache file (a path or a file object), front to back, as CacheReader returns them:
-    whole samples are read in blocks of about block_tokens rows, so each chunk is decompressed once."""
+def iter_samples(source, block_tokens: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
+    (as_read() converts one as CacheReader returns it). Whole samples are read in blocks of about block_tokens
+    rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block."""
     with h5py.File(source, "r") as file:
         offsets, sample_index = file["offsets"][:], file["sample_index"][:]
         names = list(row_datasets(file))
@@ -728,8 +700,13 @@ def iter_samples(source, block_tokens: int = 1 << 18) -> Iterator[dict[str, Any]
             block = {name: file[name][lo:hi] for name in names}
             for i in range(s, e):
                 a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
-                yield {"sample_index": int(sample_index[i]), **{n: _as_read(n, block[n][a:b]) for n in names}}
+                yield {"sample_index": int(sample_index[i]), **{n: block[n][a:b].copy() for n in names}}
             s = e
+
+
+def as_read(sample: dict[str, Any]) -> dict[str, Any]:
+    """A sample in the dtypes readers return (READ_DTYPES), from the dtypes stored."""
+    return {name: _as_read(name, value) if isinstance(value, np.ndarray) else value for name, value in sample.items()}
 
 
 def _as_read(name: str, rows: np.ndarray) -> np.ndarray:
@@ -781,11 +758,11 @@ class CacheReader:
     (at 10M samples that would be 80 MB in every DataLoader worker); the last MAX_OPEN files stay open.
     """
 
-    MAX_OPEN = 8
+    # Files kept open: a local handle costs little (HDF5's chunk cache, 1 MiB per dataset read); a remote one
+    # also holds up to io.READ_CACHE_BLOCKS blocks of io.READ_BLOCK_BYTES (16 MiB).
+    MAX_OPEN = {"local": 64, "remote": 8}
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        from kd_core import versions
-
         self.uri, self.storage_options = str(uri), storage_options
         self.source = versions.resolve(self.uri, storage_options)
         self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()
@@ -805,8 +782,6 @@ class CacheReader:
             self.num_tokens = int(file["offsets"][-1])
             self.file_bytes = self._size(self.source.index_uri)
         if self.attrs.get("format_version") != FORMAT_VERSION:
-            from kd_core.errors import CacheFileError
-
             raise CacheFileError(f"{uri}: format_version {self.attrs.get('format_version')!r}, this reader reads {FORMAT_VERSION}.")
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # (files + 1,)
         self.samples = sampled_draws(self.attrs)
@@ -814,15 +789,11 @@ class CacheReader:
         self.vocab_size = int(self.attrs["vocab_size"])
 
     def _size(self, uri: str) -> int:
-        from kd_core import io
-
         fs, path = io.filesystem(uri, self.storage_options)
         return fs.size(path)
 
     def _open(self, uri: str) -> tuple[h5py.File, Any]:
         """(h5py file, the fsspec file object under it or None for a local path)."""
-        from kd_core import io
-
         try:
             fileobj, _ = io.open_for_read(uri, self.storage_options)
         except FileNotFoundError:
@@ -843,7 +814,8 @@ class CacheReader:
         """File f, opened once and kept among the MAX_OPEN most recently used."""
         if f not in self._open_files:
             self._open_files[f] = self._open(self.files[f])
-            while len(self._open_files) > self.MAX_OPEN:
+            limit = self.MAX_OPEN["local" if io.is_local(self.files[f]) else "remote"]
+            while len(self._open_files) > limit:
                 self._close(self._open_files.popitem(last=False)[1])
         self._open_files.move_to_end(f)
         return self._open_files[f][0]
@@ -880,8 +852,6 @@ class CacheReader:
     def damage(self, deep: bool = False) -> list[str]:
         """Every file of the cache against the manifest (a version): its size, and with `deep` its sha256 (every
         byte read); a single-file cache against its own checksums. One line per damaged file; empty if intact."""
-        from kd_core import io
-
         if self.source.manifest is None:
             if not deep:
                 return []

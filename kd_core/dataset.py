@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kd_core import io
-from kd_core.cachefile import CacheReader, iter_samples
+from kd_core.cachefile import CacheReader, as_read, iter_samples
 
 
 class CacheDataset(Dataset):
@@ -91,7 +91,9 @@ def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -
 class StreamingCacheDataset(IterableDataset):
     """Sequential reading for training from object storage: the version's part files in a seeded shuffled order,
     each read front to back (on S3: one GET per file, downloaded to local scratch while the previous file is
-    consumed), samples mixed through a shuffle buffer of `shuffle_buffer` samples.
+    consumed), samples mixed through a shuffle buffer of `shuffle_buffer` samples, held in their stored dtypes:
+    memory is about shuffle_buffer x mean tokens x stored bytes per token (400 B at k=64, uint32 ids), plus one
+    block of 65,536 tokens being read, plus up to two part files on local disk (the one read, the next one).
 
     Files are dealt round-robin to (DDP rank, DataLoader worker) slots after the shuffle, so every sample is read
     once per epoch by exactly one slot; slots may get a few samples more or fewer than others (whole files).
@@ -99,7 +101,7 @@ class StreamingCacheDataset(IterableDataset):
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, seed: int = 0,
-                 shuffle_buffer: int = 1000, rank: int | None = None, world_size: int | None = None,
+                 shuffle_buffer: int = 256, rank: int | None = None, world_size: int | None = None,
                  scratch: str | None = None):
         self.storage_options, self.seed, self.shuffle_buffer, self.scratch = storage_options, seed, shuffle_buffer, scratch
         self.rank, self.world_size, self.epoch = rank, world_size, 0
@@ -136,10 +138,10 @@ class StreamingCacheDataset(IterableDataset):
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], sample = sample, buffer[j]
-            yield _tensors(sample)
+            yield _tensors(as_read(sample))
         rng.shuffle(buffer)
         for sample in buffer:
-            yield _tensors(sample)
+            yield _tensors(as_read(sample))
 
     def _stream(self, files: list[str]) -> Iterator[dict[str, Any]]:
         """Samples of `files` in order; a remote file is downloaded while the one before it is read."""

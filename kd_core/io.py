@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ MiB = 1 << 20
 S3_MAX_PARTS = 10_000  # S3's limits on a multipart upload
 S3_MIN_PART_BYTES = 5 * MiB
 MIN_UPLOAD_PART_BYTES = 16 * MiB  # fewer requests than the minimum, still small in memory
-READ_BLOCK_BYTES = 8 << 20  # remote reads: 8 MiB blocks, cached, so random access costs few requests
+READ_BLOCK_BYTES = 2 << 20  # remote random access: a sample touches ~6 chunks of <= 1 MiB compressed
+READ_CACHE_BLOCKS = 8  # per open remote file: at most 16 MiB of cached blocks  # remote reads: 8 MiB blocks, cached, so random access costs few requests
 RETRY_DELAYS = (2.0, 8.0, 30.0)  # seconds between attempts of a remote write/download: 4 attempts, ~40 s
 # Errors that retrying cannot fix: a missing bucket, denied access, a full disk.
 _PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
@@ -202,6 +204,26 @@ def write_json_atomic(uri: str, data: Any, storage_options: dict[str, Any] | Non
     write_text_atomic(uri, json.dumps(data, indent=2, sort_keys=True), storage_options)
 
 
+def file_digest(path: str | Path, upload_part_bytes: int | None = None) -> tuple[str, str]:
+    """(sha256 of the file, the ETag S3 gives it when uploaded in parts of upload_part_bytes: the MD5 of the
+    bytes for a single PUT, else the MD5 of the parts' MD5s plus "-<parts>"). One read of the file."""
+    sha, whole, part_md5s = hashlib.sha256(), hashlib.md5(), []
+    step = upload_part_bytes or (1 << 62)  # a multiple of the 1 MiB blocks read here
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+            whole.update(block)
+            # Blocks never straddle an upload part: step is a multiple of the block or the block is smaller.
+            if f.tell() % step == 0 or f.tell() == os.fstat(f.fileno()).st_size:
+                part_md5s.append(whole.digest())
+                whole = hashlib.md5()
+    if len(part_md5s) <= 1:
+        etag = (part_md5s[0] if part_md5s else hashlib.md5().digest()).hex()
+    else:
+        etag = f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+    return sha.hexdigest(), f'"{etag}"'
+
+
 def upload_part_bytes(size: int) -> int:
     """Part size of a multipart upload of `size` bytes: whole MiB, at least 16 MiB (S3: >= 5 MiB), and large
     enough that the upload takes at most 10,000 parts (S3's limit). A file under two parts goes in one PUT."""
@@ -215,8 +237,6 @@ def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | 
     later shows the object is still the one published: the ETag the store reports (checked against the one
     computed locally, which proves the upload arrived intact) or a local file's modification time.
     """
-    from kd_core.cachefile import file_digest
-
     if is_local(uri):
         dest = local_path(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -257,8 +277,6 @@ def stamps(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str,
 
 def sha256_of(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """sha256 of a file's bytes, streamed (no local copy)."""
-    import hashlib
-
     fs, path = filesystem(uri, storage_options)
 
     def digest() -> str:
@@ -332,5 +350,6 @@ def open_for_read(uri: str, storage_options: dict[str, Any] | None = None, block
     if is_local(uri):
         return None, local_path(uri).stat().st_size
     fs, path = filesystem(uri, storage_options)
-    f = fs.open(path, "rb", block_size=block_size, cache_type="blockcache")
+    f = fs.open(path, "rb", block_size=block_size, cache_type="blockcache",
+                cache_options={"maxblocks": READ_CACHE_BLOCKS})
     return f, fs.size(path)

@@ -33,7 +33,6 @@ from kd_core.sampling import CDF_SCALE, FitAccumulator, FitReport
 from kd_core.inference import has_plain_head
 from kd_core.teacher import Teacher
 
-FIELDS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")
 # A drawn id whose reference probability is below this cannot have come from the sampler (it never draws
 # p < 2**-40); the margin leaves room for a bf16 body's rounding.
 IMPOSSIBLE = 1e3 / CDF_SCALE

@@ -45,7 +45,7 @@ def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
     for file in manifest.files:
         local = tmp_path / file.name.replace("/", "_")
         fs.get_file(io.filesystem(io.join(layout.version_dir, file.name), opts)[1], str(local))
-        assert local.stat().st_size == file.bytes and cachefile.file_digest(local)[0] == file.sha256
+        assert local.stat().st_size == file.bytes and io.file_digest(local)[0] == file.sha256
         if file.name != "cache.h5":
             verify_file(local, expect=file.model_dump())  # every byte of every part, against its counts
     with CacheReader(uri, opts) as reader:
@@ -186,7 +186,7 @@ def test_a_multipart_upload_goes_to_its_final_key_with_the_etag_computed_locally
     local.write_bytes(os.urandom(33 << 20))  # over two 16 MiB parts: a 3-part multipart upload
     assert io.upload_part_bytes(local.stat().st_size) == 16 << 20
     stamp = io.publish_file(local, f"s3://{bucket}/x/big.bin", opts)
-    assert stamp["etag"] == cachefile.file_digest(local, 16 << 20)[1] and stamp["etag"].endswith('-3"')
+    assert stamp["etag"] == io.file_digest(local, 16 << 20)[1] and stamp["etag"].endswith('-3"')
     assert listing(f"s3://{bucket}", opts) == ["x/big.bin"]
 
 

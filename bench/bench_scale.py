@@ -135,7 +135,7 @@ def reader_table(samples: int, endpoint_opts: dict) -> None:
         opts = None if target == "local" else endpoint_opts
         config, shards = synthetic_version(root, samples, 256, part_samples=samples // 16, opts=opts)
         manifest = pipeline.merge(config, shards)
-        picks = np.random.default_rng(1).permutation(samples)[:1000]
+        picks = np.random.default_rng(1).permutation(samples)[:300]
         ds = CacheDataset(root, opts)
         started = time.perf_counter()
         for i in picks:
@@ -147,6 +147,9 @@ def reader_table(samples: int, endpoint_opts: dict) -> None:
         seconds = time.perf_counter() - started
         print(f"| {target} | StreamingCacheDataset, one epoch | {count:,} | {seconds:.2f} | {count / seconds:,.0f} | "
               f"{manifest.file_bytes / 1e6 / seconds:.0f} |")
+        done = cachefile.export_cache(root, Path(tempfile.mkdtemp(prefix="kd-bench-export-")) / "one.h5", opts)
+        print(f"| {target} | kd-cache export (chunks copied) | {done['num_samples']:,} | {done['seconds']:.2f} | "
+              f"{done['num_samples'] / done['seconds']:,.0f} | {done['bytes'] / 1e6 / done['seconds']:.0f} |")
 
 
 def main() -> None:

@@ -760,7 +760,7 @@ class CacheReader:
 
     # Files kept open: a local handle costs little (HDF5's chunk cache, 1 MiB per dataset read); a remote one
     # also holds up to io.READ_CACHE_BLOCKS blocks of io.READ_BLOCK_BYTES (16 MiB).
-    MAX_OPEN = {"local": 64, "remote": 8}
+    MAX_OPEN = {"local": 16, "remote": 8}
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
         self.uri, self.storage_options = str(uri), storage_options

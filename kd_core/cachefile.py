@@ -686,11 +686,30 @@ def export_cache(uri: str, path: str | Path, storage_options: dict[str, Any] | N
     return {**summary, "bytes": read_bytes, "seconds": time.perf_counter() - started}
 
 
+def read_sample(file: h5py.File, j: int) -> dict[str, Any]:
+    """Sample j of one open cache file, as CacheReader returns it: O(1) slice reads."""
+    lo, hi = (int(x) for x in file["offsets"][j:j + 2])
+    sample = {"sample_index": int(file["sample_index"][j])}
+    for name in row_datasets(file):
+        if name not in ENTRY_DATASETS:
+            sample[name] = _as_read(name, file[name][lo:hi])
+    if ENTRY_OFFSETS in file:  # a sampled cache: its entries, back to (L, m)
+        first, last = (int(x) for x in file[ENTRY_OFFSETS][j:j + 2])
+        gaps, counts = (file[name][first:last] for name in ENTRY_DATASETS)
+        sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(sample.pop("sampled_lengths"), gaps, counts)
+    return sample
+
+
 def iter_samples(source, block_tokens: int = 1 << 16) -> Iterator[dict[str, Any]]:
     """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
     (as_read() converts one as CacheReader returns it). Whole samples are read in blocks of about block_tokens
-    rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block."""
+    rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block.
+    A sampled-mode file is read sample by sample (read_sample), its chunks kept in HDF5's chunk cache."""
     with h5py.File(source, "r") as file:
+        if ENTRY_OFFSETS in file:
+            for j in range(file["sample_index"].shape[0]):
+                yield read_sample(file, j)
+            return
         offsets, sample_index = file["offsets"][:], file["sample_index"][:]
         names = list(row_datasets(file))
         s = 0
@@ -836,16 +855,7 @@ class CacheReader:
         f = int(np.searchsorted(self.starts, i, side="right")) - 1
         file, j = self._file(f), i - int(self.starts[f])
         try:
-            lo, hi = (int(x) for x in file["offsets"][j:j + 2])
-            sample = {"sample_index": int(file["sample_index"][j])}
-            for name in row_datasets(file):
-                if name not in ENTRY_DATASETS:
-                    sample[name] = _as_read(name, file[name][lo:hi])
-            if ENTRY_OFFSETS in file:  # a sampled cache: its entries, back to (L, m)
-                first, last = (int(x) for x in file[ENTRY_OFFSETS][j:j + 2])
-                gaps, counts = (file[name][first:last] for name in ENTRY_DATASETS)
-                sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(
-                    sample.pop("sampled_lengths"), gaps, counts)
+            sample = read_sample(file, j)
         except (OSError, KeyError, ValueError) as e:  # a corrupt chunk (checksum/decompression), a missing dataset
             raise CacheFileError(f"{self.files[f]}: sample {i} cannot be read ({_first_line(e)}). The file is "
                                  "damaged: run the build again, or `kd-cache inspect --deep` for details.") from None

@@ -311,7 +311,7 @@ def cmd_verify(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, "plan": cmd_plan,
-            "inspect": cmd_inspect, "verify": cmd_verify}
+            "inspect": cmd_inspect, "verify": cmd_verify, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

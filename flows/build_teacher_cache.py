@@ -19,7 +19,7 @@ from prefect.states import Failed, State
 from pydantic import Field
 
 from kd_core import pipeline
-from kd_core.config import Config
+from kd_core.config import OVERRIDE_WITHOUT_CREDENTIALS, Config
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.records import Manifest, ShardRecord
@@ -34,7 +34,12 @@ from tasks.validate_config import validate_config
 # The UI sends null for a field left alone: null means "as the profile has it". Prefect titles each field with
 # the parameter's name and describes it with the docstring's Args entry.
 Profile = str | None
-Overrides = Annotated[list[str] | None, Field(examples=[["dataset.max_samples=1000", "output.uri=./out/run1"]])]
+# Each item is checked by the server against OVERRIDE_WITHOUT_CREDENTIALS before the run is stored: credentials
+# never reach Prefect's database (DESIGN.md, Security); the worker's environment or output.credentials hold them.
+# (A schema-only pattern: pydantic's regex engine has no look-ahead, and parse_overrides checks the same locally.)
+Override = Annotated[str, Field(json_schema_extra={"pattern": OVERRIDE_WITHOUT_CREDENTIALS})]
+Overrides = Annotated[list[Override] | None,
+                      Field(examples=[["dataset.max_samples=1000", "output.uri=./out/run1"]])]
 
 
 @flow(name="build-teacher-cache")

@@ -314,6 +314,23 @@ _CREDENTIAL_PARTS = {"key", "secret", "token", "password", "passwd", "credential
 _URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
 
+def _any_case(word: str) -> str:
+    """'key' -> '[kK][eE][yY]': JSON-schema patterns have no case-insensitive flag that every client honours."""
+    return "".join(f"[{c.lower()}{c.upper()}]" for c in word)
+
+
+# The same rule as find_credentials, as a JSON-schema `pattern` for one KEY=VALUE override of a flow run: Prefect's
+# server checks run parameters against the deployment's schema before it stores them (409 otherwise), so a REST
+# or UI run that carries credentials is refused before they reach its database. An item is refused when it sets
+# output.storage_options with a credential word anywhere in it, or holds a URL with a password.
+_WORDS = "|".join(_any_case(w) for w in sorted(_CREDENTIAL_PARTS, key=len, reverse=True))
+OVERRIDE_WITHOUT_CREDENTIALS = (
+    r"^(?!\s*(distillation\.)?output\.storage_options[^a-zA-Z]"
+    rf"(.*[^a-zA-Z])?({_WORDS})([^a-zA-Z]|$))"
+    r"(?!.*[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:[^/@\s]+@)"
+)
+
+
 def find_credentials(key: str, value: Any) -> str | None:
     """The dotted key of the first credential under `key`: a credential-like storage option, or a URL with a
     password in it; None when there is none."""

@@ -76,7 +76,7 @@ def test_profile_files_are_yaml_1_2_too(tmp_path):
     assert config.dataset.max_samples == 10 and config.dataset.config == "no"
 
 
-@pytest.mark.parametrize("override, key", [
+CREDENTIAL_OVERRIDES = [
     ("output.storage_options.secret=hunter2-Zq9pw0rd", "output.storage_options.secret"),
     ("output.storage_options.key=AKIA-Zq9pw0rd", "output.storage_options.key"),
     ("output.storage_options={key: AKIA-Zq9pw0rd, endpoint_url: 'http://x'}", "output.storage_options.key"),
@@ -85,7 +85,10 @@ def test_profile_files_are_yaml_1_2_too(tmp_path):
     ("output.storage_options.token=Zq9pw0rd", "output.storage_options.token"),
     ("output.uri=s3://user:Zq9pw0rd@host/bucket", "output.uri"),
     ("distillation.dataset.data_files=https://bob:Zq9pw0rd@example.com/a.parquet", "dataset.data_files"),
-])
+]
+
+
+@pytest.mark.parametrize("override, key", CREDENTIAL_OVERRIDES)
 def test_credentials_in_overrides_are_refused_without_echoing_them(override, key):
     with pytest.raises(ConfigError) as e:
         load_config("testing", [override])
@@ -281,3 +284,31 @@ def test_deployment_policy_decides_what_a_run_may_read_and_run(tmp_path):
         guards.check_policy(code, deployed=False, env={guards.ALLOW_REMOTE_CODE_ENV: "0"})
     guards.check_policy(code, deployed=True, env={guards.ALLOW_REMOTE_CODE_ENV: "1"})
     guards.check_policy(code, deployed=False, env={})
+
+
+def test_the_flows_parameter_schema_refuses_credentials_before_a_run_is_stored():
+    """A REST or UI run is checked by Prefect's server against the flow's parameter schema before it is stored
+    (409 otherwise): the same validator, on the same schema, refuses every credential override the CLI refuses."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+    from flows.build_teacher_cache import build_teacher_cache
+
+    schema = parameter_schema(build_teacher_cache.fn).model_dump_for_openapi()
+
+    def accepted(override: str) -> bool:
+        try:
+            validate({"profile": None, "overrides": [override]}, schema, raise_on_error=True)
+        except ValidationError:
+            return False
+        return True
+
+    for override, _ in CREDENTIAL_OVERRIDES:
+        assert not accepted(override), override
+        assert not accepted(" " + override.replace("=", " = ", 1)), override  # any spacing
+    assert not accepted("output.storage_options={Endpoint_URL: 'http://x', AWS_Secret_Access_Key: Zq9pw0rd}")
+    for fine in ["dataset.max_samples=1000", "output.uri=s3://bucket/kd/run1", "output.storage_options.anon=false",
+                 "output.storage_options.endpoint_url=http://127.0.0.1:9000", "output.credentials=kd-cache-s3",
+                 "output.storage_options={endpoint_url: 'http://monkey.local:9000', region_name: eu-west-1}",
+                 "dataset.data_files=https://example.com/a.parquet", "teacher.model=Qwen/Qwen2.5-0.5B"]:
+        assert accepted(fine), fine

@@ -557,9 +557,3 @@ def _checked_part_file(layout: Layout, shard: ShardSpec, part: PartRecord, file:
     finally:
         if fileobj is not None:
             fileobj.close()
-
-
-def resolve_cache_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The cache.h5 (a version's index, or a single-file cache) that `uri` names: an output root, a version
-    directory or the file itself."""
-    return versions.resolve(uri, storage_options).index_uri

@@ -101,7 +101,7 @@ def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     run_shard = pipeline.run_shard
 
     def watching_run_shard(config, shard, progress=None):
-        with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+        with CacheReader(versions.resolve(str(out)).index_uri) as reader:
             seen_while_building.append(reader.attrs["content_key"])
         return run_shard(config, shard, progress)
 
@@ -110,7 +110,7 @@ def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     assert second["key"] != first["key"] and not second["up_to_date"]
     assert seen_while_building == [first["key"]] * 2
     assert json.loads((out / "latest.json").read_text())["version"] == second["key"]
-    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
         assert reader.top_k == 4
     assert {p.name for p in (out / "versions").iterdir()} == {first["key"], second["key"]}  # one old one kept
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kd_core
-from kd_core import pipeline
+from kd_core import pipeline, versions
 from kd_core import teacher as teacher_module
 from kd_core.cachefile import CacheReader
 from kd_core.config import TeacherConfig, load_config
@@ -53,7 +53,7 @@ def test_cache_matches_the_teacher_in_float32(teacher_dir, corpus_path, corpus_t
     """vocab 70000 > tokenizer: uint32 ids; three shards merged back in sample order; empty rows skipped."""
     config, est, manifest = run_steps("testing", overrides(teacher_dir, corpus_path, tmp_path))
     teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
-    with h5py.File(pipeline.resolve_cache_uri(str(tmp_path))) as index:  # stock h5py, through the index
+    with h5py.File(versions.resolve(str(tmp_path)).index_uri) as index:  # stock h5py, through the index
         assert index["topk_indices"].dtype == np.uint32 and index["topk_indices"].is_virtual
         stock = {name: index[name][:] for name in index}
     assert_same_arrays(stock, read_arrays(str(tmp_path)))  # the same arrays as the parts read one by one
@@ -130,7 +130,7 @@ def test_kd_cache_run_demo_profile(tmp_path):
     assert "wrote" in done.stdout and "200 samples" in done.stdout
     verify = subprocess.run([*cli, "verify", str(out), "--samples", "6"], env=env, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr[-2000:]
-    with h5py.File(pipeline.resolve_cache_uri(str(out))) as f:
+    with h5py.File(versions.resolve(str(out)).index_uri) as f:
         assert f.attrs["num_samples"] == 200 and f["topk_logprobs"].shape[1] == 16
     inspect = subprocess.run([*cli, "inspect", str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0 and "samples     200" in inspect.stdout

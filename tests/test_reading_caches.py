@@ -10,7 +10,7 @@ import pytest
 from s3helpers import build, overrides
 
 from flows import cli
-from kd_core import io, pipeline
+from kd_core import io, pipeline, versions
 from kd_core.dataset import CacheDataset
 from kd_core.errors import CacheFileError
 
@@ -37,7 +37,7 @@ def crafted_cache(tmp_path_factory, small_teacher_dir, corpus_path):
     out = root / "out"
     build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 10},
                                               run={"num_shards": 1})))
-    with h5py.File(pipeline.resolve_cache_uri(str(out)), "r+") as f:
+    with h5py.File(versions.resolve(str(out)).index_uri, "r+") as f:
         recorded = json.loads(f.attrs["config"])
         recorded["teacher"].update(model=str(teacher), trust_remote_code=True)
         f.attrs["config"] = json.dumps(recorded)

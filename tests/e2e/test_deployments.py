@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kd_core import pipeline
+from kd_core import versions
 from kd_core.cachefile import CacheReader
 from kd_core.config import TeacherConfig, override_strings
 from kd_core.teacher import load_teacher
@@ -94,7 +94,7 @@ def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack,
 
     # The published cache: every sample, and it agrees with the teacher recomputed in float32.
     teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), dtype="float32", device="cpu"))
-    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
         assert len(reader) == 14  # 16 rows, two of them blank
         report = verify_rows(teacher, [reader[i] for i in range(len(reader))], top_k=reader.top_k)
     assert report.ok, report
@@ -169,7 +169,7 @@ output: {{uri: '{out}'}}
         assert response.status_code == 201, response.text
         run = wait(prefect_stack, client, response.json()["id"])
     assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{prefect_stack.log_tail()}"
-    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
         attrs = reader.attrs
     assert (attrs["max_samples"], attrs["top_k"], attrs["max_length"]) == (7, 5, 32)
     assert attrs["teacher_model"] == str(small_teacher_dir)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from test_deployments import FINAL, children, trigger, wait
 
-from kd_core import pipeline
+from kd_core import pipeline, versions
 from kd_core.cachefile import CacheReader
 from kd_core.config import TeacherConfig, override_strings
 from kd_core.teacher import load_teacher
@@ -127,7 +127,7 @@ def test_a_build_survives_its_only_gpu_worker_killed_mid_shard(bare_stack, teach
     assert not os.path.exists(work)  # published: the work directory is gone
 
     teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
-    with CacheReader(pipeline.resolve_cache_uri(str(out))) as reader:
+    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
         assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(120) if i not in (3, 7)]
         report = verify_rows(teacher, [reader[i] for i in range(0, len(reader), 5)], top_k=reader.top_k)
     assert report.ok, report

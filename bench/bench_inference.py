@@ -357,13 +357,14 @@ def measure(teacher: Teacher, name: str, texts: list[str], tokenized: list[np.nd
     k, vocab = args.top_k, teacher.vocab_size
     # Warm-up: kernels, the allocator, any compiled kernel on run_teacher's own path.
     warm: list[Call] = []
+    start = time.perf_counter()
     with recording(warm):
         list(run_teacher(teacher, enumerate(texts[: max(1, len(texts) // 50)]), top_k=k, max_length=args.max_length,
                          batch_tokens=args.batch_tokens, window_tokens=args.window_tokens))
     bench_forward(teacher, warm[:3])
     del warm
     kept: list = []
-    r = {"b0": bench_pipeline(teacher, texts, args, keep=kept)}
+    r = {"warm_s": time.perf_counter() - start, "b0": bench_pipeline(teacher, texts, args, keep=kept)}
     r["a"] = bench_forward(teacher, r["b0"].calls)
     r["mass"] = top_mass(kept)
     r["alone"] = bench_writer(kept, cachefile.CacheWriter(workdir / f"{name}-alone.h5", top_k=k, vocab_size=vocab,
@@ -422,6 +423,7 @@ def bench_teacher(name: str, args, corpus: tuple, tokenizer_run: Run, workdir: P
     tokenizer, pool, pool_ids = corpus
     texts, tokenized = texts_for(pool, pool_ids, args.tokens[name])
     teacher, loss = build_teacher(name, args, tokenizer, pool_ids)
+    built = time.perf_counter() - t0
     params = sum(p.numel() for p in teacher.model.parameters())
     lengths = np.array(list(map(len, tokenized)))
     device_name = torch.cuda.get_device_name(teacher.device) if teacher.device.type == "cuda" else "cpu"
@@ -432,7 +434,7 @@ def bench_teacher(name: str, args, corpus: tuple, tokenizer_run: Run, workdir: P
            + (f"trained {args.train_steps} steps, loss {loss:.2f}" if args.train_steps else "random init (flat logits)"))
     result = measure(teacher, name, texts, tokenized, args, workdir, report)
     table(name, result, tokenizer_run, args, report)
-    report(f"({name} took {time.perf_counter() - t0:.0f} s)")
+    report(f"({name} took {time.perf_counter() - t0:.0f} s: build {built:.0f} s, warm-up {result['warm_s']:.0f} s)")
     del teacher
     free(torch.device(args.device))
     return result

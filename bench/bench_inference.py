@@ -338,8 +338,13 @@ def pieces(teacher: Teacher, call: Call, args) -> dict[str, float]:
 
 def top_mass(rows: list, limit: int = 1 << 17) -> float:
     """Mean probability mass of a row's top-k over the first `limit` rows: how peaked the teacher is."""
-    logprobs = np.concatenate([r.topk_logprobs for r in rows])[:limit].astype(np.float32)  # (n, k)
-    return float(np.exp(logprobs).sum(-1).mean())
+    taken, total = [], 0
+    for r in rows:
+        if total >= limit:
+            break
+        taken.append(r.topk_logprobs)
+        total += len(r.topk_logprobs)
+    return float(np.exp(np.concatenate(taken).astype(np.float32)).sum(-1).mean())  # (n, k) -> mean over rows
 
 
 def free(device: torch.device) -> None:

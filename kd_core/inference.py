@@ -21,7 +21,6 @@ topk) or N draws from its softmax, stored as distinct ids and counts (cache.mode
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import threading
@@ -36,6 +35,7 @@ import torch
 
 from kd_core.sampling import sample_rows
 from kd_core.teacher import Teacher
+from kd_core.topk import _logsumexp, _logsumexp_float32, topk_logprobs  # noqa: F401 (bench)
 
 # Logit elements handled at once (rows * V): bounds the head's output and any float32 upcast; 2048 rows at 32k.
 CHUNK_ELEMENTS = 2**26
@@ -97,65 +97,6 @@ class InferenceStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-# Candidates beyond k that topk_logprobs takes so that a tie at rank k is settled by id without a second pass.
-TIE_SLACK = 16
-
-
-def topk_logprobs(
-    logits: torch.Tensor, k: int, chunk_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(…, V) logits -> top-k ids (…, k) int64, their log-probs (…, k) float32, logsumexp (…) float32.
-
-    Float32 whatever the logits' dtype, without a (…, V) float32 log_softmax: rows are taken a chunk at a
-    time, so any upcast is bounded by chunk_rows * V. The top-k is taken on the raw logits (same order as on
-    the log-probs, since logsumexp is a per-row constant) and log p = logit - logsumexp. Order: best first,
-    equal logits by lowest id, on any device (torch.topk's order among equal values is unspecified).
-    """
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)  # (N, V)
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
-    ids, logprobs, lses = [], [], []
-    for chunk in flat.split(chunk_rows) if len(flat) else [flat]:
-        chunk = chunk.float()  # (n, V); no copy when the head already gave float32
-        lse = _logsumexp(chunk)  # (n,)
-        top, idx = topk_lowest_id(chunk, k)  # (n, k), best first
-        ids.append(idx)
-        logprobs.append(top - lse[:, None])
-        lses.append(lse)
-    lead = logits.shape[:-1]
-    return torch.cat(ids).view(*lead, k), torch.cat(logprobs).view(*lead, k), torch.cat(lses).view(lead)
-
-
-def topk_lowest_id(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, V) float32 -> the k largest values (n, k) and their ids (n, k) int64; equal values by lowest id.
-
-    torch.topk over k + TIE_SLACK candidates, then a (value desc, id asc) sort of the candidates: exact unless
-    more than TIE_SLACK + 1 ids tie at rank k, and those rows (rare: a degenerate teacher) are redone exactly.
-    """
-    vocab = x.shape[-1]
-    values, ids = x.topk(min(k + TIE_SLACK, vocab), dim=-1)  # (n, c), best first, ties in any order
-    by_id = ids.sort(-1)  # (n, c): ascending ids, then a stable sort on value keeps them ascending within ties
-    values, order = values.gather(1, by_id.indices).sort(dim=-1, descending=True, stable=True)
-    ids = by_id.values.gather(1, order)
-    if values.shape[1] > k:
-        overflow = values[:, -1] == values[:, k - 1]  # (n,) the tie at rank k may go past the candidates
-        if bool(overflow.any()):  # one device sync per chunk; the fix-up itself is rare
-            rows = overflow.nonzero().squeeze(1)
-            exact_values, exact_ids = _topk_by_key(x[rows], k)
-            values[rows, :k], ids[rows, :k] = exact_values, exact_ids
-    return values[:, :k], ids[:, :k]
-
-
-def _topk_by_key(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of (r, V) float32 by one int64 key per logit: value's order in the high half, -id in the low."""
-    bits = (x + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float's value
-    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
-    key = (ordered << 32) | (0xFFFFFFFF - ids)  # larger value first, then lower id
-    top_ids = 0xFFFFFFFF - (key.topk(k, dim=-1).values & 0xFFFFFFFF)  # (r, k)
-    return x.gather(1, top_ids), top_ids
-
-
 def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor, position: torch.Tensor):
     """(n, V) logits (float32 from Float32Head) -> what the cache stores for those rows, narrowed for the copy.
 
@@ -171,32 +112,6 @@ def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor,
     lse = _logsumexp(logits)
     ids, counts = sample_rows(logits, lse, sample_index, position, spec.draws)
     return ids.to(torch.int32), counts.to(torch.int16), lse
-
-
-def _logsumexp_float32(x: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(x.float(), dim=-1)
-
-
-@functools.cache
-def _compiled_logsumexp():
-    return torch.compile(_logsumexp_float32, dynamic=True)  # made on first use: importing dynamo takes seconds
-
-
-_compile_failed = False
-
-
-def _logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """(n, V) -> (n,) float32. On CUDA a compiled kernel reads the logits once in their own dtype and sums in
-    float32; eager upcasts and makes several passes (6x slower on an H100, see docs/PERFORMANCE.md)."""
-    global _compile_failed
-    if x.device.type != "cuda" or _compile_failed:
-        return _logsumexp_float32(x)
-    try:
-        return _compiled_logsumexp()(x)
-    except Exception as e:  # e.g. no Triton for this GPU: same numbers, slower
-        _compile_failed = True
-        warnings.warn(f"compiled logsumexp unavailable ({type(e).__name__}: {e}); using eager", stacklevel=2)
-        return _logsumexp_float32(x)
 
 
 def has_plain_head(model: torch.nn.Module) -> bool:

@@ -2,12 +2,13 @@
 
     python -m pytest -q --noconftest tests/test_gpu.py
 
-(--noconftest: they need only torch and kd_core.inference, not the session fixtures.)
+(--noconftest: they need only torch, triton and kd_core, not the session fixtures.)
 """
 
 import pytest
 import torch
 
+from kd_core import topk
 from kd_core.inference import Float32Head, RowSpec, row_results
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,3 +41,38 @@ def test_float32_head_on_bf16_hidden_states_matches_a_float64_head(vocab):
     kth = (reference - ref_lse[:, None]).topk(64, dim=-1).values[:, -1:]
     assert (ref_logprobs >= kth - 1e-5).all()  # every stored id is in the reference's top 64
     print(f"vocab {vocab}: float32 head max |error| {error:.2e} (bf16 head {bf16_error:.2e})")
+
+
+@pytest.mark.parametrize("vocab", [32_000, 151_936])
+def test_fused_topk_equals_the_torch_path_and_a_float64_sort(vocab):
+    """The fused Triton kernels (kd_core.topk) against the torch path and a float64 stable sort (ties by lowest
+    id), on random logits and on rows full of ties: ids identical, log-probs and logsumexp to float32 rounding."""
+    rows, k = 3000, 64
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    x = torch.randn(rows, vocab, device="cuda", generator=g) * 4  # (n, V) float32
+    x[1::4] = (x[1::4] * 0.1).bfloat16().float()  # bf16-rounded and narrow: many exact ties around rank k
+    x[2::8, 1000:1100] = 30.0  # a 100-way tie at the top
+    x[3::8, ::97] = x[3::8].amax(-1, keepdim=True) + 1  # ~1,600 tied ids straddle rank k
+    x[5::16, vocab // 3:] = -float("inf")
+    x[7::16] = -0.0
+    x[7::16, ::5] = 0.0  # -0.0 == 0.0: ties by id
+    ids, logprobs, lse = topk.fused_topk_logprobs(x, k)
+    torch_ids, torch_logprobs, torch_lse = topk.torch_topk_logprobs(x, k, chunk_rows=512)
+    assert torch.equal(ids, torch_ids)
+
+    x64 = x.double()
+    ref = x64.sort(-1, descending=True, stable=True)  # stable: equal values stay in ascending id order
+    assert torch.equal(ids, ref.indices[:, :k])
+    ref_lse = x64.logsumexp(-1)
+    ref_logprobs = ref.values[:, :k] - ref_lse[:, None]
+    ulp = torch.finfo(torch.float32).eps * ref_lse.abs().clamp_min(1.0)  # one float32 step at the lse's size
+    fused_lse_error = ((lse.double() - ref_lse).abs() / ulp).max().item()
+    torch_lse_error = ((torch_lse.double() - ref_lse).abs() / ulp).max().item()
+    logprob_error = (logprobs.double() - ref_logprobs).abs().max().item()
+    vs_torch = max((lse - torch_lse).abs().max().item(), (logprobs - torch_logprobs).abs().max().item())
+    print(f"vocab {vocab}: fused ids == torch path == float64 sort; lse error vs float64 {fused_lse_error:.2f} "
+          f"float32 steps (torch path {torch_lse_error:.2f}); max |log-prob error| {logprob_error:.2e}; "
+          f"max |fused - torch| {vs_torch:.2e}")
+    assert fused_lse_error <= 8 and logprob_error < 2e-5 and vs_torch < 2e-5
+    # And through topk_logprobs, the entry point the pipeline calls: the fused path, not a silent fallback.
+    assert torch.equal(topk.topk_logprobs(x[:100], k)[0], ids[:100]) and not topk._fused_disabled

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.inference import Float32Head, RowSpec, _Forward, _topk_by_key, run_teacher, topk_lowest_id
+from kd_core.inference import Float32Head, RowSpec, _Forward, run_teacher
+from kd_core.topk import topk_by_key, topk_lowest_id
 from kd_core.sampling import FitAccumulator, distinct_counts, random_bits, sample_ids, sample_rows
 
 ALPHA = 1e-4
@@ -119,7 +120,7 @@ def test_topk_ties_go_to_the_lowest_id():
     x[4] = 0.0  # -0.0 and 0.0 are equal
     x[4, 250:] = -0.0
     values, ids = topk_lowest_id(x, 8)
-    exact_values, exact_ids = _topk_by_key(x, 8)
+    exact_values, exact_ids = topk_by_key(x, 8)
     assert torch.equal(ids, exact_ids) and torch.equal(values, exact_values)
     assert ids[1].tolist() == list(range(100, 108)) and ids[3].tolist() == list(range(0, 56, 7))
     assert ids[4].tolist() == list(range(8))

@@ -1,0 +1,322 @@
+"""Top-k and logsumexp of logit rows: what a cache row holds in top-k mode.
+
+Contract of topk_logprobs: (..., V) logits -> ids (..., k) int64, best first, equal logits ordered by lowest id;
+log-probs (..., k) float32 = logit - logsumexp; logsumexp (...) float32. Two implementations give the same ids in
+the same order:
+
+  fused (CUDA, when Triton imports): two Triton kernels that read each logit once from memory.
+    1. _scan_rows, one program per row, in tiles: the online logsumexp (running max and rescaled sum, per group
+       lane, in float32) and the maximum of every group of GROUP consecutive ids, stored (n, V / GROUP).
+    2. _select_rows, one program per row: the KP best groups by (max desc, group id asc), then the KP best of
+       their sub-groups of SUB ids, then the KP best of those sub-groups' ids, each by one int64 key per item
+       (the float's order in the high half, 2**32-1 - id in the low half: one comparison orders by value desc,
+       then id asc) and Triton's bitonic tl.topk. KP = k rounded up to a power of two.
+    Why that is exact: ids are contiguous in a group, so ordering groups by (max desc, group id asc) orders
+    them as their best elements' keys. A group holding one of the k best elements e has a key >= e's key,
+    and every group ranked above it holds an element ranked above e, of which there are fewer than k: so the
+    k best elements lie in the k best groups, and, by the same argument one level down, in the k best
+    sub-groups of those. The logits of the chosen groups are read a second time (KP * GROUP of V per row).
+  torch (everywhere else, and whenever the kernels cannot run): logsumexp (compiled on CUDA) and torch.topk
+    over k + TIE_SLACK candidates, re-sorted by (value desc, id asc), with an exact key-based redo for rows
+    where more ids tie at rank k than there are candidates.
+
+Equal results: ids are compared exactly on both paths, so they are identical, including any ties, -0.0 == 0.0
+and -inf logits. The logsumexp sums the same terms in another order, so it can differ in the last bits
+(tests/test_gpu.py states the bound); log-probs inherit that difference. A row that holds NaN has a NaN
+logsumexp on both paths, and its ids are unspecified.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+try:  # the fused kernels need Triton (CUDA builds of torch ship it); without it the torch path runs everywhere
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+# Logit elements the torch path takes at once (rows * V) when not told: bounds its float32 upcast.
+TORCH_CHUNK_ELEMENTS = 2**26
+# Candidates beyond k that the torch path takes so that a tie at rank k is settled by id without a second pass.
+TIE_SLACK = 16
+# The fused kernels keep KP * GROUP keys of a row in registers: k up to this runs fused, larger k the torch way.
+FUSED_MAX_K = 128
+_SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
+_SCAN_WARPS = 8
+_SELECT_WARPS = 8
+
+
+def topk_logprobs(
+    logits: torch.Tensor, k: int, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(…, V) logits -> top-k ids (…, k) int64, their log-probs (…, k) float32, logsumexp (…) float32.
+
+    Float32 whatever the logits' dtype. On CUDA with Triton: the fused kernels, one read of each logit
+    (chunk_rows is not needed there: their scratch is V / 16 bytes a row). Otherwise rows are taken chunk_rows at
+    a time, so any float32 upcast is bounded by chunk_rows * V. The top-k is taken on the raw logits (the same
+    order as on the log-probs, logsumexp being a per-row constant) and log p = logit - logsumexp.
+    """
+    if _fused_usable(logits, k):
+        try:
+            return fused_topk_logprobs(logits, k)
+        except Exception as e:  # e.g. a compiler that does not take the kernel: same numbers, slower
+            _fused_failed(e)
+    return torch_topk_logprobs(logits, k, chunk_rows)
+
+
+def torch_topk_logprobs(
+    logits: torch.Tensor, k: int, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_logprobs by torch operations alone, chunk_rows rows at a time: the path off CUDA and the fallback."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # (N, V)
+    chunk_rows = chunk_rows or max(1, TORCH_CHUNK_ELEMENTS // vocab)
+    ids, logprobs, lses = [], [], []
+    for chunk in flat.split(chunk_rows) if len(flat) else [flat]:
+        chunk = chunk.float()  # (n, V); no copy when the head already gave float32
+        lse = _logsumexp(chunk)  # (n,)
+        top, idx = topk_lowest_id(chunk, k)  # (n, k), best first
+        ids.append(idx)
+        logprobs.append(top - lse[:, None])
+        lses.append(lse)
+    lead = logits.shape[:-1]
+    return torch.cat(ids).view(*lead, k), torch.cat(logprobs).view(*lead, k), torch.cat(lses).view(lead)
+
+
+def topk_lowest_id(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, V) float32 -> the k largest values (n, k) and their ids (n, k) int64; equal values by lowest id.
+
+    torch.topk over k + TIE_SLACK candidates, then a (value desc, id asc) sort of the candidates: exact unless
+    more than TIE_SLACK + 1 ids tie at rank k, and those rows (rare: a degenerate teacher) are redone exactly.
+    """
+    vocab = x.shape[-1]
+    values, ids = x.topk(min(k + TIE_SLACK, vocab), dim=-1)  # (n, c), best first, ties in any order
+    by_id = ids.sort(-1)  # (n, c): ascending ids, then a stable sort on value keeps them ascending within ties
+    values, order = values.gather(1, by_id.indices).sort(dim=-1, descending=True, stable=True)
+    ids = by_id.values.gather(1, order)
+    if values.shape[1] > k:
+        overflow = values[:, -1] == values[:, k - 1]  # (n,) the tie at rank k may go past the candidates
+        if bool(overflow.any()):  # one device sync per chunk; the fix-up itself is rare
+            rows = overflow.nonzero().squeeze(1)
+            exact_values, exact_ids = topk_by_key(x[rows], k)
+            values[rows, :k], ids[rows, :k] = exact_values, exact_ids
+    return values[:, :k], ids[:, :k]
+
+
+def topk_by_key(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of (r, V) float32 by one int64 key per logit: value's order in the high half, -id in the low.
+
+    The reference the fused kernels implement (the same key); costs 8 bytes per logit, so used on few rows."""
+    bits = (x + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into 0.0
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float's value
+    ids = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)
+    key = (ordered << 32) | (0xFFFFFFFF - ids)  # larger value first, then lower id
+    top_ids = 0xFFFFFFFF - (key.topk(k, dim=-1).values & 0xFFFFFFFF)  # (r, k)
+    return x.gather(1, top_ids), top_ids
+
+
+# -- logsumexp, torch path ----------------------------------------------------------------------------------
+
+
+def _logsumexp_float32(x: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x.float(), dim=-1)
+
+
+@functools.cache
+def _compiled_logsumexp():
+    return torch.compile(_logsumexp_float32, dynamic=True)  # made on first use: importing dynamo takes seconds
+
+
+_compile_failed = False
+
+
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """(n, V) -> (n,) float32. On CUDA a compiled kernel reads the logits once in their own dtype and sums in
+    float32; eager upcasts and makes several passes (6x slower on an H100, see docs/PERFORMANCE.md)."""
+    global _compile_failed
+    if x.device.type != "cuda" or _compile_failed:
+        return _logsumexp_float32(x)
+    try:
+        return _compiled_logsumexp()(x)
+    except Exception as e:  # e.g. no Triton for this GPU: same numbers, slower
+        _compile_failed = True
+        warnings.warn(f"compiled logsumexp unavailable ({type(e).__name__}: {e}); using eager", stacklevel=2)
+        return _logsumexp_float32(x)
+
+
+# -- fused path ---------------------------------------------------------------------------------------------
+
+_fused_disabled = False
+
+
+def _fused_usable(logits: torch.Tensor, k: int) -> bool:
+    return (triton is not None and not _fused_disabled and logits.device.type == "cuda"
+            and 1 <= k <= min(FUSED_MAX_K, logits.shape[-1]) and logits.numel() > 0)
+
+
+def _fused_failed(error: Exception) -> None:
+    """Warn once and use the torch path from now on (the same ids; the logsumexp to float32 rounding)."""
+    global _fused_disabled
+    _fused_disabled = True
+    warnings.warn(f"fused top-k kernels unavailable ({type(error).__name__}: {error}); using torch.topk",
+                  stacklevel=3)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def fused_plan(vocab: int, k: int) -> dict[str, int]:
+    """The kernels' sizes for a vocabulary and k (all powers of two but n_groups).
+
+    GROUP grows with V so that at most 2048 group keys are ranked per row (64 at V = 32k: 500 groups; 128 at
+    151,936: 1,187 groups); SUB = GROUP / 8 so the second ranking is over KP * 8 sub-groups and the last over
+    KP * SUB ids."""
+    kp = _next_pow2(k)
+    group = 64
+    while -(-vocab // group) > 2048:
+        group *= 2
+    n_groups = -(-vocab // group)
+    return {"KP": kp, "GROUP": group, "SUB": group // 8, "n_groups": n_groups,
+            "GROUPS_P2": max(_next_pow2(n_groups), kp), "BLOCK": max(_SCAN_BLOCK, group)}
+
+
+def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_logprobs by the two Triton kernels (module docstring). Any float dtype; rows are taken as they are
+    when the last dim is contiguous. Runs on CPU tensors too under TRITON_INTERPRET=1 (the tests do that)."""
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab)  # (N, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    n, plan = flat.shape[0], fused_plan(vocab, k)
+    device = flat.device
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    group_max = torch.empty(n, plan["n_groups"], dtype=torch.float32, device=device)  # (N, G)
+    ids = torch.empty(n, k, dtype=torch.int64, device=device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
+    with torch.cuda.device(device) if device.type == "cuda" else _nothing():
+        # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
+        _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
+                         GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=_SCAN_WARPS)
+        _select_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
+                           N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
+                           GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
+    return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if triton is not None:
+
+    @triton.jit
+    def _key(x, ids):
+        """float32 values and int64 ids (same shape) -> int64 keys: larger value first, then lower id."""
+        x = tl.where(x == 0.0, 0.0, x)  # -0.0 and 0.0 are equal: one key
+        bits = x.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the value (NaN aside)
+        low = tl.full(ids.shape, 4294967295, tl.int64) - ids
+        return (ordered.to(tl.int64) << 32) | low
+
+    @triton.jit
+    def _key_id(key):
+        low = tl.full(key.shape, 4294967295, tl.int64)
+        return low - (key & low)
+
+    @triton.jit
+    def _key_value(key):
+        ordered = (key >> 32).to(tl.int32)
+        bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)  # the map is its own inverse
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _scan_tile(base, group_max_row, start, m, s, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """One tile of ids [start, start + BLOCK) as (LANES, GROUP): store its group maxima, fold it into the
+        running (m, s) of each lane."""
+        LANES: tl.constexpr = BLOCK // GROUP
+        lane = tl.arange(0, LANES)
+        ids = start + lane[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (LANES, GROUP)
+        if MASKED:  # only the last, partial tile: full tiles load without a mask (fewer registers, wider loads)
+            x = tl.load(base + ids, mask=ids < VOCAB, other=float("-inf"), eviction_policy="evict_first")
+        else:
+            x = tl.load(base + ids, eviction_policy="evict_first")
+        x = x.to(tl.float32)
+        tile_max = tl.max(x, axis=1)  # (LANES,)
+        group = start // GROUP + lane
+        if MASKED:
+            tl.store(group_max_row + group, tile_max, mask=group < N_GROUPS)
+        else:
+            tl.store(group_max_row + group, tile_max)
+        new_m = tl.maximum(m, tile_max)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)  # all -inf so far: exp(-inf - 0) = 0, not NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        return new_m, s
+
+    @triton.jit
+    def _scan_rows(logits, row_stride, lse_out, group_max,
+                   VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of logits (V,) -> lse_out[r] and group_max[r, g] = max of ids [g*GROUP, (g+1)*GROUP).
+
+        The online logsumexp runs per group lane (LANES = BLOCK / GROUP of them): lane j keeps the running max m_j
+        and sum s_j = sum exp(x - m_j) of the groups j, j + LANES, ...; only within-group reductions per tile.
+        The lanes are combined at the end: lse = M + log(sum_j s_j exp(m_j - M)), M = max_j m_j."""
+        LANES: tl.constexpr = BLOCK // GROUP
+        FULL: tl.constexpr = VOCAB // BLOCK * BLOCK  # ids in full tiles
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * row_stride
+        group_max_row = group_max + row * N_GROUPS
+        m = tl.full([LANES], float("-inf"), tl.float32)
+        s = tl.zeros([LANES], tl.float32)
+        for start in range(0, FULL, BLOCK):
+            m, s = _scan_tile(base, group_max_row, start, m, s, VOCAB, N_GROUPS, GROUP, BLOCK, False)
+        if FULL < VOCAB:
+            m, s = _scan_tile(base, group_max_row, FULL, m, s, VOCAB, N_GROUPS, GROUP, BLOCK, True)
+        top = tl.max(m, axis=0)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), axis=0))
+        tl.store(lse_out + row, tl.where(top == float("inf"), float("inf"), lse))  # +inf - +inf would be NaN
+
+    @triton.jit
+    def _select_rows(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, VOCAB: tl.constexpr,
+                     N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
+                     KP: tl.constexpr):
+        """Row r -> its KP best ids (the first k stored, best first) and their log-probs, in three rankings:
+        groups (GROUPS_P2 keys) -> sub-groups of the KP best groups (KP * GROUP / SUB keys) -> ids of the KP
+        best sub-groups (KP * SUB keys). Padding keys are int64's minimum, below every real key."""
+        SUBS: tl.constexpr = GROUP // SUB
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * row_stride
+        lowest = tl.full([], -9223372036854775808, tl.int64)
+
+        group = tl.arange(0, GROUPS_P2).to(tl.int64)
+        values = tl.load(group_max + row * N_GROUPS + group, mask=group < N_GROUPS, other=float("-inf"))
+        best = tl.topk(tl.where(group < N_GROUPS, _key(values, group), lowest), KP)  # (KP,) best groups first
+        group = _key_id(best)  # padding groups get 2**32 - 1: all their ids fail `< VOCAB`
+
+        sub = group[:, None] * SUBS + tl.arange(0, SUBS)[None, :]  # (KP, SUBS) sub-group ids
+        ids = sub[:, :, None] * SUB + tl.arange(0, SUB)[None, None, :]  # (KP, SUBS, SUB)
+        x = tl.load(base + ids, mask=ids < VOCAB, other=float("-inf")).to(tl.float32)
+        sub_key = tl.where(sub * SUB < VOCAB, _key(tl.max(x, axis=2), sub), lowest)  # (KP, SUBS)
+        best = tl.topk(tl.reshape(sub_key, [KP * SUBS]), KP)  # (KP,) best sub-groups first
+        sub = _key_id(best)
+
+        ids = sub[:, None] * SUB + tl.arange(0, SUB)[None, :]  # (KP, SUB)
+        x = tl.load(base + ids, mask=ids < VOCAB, other=float("-inf")).to(tl.float32)
+        key = tl.where(ids < VOCAB, _key(x, ids), lowest)
+        best = tl.topk(tl.reshape(key, [KP * SUB]), KP)  # (KP,) best ids first
+
+        out = tl.arange(0, KP)
+        lse = tl.load(lse_in + row)
+        tl.store(ids_out + row * k + out, _key_id(best), mask=out < k)
+        tl.store(logprobs_out + row * k + out, _key_value(best) - lse, mask=out < k)

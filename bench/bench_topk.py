@@ -103,13 +103,14 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     scale = PER / rows
     began = time.perf_counter()
+
+    def ms(fn):
+        return lambda: timed_ms(fn, device, args.repeat) * scale
+
+    kept = {}
     for vocab in args.vocab:
         logits = torch.randn(rows, vocab, device=device) * 4  # (n, V) float32, as Float32Head gives
         step = max(1, CHUNK_ELEMENTS // vocab)
-
-        def ms(fn):
-            return lambda: timed_ms(fn, device, args.repeat) * scale
-
         cells = [soft(ms(lambda: logits.sum(-1))), soft(ms(lambda: topk._logsumexp(logits))),
                  soft(ms(lambda: topk.torch_topk_logprobs(logits, k, chunk_rows=rows)))]
         if fused_ok:
@@ -121,19 +122,26 @@ def main() -> None:
             cells += ["n/a (needs CUDA and triton)"] + [""] * 3
         print(f"| {vocab:,} | " + " | ".join(cells) + " |", flush=True)
         if args.sweep and fused_ok:
-            sweep(logits, k, ms, deadline=began + args.budget_s if args.budget_s else float("inf"))
+            kept[vocab] = logits
         del logits
+    deadline = began + args.budget_s if args.budget_s else float("inf")
+    for vocab in sorted(kept, reverse=True):  # the largest vocabulary first: it matters most
+        print(f"\nsweep at V={vocab:,}, ms per {PER:,} rows\n| variant | ms |\n|---|---:|")
+        sweep(kept.pop(vocab), k, ms, deadline)
 
 
 def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
     """The fused path under other tile sizes, warp counts and chunk sizes (module defaults restored after)."""
-    saved = topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS
+    saved = topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS
 
     def row(label, fn):
         cell = "skipped (time budget)" if time.perf_counter() > deadline else soft(fn)
         print(f"|   {label} | {cell} |", flush=True)
 
     try:
+        for times in (4, 16):  # the pipeline's chunks (kd_core.inference.CHUNK_ELEMENTS) made larger
+            step = max(1, times * CHUNK_ELEMENTS // logits.shape[1])
+            row(f"fused, chunks of {step} rows", ms(lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]))
         for block, warps in ((4096, 4), (4096, 16), (2048, 4), (2048, 8), (8192, 8), (8192, 16)):
             topk._SCAN_BLOCK, topk._SCAN_WARPS = block, warps
             row(f"scan BLOCK={block} warps={warps}", ms(kernels(logits, k)[0]))
@@ -142,11 +150,12 @@ def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
             topk._SELECT_WARPS = warps
             row(f"select warps={warps}", ms(kernels(logits, k)[1]))
         topk._SELECT_WARPS = saved[2]
-        for times in (4, 16):
-            step = max(1, times * CHUNK_ELEMENTS // logits.shape[1])
-            row(f"fused, chunks of {step} rows", ms(lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]))
+        for keys in (1024, 4096):  # other group sizes: at 151,936, groups of 256 and of 64 ids
+            topk._MAX_GROUP_KEYS = keys
+            group = topk.fused_plan(logits.shape[1], k)["GROUP"]
+            row(f"fused, groups of {group} ids", ms(lambda: topk.fused_topk_logprobs(logits, k)))
     finally:
-        topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS = saved
+        topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS = saved
 
 
 if __name__ == "__main__":

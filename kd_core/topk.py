@@ -45,6 +45,7 @@ TORCH_CHUNK_ELEMENTS = 2**26
 TIE_SLACK = 16
 # The fused kernels keep KP * GROUP keys of a row in registers: k up to this runs fused, larger k the torch way.
 FUSED_MAX_K = 128
+_MAX_GROUP_KEYS = 2048  # GROUP grows until a row has at most this many groups (the first ranking's size)
 _SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
 _SCAN_WARPS = 8
 _SELECT_WARPS = 8
@@ -173,12 +174,12 @@ def _next_pow2(n: int) -> int:
 def fused_plan(vocab: int, k: int) -> dict[str, int]:
     """The kernels' sizes for a vocabulary and k (all powers of two but n_groups).
 
-    GROUP grows with V so that at most 2048 group keys are ranked per row (64 at V = 32k: 500 groups; 128 at
-    151,936: 1,187 groups); SUB = GROUP / 8 so the second ranking is over KP * 8 sub-groups and the last over
-    KP * SUB ids."""
+    GROUP grows with V so that at most _MAX_GROUP_KEYS group keys are ranked per row (64 at V = 32k: 500 groups;
+    128 at 151,936: 1,187 groups); SUB = GROUP / 8 so the second ranking is over KP * 8 sub-groups and the last
+    over KP * SUB ids."""
     kp = _next_pow2(k)
     group = 64
-    while -(-vocab // group) > 2048:
+    while -(-vocab // group) > _MAX_GROUP_KEYS:
         group *= 2
     n_groups = -(-vocab // group)
     return {"KP": kp, "GROUP": group, "SUB": group // 8, "n_groups": n_groups,

@@ -75,11 +75,13 @@ def test_fused_plan_sizes():
 # A subprocess, because TRITON_INTERPRET is read when the kernels are defined. Slow (about 1 s a row at k=64).
 _INTERPRETED = """
 import sys, torch
+from kd_core import topk
 from kd_core.topk import fused_topk_logprobs, torch_topk_logprobs
 from tests.test_topk import hard_logits
 worst = 0.0
 for case in sys.argv[1:]:
-    vocab, k, dtype = case.split(",")
+    vocab, k, dtype, max_group_keys = (case + ",2048").split(",")[:4]
+    topk._MAX_GROUP_KEYS = int(max_group_keys)  # a small value: the larger groups of large vocabularies
     x = hard_logits(int(vocab), seed=int(vocab)).to(getattr(torch, dtype))
     fused, torch_path = fused_topk_logprobs(x, int(k)), torch_topk_logprobs(x, int(k))
     assert torch.equal(fused[0], torch_path[0]), case
@@ -104,8 +106,9 @@ def interpret(*cases: str) -> None:
 
 @needs_triton
 def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
-    # V, k, dtype: a partial last tile and group, k not a power of two, bf16 logits read as they are.
-    interpret("500,8,float32", "500,8,bfloat16", "3000,17,float32", "9000,5,float32")
+    # V, k, dtype[, at most that many groups]: a partial last tile and group, k not a power of two, bf16 logits
+    # read as they are, groups of 256 ids (sub-groups of 32) as at larger vocabularies.
+    interpret("500,8,float32", "500,8,bfloat16", "3000,17,float32", "9000,5,float32", "3000,8,float32,16")
 
 
 @needs_triton

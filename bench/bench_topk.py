@@ -111,7 +111,7 @@ def main() -> None:
     for vocab in args.vocab:
         logits = torch.randn(rows, vocab, device=device) * 4  # (n, V) float32, as Float32Head gives
         step = max(1, CHUNK_ELEMENTS // vocab)
-        cells = [soft(ms(lambda: logits.sum(-1))), soft(ms(lambda: topk._logsumexp(logits))),
+        cells = [soft(ms(lambda: logits.sum(-1))), soft(ms(lambda: topk.row_logsumexp(logits))),
                  soft(ms(lambda: topk.torch_topk_logprobs(logits, k, chunk_rows=rows)))]
         if fused_ok:
             scan, select = kernels(logits, k)

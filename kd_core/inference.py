@@ -36,7 +36,7 @@ import torch
 
 from kd_core.sampling import sample_rows
 from kd_core.teacher import Teacher
-from kd_core.topk import _logsumexp, _logsumexp_float32, topk_logprobs  # noqa: F401 (bench)
+from kd_core.topk import row_logsumexp, topk_logprobs
 
 # Logit elements handled at once (rows * V): bounds the head's output and any float32 upcast; 2048 rows at 32k.
 CHUNK_ELEMENTS = 2**26
@@ -110,7 +110,7 @@ def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor,
         # Narrow on the device: 4 + 2 bytes per entry cross the bus instead of 8 + 4.
         return ids.to(torch.int32), logprobs.to(torch.float16), lse
     logits = logits.float()
-    lse = _logsumexp(logits)
+    lse = row_logsumexp(logits)
     ids, counts = sample_rows(logits, lse, sample_index, position, spec.draws)
     return ids.to(torch.int32), counts.to(torch.int16), lse
 

@@ -79,7 +79,7 @@ def torch_topk_logprobs(
     ids, logprobs, lses = [], [], []
     for chunk in flat.split(chunk_rows) if len(flat) else [flat]:
         chunk = chunk.float()  # (n, V); no copy when the head already gave float32
-        lse = _logsumexp(chunk)  # (n,)
+        lse = row_logsumexp(chunk)  # (n,)
         top, idx = topk_lowest_id(chunk, k)  # (n, k), best first
         ids.append(idx)
         logprobs.append(top - lse[:, None])
@@ -135,7 +135,7 @@ def _compiled_logsumexp():
 _compile_failed = False
 
 
-def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
     """(n, V) -> (n,) float32. On CUDA a compiled kernel reads the logits once in their own dtype and sums in
     float32; eager upcasts and makes several passes (6x slower on an H100, see docs/PERFORMANCE.md)."""
     global _compile_failed

@@ -53,6 +53,7 @@ from kd_core import cachefile, inference  # noqa: E402
 from kd_core.demo import build_corpus, train_tokenizer  # noqa: E402
 from kd_core.inference import InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import Teacher  # noqa: E402
+from kd_core.topk import torch_topk_logprobs  # noqa: E402
 
 # name -> (transformers config class, full shape, tiny shape for the CPU smoke test); all tie their embeddings
 TEACHERS = {
@@ -332,6 +333,8 @@ def pieces(teacher: Teacher, call: Call, args) -> dict[str, float]:
             "float32 head on the real rows": ms(lambda: [head32(h) for h in chunks]),
             "top-k + logsumexp as run": ms(lambda: [inference.row_results(logits[: len(h)], spec, zeros[: len(h)],
                                                                           zeros[: len(h)]) for h in chunks]),
+            "top-k + logsumexp, torch path (no fused kernel)":
+                ms(lambda: [torch_topk_logprobs(logits[: len(h)], args.top_k, len(h)) for h in chunks]),
             "run_teacher's forward as run": ms(lambda: forward(*call.args, **call.kwargs)),
         }
 

@@ -482,20 +482,26 @@ def _entry_problems(file: h5py.File, num_samples: int, entry_names: tuple[str, .
 class SplitWriter:
     """CacheWriters that roll over to a new file before one would pass `max_bytes`: a part of any size becomes
     files of at most max_bytes each. `path_of(i)` names file i; `on_close(path, summary)` runs as each file is
-    closed (to publish it, so local disk holds one file at a time). `summaries` lists what on_close received.
+    closed (to publish it, so local disk holds few files at a time). `summaries` lists what on_close received.
+
+    submit(finish, abort) runs finish() (close the full file, check it, call on_close) now or later, in file order
+    (kd_core.io.Background runs it on its own thread while this one fills the next file); abort() drops the file
+    if finish never runs. Default: now, in the caller.
     """
 
     def __init__(self, path_of, max_bytes: int, on_close, *, top_k: int, vocab_size: int, attrs: dict[str, Any],
-                 samples: int | None = None):
+                 samples: int | None = None, submit=None):
         self.path_of, self.max_bytes, self.on_close = path_of, max_bytes, on_close
+        self.submit = submit or (lambda finish, abort: finish())
         # Chunks far smaller than a file: a file's last chunks are padded, and counted at their worst until closed.
         self.options = {"top_k": top_k, "vocab_size": vocab_size, "attrs": attrs, "samples": samples,
                         "chunk_bytes": min(CHUNK_BYTES, max_bytes // 64)}
         self.summaries: list[dict[str, Any]] = []
-        self.writer = self._open()
+        self.opened = 0
+        self.writer: CacheWriter | None = self._open()
 
     def _open(self) -> CacheWriter:
-        index = len(self.summaries)
+        index, self.opened = self.opened, self.opened + 1
         return CacheWriter(self.path_of(index), **{**self.options, "attrs": {**self.options["attrs"], "file": index}})
 
     def append_rows(self, rows) -> None:
@@ -507,16 +513,21 @@ class SplitWriter:
                     f"{len(rows.input_ids):,} tokens (up to {self.writer.size_bound() + need:,} bytes in a file). "
                     f"Fix: output.max_object_bytes={2 * (self.writer.size_bound() + need)} or more."
                 )
-            self._close()
+            self._hand_off()
             self.writer = self._open()
         self.writer.append_rows(rows)
 
-    def _close(self) -> None:
-        path = self.writer.path
+    def _hand_off(self) -> None:
+        """The full file goes to submit; from here on only its finish or abort touches it."""
+        writer, self.writer = self.writer, None
+        self.submit(lambda: self._finish(writer), writer.abort)
+
+    def _finish(self, writer: CacheWriter) -> None:
+        path = writer.path
         try:
-            summary = self.writer.close()
+            summary = writer.close()
         except BaseException:  # e.g. a full disk while flushing: no .partial left behind
-            self.writer.abort()
+            writer.abort()
             raise
         size = path.stat().st_size
         if size > self.max_bytes:  # the bound above is meant to make this impossible
@@ -525,11 +536,13 @@ class SplitWriter:
         self.on_close(path, summary)
 
     def close(self) -> list[dict[str, Any]]:
-        self._close()
+        """Hand the last file to submit; the summaries (complete once every submitted finish has run)."""
+        self._hand_off()
         return self.summaries
 
     def abort(self) -> None:
-        self.writer.abort()
+        if self.writer is not None:
+            self.writer.abort()
 
     def __enter__(self) -> "SplitWriter":
         return self

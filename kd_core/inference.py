@@ -11,6 +11,11 @@ joined by bounded queues (memory stays flat on a shard of any length):
   caller             this generator: yields a finished window in input order while the device thread runs
                      the next one, so the caller's writes hide behind compute too.
 
+Parts: run_teacher(parts=[n0, n1, ...]) runs a shard's planned parts in one pass (the threads and the first
+window's fill are paid once) and yields a PartEnd after each part's rows. A window never holds samples of two
+parts, and each part's windows are cut exactly as a run over that part alone cuts them, so a resumed run (which
+starts at a part boundary) batches, and so computes, every part as an uninterrupted run does.
+
 Exactness: batches are right-padded. Under a causal mask a real position never sees a pad to its right, so a
 sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
 fast is_causal kernels. The output layer runs in float32 on the body's hidden states (Float32Head), so the
@@ -27,9 +32,9 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -96,6 +101,50 @@ class InferenceStats:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class PartEnd:
+    """Yielded by run_teacher(parts=...) after the last rows of a part (also of a part with no rows)."""
+
+    part: int  # position in `parts`
+    rows: int  # source rows read for it: fewer than planned when the samples ran out
+    skipped_empty: int  # of those, rows with no text (or none after tokenizing): no SampleRows for them
+
+
+@dataclass
+class DeviceTimeline:
+    """Optional instrumentation (bench/bench_upload.py): when the device thread's forward of each batch began and
+    ended. On CUDA, timing events on the compute stream, so the times are the GPU's own; elsewhere, perf_counter
+    around the forward (which runs synchronously). Off (None) it costs one `is None` test per batch."""
+
+    cuda: bool = False
+    batches: list[tuple] = field(default_factory=list)  # (start, end): torch.cuda.Event pairs or perf_counter floats
+
+    def begin(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def end(self, start) -> None:
+        self.batches.append((start, self.begin()))
+
+    def seconds(self) -> tuple[float, float, float]:
+        """(busy: the sum of every batch's forward, span: from the first batch's start to the last one's end,
+        longest gap between two batches), in seconds. On CUDA it waits for the events."""
+        if not self.batches:
+            return 0.0, 0.0, 0.0
+        if self.cuda:
+            self.batches[-1][1].synchronize()
+            between = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731 - ms between two recorded events
+        else:
+            between = lambda a, b: b - a  # noqa: E731
+        busy = sum(between(s, e) for s, e in self.batches)
+        span = between(self.batches[0][0], self.batches[-1][1])
+        gaps = [between(a[1], b[0]) for a, b in zip(self.batches, self.batches[1:])]
+        return busy, span, max(gaps, default=0.0)
 
 
 def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor, position: torch.Tensor):
@@ -219,29 +268,42 @@ class _Stopped(Exception):
 _DONE = object()
 
 
-def _tokenize_loop(teacher, samples, max_length, out: queue.Queue, stop, stats: InferenceStats) -> None:
-    """samples -> chunks of (sample_index, ids (L,) uint32) on `out`; empty texts counted, never sent."""
+def _tokenize_loop(teacher, samples, parts: Sequence[int] | None, max_length, out: queue.Queue, stop,
+                   stats: InferenceStats) -> None:
+    """samples -> chunks of (sample_index, ids (L,) uint32) on `out`; empty texts counted, never sent. With
+    `parts`, chunks never straddle a part and a PartEnd follows each part's chunks."""
     try:
         it = iter(samples)
-        while chunk := list(itertools.islice(it, _TOKENIZE_CHUNK)):
-            kept = [(i, t) for i, t in chunk if isinstance(t, str) and t.strip()]
-            stats.skipped_empty += len(chunk) - len(kept)
-            ids = teacher.tokenize_many([t for _, t in kept], max_length) if kept else []
-            tokenized = [(i, np.asarray(x, dtype=np.uint32)) for (i, _), x in zip(kept, ids) if len(x)]
-            stats.skipped_empty += len(kept) - len(tokenized)  # texts that tokenize to nothing
-            if tokenized and not _put(out, tokenized, stop):
+        for number, size in enumerate(parts if parts is not None else [None]):
+            part, rows, skipped = itertools.islice(it, size), 0, 0  # size None: every sample
+            while chunk := list(itertools.islice(part, _TOKENIZE_CHUNK)):
+                kept = [(i, t) for i, t in chunk if isinstance(t, str) and t.strip()]
+                ids = teacher.tokenize_many([t for _, t in kept], max_length) if kept else []
+                tokenized = [(i, np.asarray(x, dtype=np.uint32)) for (i, _), x in zip(kept, ids) if len(x)]
+                rows, skipped = rows + len(chunk), skipped + len(chunk) - len(tokenized)
+                stats.skipped_empty += len(chunk) - len(tokenized)  # texts empty or tokenizing to nothing
+                if tokenized and not _put(out, tokenized, stop):
+                    return
+            if parts is not None and not _put(out, PartEnd(number, rows, skipped), stop):
                 return
         _put(out, _DONE, stop)
     except BaseException as e:  # handed to the caller, who re-raises it
         _put(out, e, stop)
 
 
-def _windows(tokenized: queue.Queue, stop, window_tokens: int) -> Iterator[list[tuple[int, np.ndarray]]]:
-    """Consecutive look-ahead windows of about window_tokens tokens, in input order."""
+def _windows(tokenized: queue.Queue, stop, window_tokens: int) -> Iterator[list[tuple[int, np.ndarray]] | PartEnd]:
+    """Consecutive look-ahead windows of about window_tokens tokens, in input order; a PartEnd closes the window
+    (then comes itself), so the next part's first window starts afresh, as it would in a run of that part alone."""
     window, size = [], 0
     while (item := _get(tokenized, stop)) is not _DONE:
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, PartEnd):
+            if window:
+                yield window
+            yield item
+            window, size = [], 0
+            continue
         window += item
         size += sum(len(ids) for _, ids in item)
         if size >= window_tokens:
@@ -269,13 +331,14 @@ class _Window:
 
     def __init__(self, samples: list):
         self.samples, self.rows, self.missing = samples, [None] * len(samples), len(samples)
+        self.then: list[PartEnd] = []  # handed on right after this window's rows
 
 
 class _DeviceLoop:
     """The device thread: windows -> batches -> forward + async copy -> complete windows on `out`."""
 
-    def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int):
-        self.device, self.batch_tokens, self.spec = teacher.device, batch_tokens, spec
+    def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int, timeline: DeviceTimeline | None = None):
+        self.device, self.batch_tokens, self.spec, self.timeline = teacher.device, batch_tokens, spec, timeline
         self.forward = _Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -285,6 +348,12 @@ class _DeviceLoop:
             with torch.inference_mode(), torch.cuda.device(self.device) if self.cuda else nullcontext():
                 in_flight = None
                 for samples in _windows(tokenized, stop, window_tokens):
+                    if isinstance(samples, PartEnd):  # after the rows of the last window, still in flight or not
+                        if in_flight is not None:
+                            in_flight[0].then.append(samples)
+                        elif not _put(out, samples, stop):
+                            raise _Stopped
+                        continue
                     window = _Window(samples)
                     for batch in _batches(samples, self.batch_tokens):
                         launched = self._launch(window, batch)
@@ -317,8 +386,11 @@ class _DeviceLoop:
         sample_index = np.repeat([window.samples[j][0] for j in batch], lengths).astype(np.int64)  # (N,)
         position = np.concatenate([np.arange(n) for n in lengths])  # (N,)
         keys = (sample_index, position) if self.spec.mode == "sampled" else ()
+        started = self.timeline.begin() if self.timeline is not None else None
         # (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32
         results = self.forward(self._to_device(ids), self._to_device(rows), *map(self._to_device, keys))
+        if started is not None:
+            self.timeline.end(started)
         if not self.cuda:
             return window, batch, lengths, results, None
         self.copy_stream.wait_stream(torch.cuda.current_stream())
@@ -345,7 +417,7 @@ class _DeviceLoop:
             window.rows[j] = self._sample_rows(index, tokens, ids[start:end], values[start:end], lse[start:end])
             start = end
         window.missing -= len(batch)
-        if window.missing == 0 and not _put(out, window.rows, stop):
+        if window.missing == 0 and not all(_put(out, item, stop) for item in [window.rows, *window.then]):
             raise _Stopped
 
     def _sample_rows(self, index: int, tokens, ids: np.ndarray, values: np.ndarray, lse: np.ndarray) -> SampleRows:
@@ -367,7 +439,9 @@ def run_teacher(
     window_tokens: int | None = None,
     mode: str = "topk",
     draws: int = 64,
-) -> Iterator[SampleRows]:
+    parts: Sequence[int] | None = None,
+    timeline: DeviceTimeline | None = None,
+) -> Iterator[SampleRows | PartEnd]:
     """(sample_index, text) pairs -> SampleRows in input order; empty/whitespace texts skipped and counted.
 
     batch_tokens bounds a batch's padded size (batch_size * longest sample). window_tokens is the look-ahead
@@ -375,6 +449,8 @@ def run_teacher(
     tokens are 91% of those computed at 16 batches, 95% at 32, 97% at 64) but more host memory (6 * width + 8
     bytes per token for each of up to three windows in flight: ~1.2 GB at 32 x 32768 tokens and width 64).
     mode "topk" keeps each row's top_k; mode "sampled" keeps `draws` draws per row as distinct ids and counts.
+    parts: the samples are parts of these many samples each, run as if one run_teacher call each (see the module
+    docstring), and a PartEnd is yielded after each; without it, SampleRows only. timeline: see DeviceTimeline.
     """
     spec = RowSpec(mode=mode, top_k=top_k, draws=draws)
     if mode == "topk" and top_k > teacher.vocab_size:
@@ -384,9 +460,9 @@ def run_teacher(
     stop = threading.Event()
     tokenized: queue.Queue = queue.Queue(maxsize=max(2, window_tokens // (_TOKENIZE_CHUNK * 64)))
     windows: queue.Queue = queue.Queue(maxsize=1)  # one finished window waits while the caller takes another
-    loop = _DeviceLoop(teacher, spec, batch_tokens)
+    loop = _DeviceLoop(teacher, spec, batch_tokens, timeline)
     threads = [
-        threading.Thread(target=_tokenize_loop, args=(teacher, samples, max_length, tokenized, stop, stats)),
+        threading.Thread(target=_tokenize_loop, args=(teacher, samples, parts, max_length, tokenized, stop, stats)),
         threading.Thread(target=loop.run, args=(tokenized, windows, stop, window_tokens)),
     ]
     start = time.perf_counter() - stats.seconds  # a stats carried over from earlier calls keeps counting
@@ -397,6 +473,9 @@ def run_teacher(
         while (item := windows.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, PartEnd):
+                yield item
+                continue
             for rows in item:
                 stats.samples += 1
                 stats.tokens += len(rows.input_ids)

@@ -5,6 +5,9 @@ once, to their final key: a single PUT, or a multipart upload whose part size is
 (upload_part_bytes). Either appears whole or not at all, so no temporary key and no server-side copy are needed
 (s3fs's copy uses fixed 50 MiB parts, so a move fails past 10,000 parts: ~488 GiB).
 
+Background runs the close-and-upload of finished files (and what must follow them, in order) on a thread of its
+own, so the teacher never waits on storage unless storage falls behind, and then memory and disk stay bounded.
+
 Remote writes and downloads are retried with backoff (`retrying`). The client library already retries each
 request (botocore: a few attempts per call); ours retries the whole step (the whole upload), so a network that is
 down for a minute costs a pause, not the run. What is still failing after that becomes a StorageError that
@@ -22,7 +25,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -257,6 +262,105 @@ def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | 
         # A plain MD5 ETag that differs: the bytes stored are not the bytes sent.
         raise StorageError(f"uploading {uri}: the store holds different bytes (ETag {stored}, sent {etag}). Run again.")
     return {"sha256": sha256, "etag": stored, "mtime_ns": None}
+
+
+class Background:
+    """Jobs run one at a time, in submission order, on one background thread: closing and publishing finished files,
+    then the records that must follow them. Ordering is the contract: a record submitted after its files is
+    written after them.
+
+    Bounded: at most `files` jobs that hold a local file (those submitted with an `abort`) wait or run at once;
+    submit blocks while that many do (back-pressure: when storage is slower than the teacher, the teacher waits;
+    memory and local disk never grow). files=0 runs each job in the caller, at submit (no overlap).
+
+    The first error stops it: later jobs are dropped (their abort called) and the error is raised in the caller by
+    its next submit, check or close, as the same exception object (so a full disk or a StorageError reads the
+    same as when the caller ran the job). On leaving a `with` block, the jobs already submitted still run
+    (they are finished work), then the thread is joined: nothing is left writing after the block.
+    """
+
+    def __init__(self, files: int):
+        self.files = files
+        self._jobs: deque[tuple[Callable[[], None], Callable[[], None] | None]] = deque()
+        self._held = 0  # jobs holding a file, waiting or running
+        self._closing = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="kd-publish", daemon=True) if files else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def submit(self, job: Callable[[], None], abort: Callable[[], None] | None = None) -> None:
+        """Run job() after every job submitted before it. abort: the job holds a local file, counted against
+        `files`; abort() drops that file if job never runs."""
+        if self._thread is None:
+            job()
+            return
+        with self._cond:
+            while abort is not None and self._held >= self.files and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                _quietly(abort)
+                raise self._error
+            self._jobs.append((job, abort))
+            self._held += abort is not None
+            self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise the background's error, if any (cheap: call it as often as convenient)."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait for every submitted job, then raise the first error."""
+        if self._thread is not None:
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join()
+        self.check()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closing:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                job, abort = self._jobs[0]  # still counted while it runs: its file is still on disk
+            try:
+                if self._error is None:
+                    job()
+                else:
+                    _quietly(abort)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+            with self._cond:
+                self._jobs.popleft()
+                self._held -= abort is not None
+                self._cond.notify_all()
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the caller's error is the one to raise; the background's own is logged
+            self.close()
+        except BaseException as e:  # noqa: BLE001
+            if e is not exc:
+                log.warning("while stopping on %s: background publishing failed too: %s: %s",
+                            exc_type.__name__, type(e).__name__, e)
+
+
+def _quietly(abort: Callable[[], None] | None) -> None:
+    try:
+        if abort is not None:
+            abort()
+    except Exception as e:  # noqa: BLE001 - dropping a file must not hide the error that got us here
+        log.warning("could not drop a local file: %s: %s", type(e).__name__, e)
 
 
 def stamps(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:

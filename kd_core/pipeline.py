@@ -34,7 +34,8 @@ byte-for-byte the same.
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
@@ -55,9 +56,16 @@ from kd_core.errors import CacheFileError, ConfigError, KDCacheError, StorageErr
 from kd_core.locks import is_held
 from kd_core.records import FileRecord, Manifest, ManifestFile, PartRecord, Provenance, ShardRecord
 
+if TYPE_CHECKING:  # kd_core.inference imports torch: seconds that validate, plan and merge need not pay
+    from kd_core.inference import DeviceTimeline
+
 log = logging.getLogger("kd_core.pipeline")
 
 PROBE_SAMPLES = 256  # samples tokenized by the storage estimate
+# Finished files that may wait for (or be in) their upload while the teacher fills the next one. One hides the
+# upload entirely whenever a file uploads faster than the teacher fills one; more would only absorb bursts, at one
+# more file of local disk and writer memory each.
+BACKGROUND_FILES = 1
 
 
 class Layout:
@@ -231,20 +239,22 @@ def check_space(config: Config, est: storage.StorageEstimate) -> None:
 
 
 def check_staging(config: Config, est: storage.StorageEstimate) -> None:
-    """A remote target still needs local disk: each part is written locally, checked, then uploaded (one part at
-    a time per shard). Checked before any teacher work, against what this process's shards stage."""
+    """A remote target still needs local disk: each file is written locally, checked, then uploaded, and while
+    BACKGROUND_FILES finished files wait for their upload the teacher fills the next one. Checked before any
+    teacher work, against what this process's shards stage."""
     root = staging_root()
     while not root.exists():
         root = root.parent
     part_share = min(1.0, config.run.part_samples / max(1, est.num_samples))
-    need = int(est.expected_bytes * part_share)
+    file_bytes = min(int(est.expected_bytes * part_share), config.output.max_object_bytes)  # a part, or its pieces
+    need = (1 + BACKGROUND_FILES) * file_bytes
     free = storage.local_free_bytes(root)
     if need > free:
         raise StorageError(
             f"KD_CACHE_STAGING: the local staging directory {root} has {storage.human_bytes(free)} free; a run to a "
-            f"remote output.uri writes each part there before uploading it, about {storage.human_bytes(need)} at "
-            f"run.part_samples={config.run.part_samples}. Fix: set KD_CACHE_STAGING to a directory on a larger "
-            "disk, or lower run.part_samples."
+            f"remote output.uri writes its files there before uploading them, {1 + BACKGROUND_FILES} at a time, "
+            f"about {storage.human_bytes(need)} at run.part_samples={config.run.part_samples}. Fix: set "
+            "KD_CACHE_STAGING to a directory on a larger disk, or lower run.part_samples."
         )
 
 
@@ -294,9 +304,12 @@ def plan(config: Config) -> data.ShardPlan:
 
 # -- teacher-inference -----------------------------------------------------------------------------------------
 
-def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] | None = None) -> ShardRecord:
+def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] | None = None, *,
+              background_files: int = BACKGROUND_FILES, timeline: DeviceTimeline | None = None) -> ShardRecord:
     """Run the teacher over one shard, part by part; publish each part's files, its record, then the shard's
-    record (last).
+    record (last). Files are closed and published in the background (at most background_files waiting: see
+    _run_parts; 0 publishes each in turn, the teacher waiting). timeline: optional instrumentation
+    (bench/bench_upload.py).
 
     Idempotent and resumable: a shard with a record is skipped; otherwise its complete parts are kept and the run
     continues after the last one. A lease lock refuses a second run on this shard while this one is alive.
@@ -315,7 +328,8 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
         if len(done) < len(parts):
             if done:
                 log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts), parts[len(done)][0])
-            done += _run_parts(config, layout, shard, parts[len(done):], done, lock, progress)
+            done += _run_parts(config, layout, shard, parts[len(done):], done, lock, progress, background_files,
+                               timeline)
         record = ShardRecord.from_parts(shard, done)
         lock.check()
         records.write(layout.shard_record(shard), record, opts)
@@ -345,13 +359,60 @@ def complete_parts(layout: Layout, shard: ShardSpec, parts: list[tuple[int, int]
 
 
 def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tuple[int, int]],
-               done: list[PartRecord], lock, progress: Callable[[Any], None] | None) -> list[PartRecord]:
-    """Run and publish the parts in `todo` (the shard's last ones, in order); their records."""
-    from kd_core.inference import InferenceStats, run_teacher
+               done: list[PartRecord], lock, progress: Callable[[Any], None] | None, background_files: int,
+               timeline: DeviceTimeline | None) -> list[PartRecord]:
+    """Run and publish the parts in `todo` (the shard's last ones, in order); their records.
+
+    One teacher pass over all of them (run_teacher(parts=...): each part batched as if run alone). Each finished
+    file is closed, published and its part's record written on a background thread (io.Background) while the
+    teacher runs on: at most `background_files` files wait for storage, beyond that the teacher waits.
+    """
+    from kd_core.inference import InferenceStats, PartEnd, run_teacher
     from kd_core.teacher import load_teacher
 
-    opts = config.output.storage_options
     teacher = load_teacher(config.teacher)
+    samples = sampled_draws(config)
+    provenance = part_provenance(config, layout, shard, teacher, done)
+    # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
+    texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
+    # Progress counts the whole shard, complete parts included.
+    stats = InferenceStats(samples=sum(r.num_samples for r in done), tokens=sum(r.num_tokens for r in done),
+                           skipped_empty=sum(r.skipped_empty for r in done))
+    staging = None if io.is_local(layout.root) else staging_dir(config) / shard.name
+    first, out = len(done), []
+    with io.Background(background_files) as background, contextlib.closing(run_teacher(
+            teacher, texts, top_k=config.cache.top_k, max_length=config.cache.max_length,
+            batch_tokens=config.teacher.batch_tokens, stats=stats, mode=config.cache.mode, draws=config.cache.samples,
+            parts=[stop - start for start, stop in todo], timeline=timeline)) as items:
+        started = time.perf_counter()
+        for index, (start, stop) in enumerate(todo, start=first):
+            part = _Part(config, layout, shard, lock, provenance, index, start, stop, staging,
+                         projects=index == first, parts=first + len(todo))
+            attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
+            with cachefile.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
+                                       top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs=attrs,
+                                       samples=samples, submit=background.submit) as writer:
+                for item in items:  # this part's rows, then its PartEnd
+                    background.check()  # a failed upload stops the run at once, not at the end
+                    if isinstance(item, PartEnd):
+                        break
+                    writer.append_rows(item)
+                    if progress is not None:
+                        progress(stats)
+                if item.rows != stop - start:  # the samples ran out: this part and the rest are short
+                    raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + item.rows:,}, before "
+                                      f"the {shard.stop:,} rows planned. Fix: dataset.max_samples={start + item.rows} "
+                                      "or fewer.")
+            now = time.perf_counter()
+            # After its files, on the same thread: the part is complete only once they are published.
+            background.submit(functools.partial(part.write_record, item.skipped_empty, now - started, out))
+            started = now
+    return out
+
+
+def part_provenance(config: Config, layout: Layout, shard: ShardSpec, teacher, done: list[PartRecord]) -> Provenance:
+    """What this worker's parts record about how they were made; CacheFileError if the shard's complete parts
+    were made in another precision."""
     samples = sampled_draws(config)
     provenance = Provenance(format_version=cachefile.FORMAT_VERSION, vocab_size=teacher.vocab_size,
                             top_k=config.cache.top_k if samples is None else None, samples=samples,
@@ -363,60 +424,48 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
             f"the teacher in {provenance.teacher_dtype}; refusing to mix them in one cache. Fix: "
             f"teacher.dtype={done[0].provenance.teacher_dtype}, or delete {layout.work_dir} to start this version over."
         )
-    # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
-    texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
-    # Progress counts the whole shard, complete parts included.
-    stats = InferenceStats(samples=sum(r.num_samples for r in done), tokens=sum(r.num_tokens for r in done),
-                           skipped_empty=sum(r.skipped_empty for r in done))
-    staging = None if io.is_local(layout.root) else staging_dir(config) / shard.name
-    first = len(done)
-    out = []
-    for index, (start, stop) in enumerate(todo, start=first):
-        started, skipped_before = time.perf_counter(), stats.skipped_empty
-        files: list[FileRecord] = []
+    return provenance
 
-        def local_path(file: int, index=index) -> Path:  # a local target's files are written in place
-            final = layout.part_file(shard, index, file)
-            return io.local_path(final) if staging is None else staging / final.rsplit("/", 1)[-1]
 
-        def publish(path: Path, summary: dict[str, Any], index=index, files=files) -> None:
-            name = layout.part_name(shard, index, len(files))
-            lock.check()
-            size = path.stat().st_size
-            stamp = io.publish_file(path, io.join(layout.version_dir, name), opts)  # its final name, written once
-            files.append(FileRecord(name=name, bytes=size, num_samples=summary["num_samples"],
-                                    num_tokens=summary["num_tokens"], checksums=summary["checksums"], **stamp))
+class _Part:
+    """One planned part on its way out: its files are published as they are closed, then its record is written
+    (both on the background thread, in that order)."""
 
-        attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
-        with cachefile.SplitWriter(local_path, config.output.max_object_bytes, publish, top_k=config.cache.top_k,
-                                   vocab_size=teacher.vocab_size, attrs=attrs, samples=samples) as writer:
-            # One teacher pass per part: batches never straddle a part, so a resumed run batches like a clean one.
-            # (Sampled mode's draws depend on each row's source row and position only, not on the batching.)
-            for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
-                                    max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
-                                    stats=stats, mode=config.cache.mode, draws=config.cache.samples):
-                writer.append_rows(rows)
-                if progress is not None:
-                    progress(stats)
-        num_samples = sum(f.num_samples for f in files)
-        skipped = stats.skipped_empty - skipped_before
-        if num_samples + skipped != stop - start:
-            raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + num_samples + skipped:,}, "
-                              f"before the {shard.stop:,} rows planned. Fix: dataset.max_samples="
-                              f"{start + num_samples + skipped} or fewer.")
-        part_bytes = sum(f.bytes for f in files)
+    def __init__(self, config: Config, layout: Layout, shard: ShardSpec, lock, provenance: Provenance, index: int,
+                 start: int, stop: int, staging: Path | None, projects: bool, parts: int):
+        self.config, self.layout, self.shard, self.lock, self.provenance = config, layout, shard, lock, provenance
+        self.index, self.start, self.stop, self.staging, self.parts = index, start, stop, staging, parts
+        self.projects = projects  # the run's first part checks the cache size projected from its real bytes
+        self.files: list[FileRecord] = []
+
+    def local_path(self, file: int) -> Path:
+        """Where file `file` is written: in place for a local target, else in local staging."""
+        final = self.layout.part_file(self.shard, self.index, file)
+        return io.local_path(final) if self.staging is None else self.staging / final.rsplit("/", 1)[-1]
+
+    def publish(self, path: Path, summary: dict[str, Any]) -> None:
+        name = self.layout.part_name(self.shard, self.index, len(self.files))
+        self.lock.check()
+        size = path.stat().st_size
+        stamp = io.publish_file(path, io.join(self.layout.version_dir, name), self.config.output.storage_options)
+        self.files.append(FileRecord(name=name, bytes=size, num_samples=summary["num_samples"],
+                                     num_tokens=summary["num_tokens"], checksums=summary["checksums"], **stamp))
+
+    def write_record(self, skipped: int, seconds: float, out: list[PartRecord]) -> None:
+        """Write the part's record (it is complete from then on) and add it to `out`."""
+        config, shard, files = self.config, self.shard, self.files
+        part_bytes, rows = sum(f.bytes for f in files), self.stop - self.start
         # Real bytes meet the estimate's compression model: stop before this part is complete if the cache won't fit.
-        projected = check_projection(config, shard, part_bytes, stop - start) if index == first else None
-        record = PartRecord(part=index, start=start, stop=stop, num_samples=num_samples,
-                            num_tokens=sum(f.num_tokens for f in files), skipped_empty=skipped,
-                            seconds=round(time.perf_counter() - started, 3), provenance=provenance, files=files,
+        projected = check_projection(config, shard, part_bytes, rows) if self.projects else None
+        record = PartRecord(part=self.index, start=self.start, stop=self.stop,
+                            num_samples=sum(f.num_samples for f in files), num_tokens=sum(f.num_tokens for f in files),
+                            skipped_empty=skipped, seconds=round(seconds, 3), provenance=self.provenance, files=files,
                             projected_cache_bytes=projected)
-        lock.check()
-        records.write(layout.part_record(shard, index), record, opts)  # the part is complete from here on
-        log.info("%s part %d/%d: %d samples, %d tokens in %d file(s)", shard.name, index + 1, first + len(todo),
+        self.lock.check()
+        records.write(self.layout.part_record(shard, self.index), record, config.output.storage_options)
+        log.info("%s part %d/%d: %d samples, %d tokens in %d file(s)", shard.name, self.index + 1, self.parts,
                  record.num_samples, record.num_tokens, len(files))
         out.append(record)
-    return out
 
 
 # -- merge-to-hdf5 ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ ThreadedMotoServer started here (no network), once per publishing mode:
   background  background_files=1 (the default): close, upload and record on a background thread while the
               teacher runs on; the teacher waits only when storage falls more than one file behind.
 
---throttle-mbps slows each upload to that many MB/s (a sleep of size / rate before the real upload), to stand
+moto's server runs in its own process. --throttle-mbps slows each upload to that many MB/s (a sleep of size / rate before the real upload), to stand
 for a real bucket's bandwidth: loopback moto alone is faster than S3 from one GPU host.
 
 What is measured (kd_core.inference.DeviceTimeline, off in production runs):
@@ -34,8 +34,8 @@ library's docstrings and module sources.
     # CPU, tiny teacher (about a minute on 2 cores)
     python bench/bench_upload.py --device cpu
     # CUDA, ~110M Llama in bf16 (about a minute on an H100/H200)
-    python bench/bench_upload.py --device cuda --model-size 100m --samples 12000 --part-samples 2000 \\
-        --max-length 2048 --batch-tokens 32768 --throttle-mbps 100
+    python bench/bench_upload.py --device cuda --model-size 100m --samples 9000 --part-samples 3000 \\
+        --max-length 2048 --batch-tokens 16384 --throttle-mbps 100 --budget-s 70
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import argparse
 import itertools
 import os
 import random
+import socket
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -102,19 +104,27 @@ def dtype_of(args) -> torch.dtype:
     return torch.bfloat16 if args.device == "cuda" else torch.float32
 
 
-def start_moto():
-    import logging
-
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on loopback in a process of its own (as a real store would be: its request handling does
+    not compete with the teacher for this process's GIL), with a bucket "bench"; (process, endpoint)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("bench")
-    return server, endpoint
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("bench")
+            return server, endpoint
+        except Exception:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto's server did not start on {endpoint}") from None
+            time.sleep(0.2)
 
 
 def config_for(args, teacher: Path, corpus: Path, endpoint: str, prefix: str, samples: int):
@@ -211,7 +221,8 @@ def main() -> int:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--throttle-mbps", type=float, default=2.0, help="upload rate per file, MB/s (0: moto's own)")
-    parser.add_argument("--modes", default="per-part,sync,background")
+    parser.add_argument("--modes", default="background,per-part,sync")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip a mode that would end past this")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
@@ -230,24 +241,31 @@ def main() -> int:
           f"{args.part_samples}, max_length {args.max_length}, batch_tokens {args.batch_tokens}, k {args.top_k}, "
           f"upload throttle {args.throttle_mbps or 'off'} MB/s, moto at {endpoint}; setup {time.perf_counter() - started:.1f} s")
     # Warm-up (not reported): CUDA context, kernels, the compiled logsumexp, moto's first requests.
-    warm = config_for(args, teacher, corpus, endpoint, "warmup", min(args.samples, args.part_samples))
+    warm = config_for(args, teacher, corpus, endpoint, "warmup", min(args.samples, args.part_samples, 256))
     pipeline.run_shard(warm, pipeline.plan(warm).shards[0])
     rows = []
     for mode in args.modes.split(","):
+        elapsed = time.perf_counter() - started
+        if rows and elapsed + max(r["wall"] for r in rows) > args.budget_s:
+            print(f"{mode}: skipped, {elapsed:.0f} s spent of --budget-s {args.budget_s:.0f}")
+            continue
         try:
             rows.append(run_mode(args, mode, teacher, corpus, endpoint, throttle))
         except Exception:  # fail soft: the other mode still runs
             print(f"{mode}: FAILED\n{traceback.format_exc()}")
-    server.stop()
+    server.terminate()
+    server.wait()
     report = table(rows)
     print(report)
-    for before in rows[:-1]:
-        after = rows[-1]
+    after = next((r for r in rows if r["mode"] == "background"), None)
+    for before in (r for r in rows if after is not None and r is not after):
         print(f"{after['mode']} vs {before['mode']}: wall {before['wall']:.2f} -> {after['wall']:.2f} s, device idle "
               f"{before['wall'] - before['busy']:.2f} -> {after['wall'] - after['busy']:.2f} s, gaps between batches "
               f"{before['gaps']:.2f} -> {after['gaps']:.2f} s")
     if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "bench_upload.txt").write_text(report + "\n")
+    print(f"total {time.perf_counter() - started:.1f} s")
     return 0 if len(rows) == len(args.modes.split(",")) else 1
 
 

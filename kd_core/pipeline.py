@@ -24,12 +24,16 @@ Where things live under output.uri (a local directory or an fsspec URL):
 <key> is Config.content_key(): a hash of what determines the cache's content, so a rerun with the same inputs
 finds its version published and does no teacher work.
 
-Resume: a shard is cut into planned parts of run.part_samples rows, each one teacher pass; a part that would pass
+Resume: a shard is cut into planned parts of run.part_samples rows; a part that would pass
 output.max_object_bytes is split into several files as it is written. A part's record is written after its
 files, and a part is complete when its record exists and every file it lists has the listed size. A killed shard
 restarts at its first incomplete part (rewriting that part's files under the same names); a shard with a record
-is skipped. Because a resumed shard batches every part exactly as an uninterrupted run does, the arrays are
-byte-for-byte the same.
+is skipped. One teacher pass covers all of a run's parts, but batches every part exactly as a pass over that part
+alone would (run_teacher(parts=...)), so a resumed shard's arrays are byte-for-byte an uninterrupted run's.
+
+Overlap: the teacher never waits on storage while storage keeps up. Finished files are closed and published, and
+part records written, on a background thread (io.Background: in order, the lease checked before each), at most
+BACKGROUND_FILES files behind the teacher; past that the teacher waits (bounded memory and local disk).
 """
 
 from __future__ import annotations

@@ -132,7 +132,8 @@ def main() -> None:
 
 def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
     """The fused path under other tile sizes, warp counts and chunk sizes (module defaults restored after)."""
-    saved = topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS
+    saved = (topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS, topk._ONE_KERNEL,
+             topk._ONE_WARPS)
 
     def row(label, fn):
         cell = "skipped (time budget)" if time.perf_counter() > deadline else soft(fn)
@@ -142,6 +143,11 @@ def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
         for times in (4, 16):  # the pipeline's chunks (kd_core.inference.CHUNK_ELEMENTS) made larger
             step = max(1, times * CHUNK_ELEMENTS // logits.shape[1])
             row(f"fused, chunks of {step} rows", ms(lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]))
+        topk._ONE_KERNEL = True
+        for warps in (8, 4, 16):
+            topk._ONE_WARPS = warps
+            row(f"fused as one kernel, warps={warps}", ms(lambda: topk.fused_topk_logprobs(logits, k)))
+        topk._ONE_KERNEL, topk._ONE_WARPS = saved[4:]
         for block, warps in ((4096, 4), (4096, 16), (2048, 4), (2048, 8), (8192, 8), (8192, 16)):
             topk._SCAN_BLOCK, topk._SCAN_WARPS = block, warps
             row(f"scan BLOCK={block} warps={warps}", ms(kernels(logits, k)[0]))
@@ -155,7 +161,8 @@ def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
             group = topk.fused_plan(logits.shape[1], k)["GROUP"]
             row(f"fused, groups of {group} ids", ms(lambda: topk.fused_topk_logprobs(logits, k)))
     finally:
-        topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS = saved
+        (topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS, topk._ONE_KERNEL,
+         topk._ONE_WARPS) = saved
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ _MAX_GROUP_KEYS = 2048  # GROUP grows until a row has at most this many groups (
 _SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
 _SCAN_WARPS = 8
 _SELECT_WARPS = 8
+_ONE_KERNEL = False  # both steps in one kernel (_topk_rows) instead of two launches
+_ONE_WARPS = 8
 
 
 def topk_logprobs(
@@ -202,6 +204,11 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
         # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
+        if _ONE_KERNEL:
+            _topk_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
+                             N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
+                             GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], BLOCK=plan["BLOCK"], num_warps=_ONE_WARPS)
+            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
         _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
                          GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=_SCAN_WARPS)
         _select_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
@@ -265,16 +272,15 @@ if triton is not None:
         return new_m, s
 
     @triton.jit
-    def _scan_rows(logits, row_stride, lse_out, group_max,
-                   VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-        """Row r of logits (V,) -> lse_out[r] and group_max[r, g] = max of ids [g*GROUP, (g+1)*GROUP).
+    def _scan_row(logits, row_stride, lse_out, group_max, row,
+                  VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        """Row `row` of logits (V,) -> lse_out[row] and group_max[row, g] = max of ids [g*GROUP, (g+1)*GROUP).
 
         The online logsumexp runs per group lane (LANES = BLOCK / GROUP of them): lane j keeps the running max m_j
         and sum s_j = sum exp(x - m_j) of the groups j, j + LANES, ...; only within-group reductions per tile.
         The lanes are combined at the end: lse = M + log(sum_j s_j exp(m_j - M)), M = max_j m_j."""
         LANES: tl.constexpr = BLOCK // GROUP
         FULL: tl.constexpr = VOCAB // BLOCK * BLOCK  # ids in full tiles
-        row = tl.program_id(0).to(tl.int64)
         base = logits + row * row_stride
         group_max_row = group_max + row * N_GROUPS
         m = tl.full([LANES], float("-inf"), tl.float32)
@@ -289,14 +295,13 @@ if triton is not None:
         tl.store(lse_out + row, tl.where(top == float("inf"), float("inf"), lse))  # +inf - +inf would be NaN
 
     @triton.jit
-    def _select_rows(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, VOCAB: tl.constexpr,
-                     N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
-                     KP: tl.constexpr):
-        """Row r -> its KP best ids (the first k stored, best first) and their log-probs, in three rankings:
+    def _select_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, row, VOCAB: tl.constexpr,
+                    N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
+                    KP: tl.constexpr):
+        """Row `row` -> its KP best ids (the first k stored, best first) and their log-probs, in three rankings:
         groups (GROUPS_P2 keys) -> sub-groups of the KP best groups (KP * GROUP / SUB keys) -> ids of the KP
         best sub-groups (KP * SUB keys). Padding keys are int64's minimum, below every real key."""
         SUBS: tl.constexpr = GROUP // SUB
-        row = tl.program_id(0).to(tl.int64)
         base = logits + row * row_stride
         lowest = tl.full([], -9223372036854775808, tl.int64)
 
@@ -321,3 +326,29 @@ if triton is not None:
         lse = tl.load(lse_in + row)
         tl.store(ids_out + row * k + out, _key_id(best), mask=out < k)
         tl.store(logprobs_out + row * k + out, _key_value(best) - lse, mask=out < k)
+
+    @triton.jit
+    def _scan_rows(logits, row_stride, lse_out, group_max,
+                   VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        _scan_row(logits, row_stride, lse_out, group_max, tl.program_id(0).to(tl.int64), VOCAB, N_GROUPS, GROUP,
+                  BLOCK)
+
+    @triton.jit
+    def _select_rows(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, VOCAB: tl.constexpr,
+                     N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
+                     KP: tl.constexpr):
+        _select_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, tl.program_id(0).to(tl.int64),
+                    VOCAB, N_GROUPS, GROUP, SUB, GROUPS_P2, KP)
+
+    @triton.jit
+    def _topk_rows(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, VOCAB: tl.constexpr,
+                   N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
+                   KP: tl.constexpr, BLOCK: tl.constexpr):
+        """Both steps in one program per row: while one row's program ranks (compute), another's scans
+        (memory), on the same SM. The barrier makes the row's group maxima and logsumexp, stored to global
+        memory by all threads of the program, visible to all of them."""
+        row = tl.program_id(0).to(tl.int64)
+        _scan_row(logits, row_stride, lse, group_max, row, VOCAB, N_GROUPS, GROUP, BLOCK)
+        tl.debug_barrier()
+        _select_row(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, row, VOCAB, N_GROUPS, GROUP, SUB,
+                    GROUPS_P2, KP)

@@ -19,6 +19,9 @@ Columns (each a median over --repeat runs after a warm-up, CUDA events):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
@@ -99,14 +102,28 @@ def main() -> None:
     fused_ok = topk.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
     print(f"{name}, torch {torch.__version__}, triton {getattr(topk.triton, '__version__', None)}, {rows} rows, "
           f"k={k}; ms per {PER:,} rows, median of {args.repeat}")
-    print("| vocab | read floor | compiled lse | torch path | fused | fused, chunks | scan | select |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     scale = PER / rows
     began = time.perf_counter()
 
     def ms(fn):
         return lambda: timed_ms(fn, device, args.repeat) * scale
 
+    deadline = began + args.budget_s if args.budget_s else float("inf")
+    if args.sweep and fused_ok:  # compile the variants in other processes while this one compiles the defaults
+        compiling = precompile(device, args.vocab, k)
+        for vocab in args.vocab:
+            try:
+                warm = torch.randn(2, vocab, device=device)
+                topk.row_logsumexp(warm), topk.fused_topk_logprobs(warm, k)
+            except Exception as e:  # noqa: BLE001 - the table's cells will show it
+                print(f"warm-up at V={vocab}: {type(e).__name__}: {str(e)[:200]}")
+        # Then wait for them: timings taken while other processes compile and launch would be disturbed.
+        done, _ = concurrent.futures.wait(compiling, timeout=max(1.0, deadline - time.perf_counter() - 20))
+        failed = [f.exception() for f in done if f.exception()]
+        print(f"precompiled {len(done) - len(failed)} of {len(compiling)} sweep variants in "
+              f"{time.perf_counter() - began:.0f} s" + (f"; failed e.g. {failed[0]!r}"[:300] if failed else ""))
+    print("| vocab | read floor | compiled lse | torch path | fused | fused, chunks | scan | select |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     kept = {}
     for vocab in args.vocab:
         logits = torch.randn(rows, vocab, device=device) * 4  # (n, V) float32, as Float32Head gives
@@ -124,45 +141,80 @@ def main() -> None:
         if args.sweep and fused_ok:
             kept[vocab] = logits
         del logits
-    deadline = began + args.budget_s if args.budget_s else float("inf")
     for vocab in sorted(kept, reverse=True):  # the largest vocabulary first: it matters most
         print(f"\nsweep at V={vocab:,}, ms per {PER:,} rows\n| variant | ms |\n|---|---:|")
         sweep(kept.pop(vocab), k, ms, deadline)
 
 
-def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
-    """The fused path under other tile sizes, warp counts and chunk sizes (module defaults restored after)."""
-    saved = (topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS, topk._ONE_KERNEL,
-             topk._ONE_WARPS)
+# Sweep variants, most telling first: (label, module settings of kd_core.topk, what is timed).
+VARIANTS = [
+    ("fused, chunks x4", {}, "chunks4"),
+    ("fused, chunks x16", {}, "chunks16"),
+    ("fused as one kernel, warps=8", {"_ONE_KERNEL": True, "_ONE_WARPS": 8}, "fused"),
+    ("scan BLOCK=4096 warps=4", {"_SCAN_WARPS": 4}, "scan"),
+    ("scan BLOCK=4096 warps=16", {"_SCAN_WARPS": 16}, "scan"),
+    ("select warps=4", {"_SELECT_WARPS": 4}, "select"),
+    ("select warps=16", {"_SELECT_WARPS": 16}, "select"),
+    ("fused as one kernel, warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4}, "fused"),
+    ("fused as one kernel, warps=16", {"_ONE_KERNEL": True, "_ONE_WARPS": 16}, "fused"),
+    ("scan BLOCK=2048 warps=4", {"_SCAN_BLOCK": 2048, "_SCAN_WARPS": 4}, "scan"),
+    ("scan BLOCK=8192 warps=8", {"_SCAN_BLOCK": 8192}, "scan"),
+    ("scan BLOCK=8192 warps=16", {"_SCAN_BLOCK": 8192, "_SCAN_WARPS": 16}, "scan"),
+    ("fused, at most 1024 groups", {"_MAX_GROUP_KEYS": 1024}, "fused"),
+    ("fused, at most 4096 groups", {"_MAX_GROUP_KEYS": 4096}, "fused"),
+    ("select warps=2", {"_SELECT_WARPS": 2}, "select"),
+]
 
-    def row(label, fn):
-        cell = "skipped (time budget)" if time.perf_counter() > deadline else soft(fn)
-        print(f"|   {label} | {cell} |", flush=True)
 
+@contextlib.contextmanager
+def settings(values: dict):
+    """kd_core.topk's module settings changed for a while (restored after)."""
+    saved = {name: getattr(topk, name) for name in values}
+    for name, value in values.items():
+        setattr(topk, name, value)
     try:
-        for times in (4, 16):  # the pipeline's chunks (kd_core.inference.CHUNK_ELEMENTS) made larger
-            step = max(1, times * CHUNK_ELEMENTS // logits.shape[1])
-            row(f"fused, chunks of {step} rows", ms(lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]))
-        topk._ONE_KERNEL = True
-        for warps in (8, 4, 16):
-            topk._ONE_WARPS = warps
-            row(f"fused as one kernel, warps={warps}", ms(lambda: topk.fused_topk_logprobs(logits, k)))
-        topk._ONE_KERNEL, topk._ONE_WARPS = saved[4:]
-        for block, warps in ((4096, 4), (4096, 16), (2048, 4), (2048, 8), (8192, 8), (8192, 16)):
-            topk._SCAN_BLOCK, topk._SCAN_WARPS = block, warps
-            row(f"scan BLOCK={block} warps={warps}", ms(kernels(logits, k)[0]))
-        topk._SCAN_BLOCK, topk._SCAN_WARPS = saved[:2]
-        for warps in (4, 16, 2):
-            topk._SELECT_WARPS = warps
-            row(f"select warps={warps}", ms(kernels(logits, k)[1]))
-        topk._SELECT_WARPS = saved[2]
-        for keys in (1024, 4096):  # other group sizes: at 151,936, groups of 256 and of 64 ids
-            topk._MAX_GROUP_KEYS = keys
-            group = topk.fused_plan(logits.shape[1], k)["GROUP"]
-            row(f"fused, groups of {group} ids", ms(lambda: topk.fused_topk_logprobs(logits, k)))
+        yield
     finally:
-        (topk._SCAN_BLOCK, topk._SCAN_WARPS, topk._SELECT_WARPS, topk._MAX_GROUP_KEYS, topk._ONE_KERNEL,
-         topk._ONE_WARPS) = saved
+        for name, value in saved.items():
+            setattr(topk, name, value)
+
+
+def _compile(device: str, vocab: int, k: int, values: dict) -> None:
+    """In a worker process: run the fused path once on 2 rows so that Triton compiles (and caches on disk) the
+    kernels of one variant; the sweep then finds them compiled."""
+    with settings(values):
+        topk.fused_topk_logprobs(torch.randn(2, vocab, device=device), k)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def precompile(device: torch.device, vocabs, k: int):
+    """Compile every sweep variant in parallel processes (Triton compiles one kernel at a time, several seconds
+    each); returns the futures, to wait for before the sweep."""
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    futures = [pool.submit(_compile, str(device), vocab, k, values)
+               for vocab in sorted(vocabs, reverse=True) for _, values, what in VARIANTS if not what.startswith("chunks")]
+    pool.shutdown(wait=False)
+    return futures
+
+
+def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
+    """The fused path under other tile sizes, warp counts, group sizes and chunk sizes (VARIANTS)."""
+    for label, values, what in VARIANTS:
+        if time.perf_counter() > deadline:
+            print(f"|   {label} | skipped (time budget) |", flush=True)
+            continue
+        with settings(values):
+            if what.startswith("chunks"):
+                step = max(1, int(what[6:]) * CHUNK_ELEMENTS // logits.shape[1])
+                label = f"fused, chunks of {step} rows"
+                fn = lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]  # noqa: E731
+            elif what == "fused":
+                fn = lambda: topk.fused_topk_logprobs(logits, k)  # noqa: E731
+            else:
+                fn = kernels(logits, k)[what == "select"]
+            print(f"|   {label} | {soft(ms(fn))} |", flush=True)
 
 
 if __name__ == "__main__":

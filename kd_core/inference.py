@@ -4,10 +4,13 @@ The goal is the speed of the teacher's bare forward pass, so everything else hid
 joined by bounded queues (memory stays flat on a shard of any length):
 
   tokenizer thread   texts -> token ids, a chunk at a time (the Rust tokenizer runs them in parallel).
-  device thread      a look-ahead window of samples, sorted by length, cut into batches under a token budget
-                     (batch_size * longest <= batch_tokens, so little padding); forward; top-k of the real
-                     rows only; an asynchronous copy to pinned host memory on a side stream. Batch i's copy is
-                     waited for only after batch i+1 is queued on the GPU, so copies hide behind compute.
+  device thread      a look-ahead window of samples laid out in batches (a Batch each) under a token budget:
+                     packed (rows of the window's longest length filled best-fit decreasing with whole
+                     samples, batch_tokens // length rows) where the teacher supports it (Teacher.packing),
+                     else sorted by length, one right-padded sample a row (batch_size * longest <=
+                     batch_tokens); forward; top-k of the real rows only; an asynchronous copy to pinned host
+                     memory on a side stream. Batch i's copy is waited for only after batch i+1 is queued on
+                     the GPU, so copies hide behind compute.
   caller             this generator: yields a finished window in input order while the device thread runs
                      the next one, so the caller's writes hide behind compute too.
 
@@ -16,9 +19,11 @@ window's fill are paid once) and yields a PartEnd after each part's rows. A wind
 parts, and each part's windows are cut exactly as a run over that part alone cuts them, so a resumed run (which
 starts at a part boundary) batches, and so computes, every part as an uninterrupted run does.
 
-Exactness: batches are right-padded. Under a causal mask a real position never sees a pad to its right, so a
-sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
-fast is_causal kernels. The output layer runs in float32 on the body's hidden states (Float32Head), so the
+Exactness: a real position sees exactly its own sample's earlier tokens, so a sample's rows do not depend on what
+it is batched with. Right-padded rows need no mask (a pad is only ever to the right, unseen under causal
+attention: SDPA stays on its is_causal kernels); packed rows restart position_ids at 0 for each sample, from
+which transformers builds a block-diagonal causal mask, and teacher.packing_works checks at load that the model
+honours it. The output layer runs in float32 on the body's hidden states (Float32Head), so the
 log-probs, logsumexp and draws come from the teacher's own logits to float32 precision even for a bf16
 teacher; ties at rank k go to the lowest id (kd_core.topk: fused Triton kernels on CUDA, one read of each
 logit). Each row is then either its top-k (cache.mode topk) or N draws from its softmax, stored as distinct ids
@@ -27,6 +32,7 @@ and counts (cache.mode sampled, kd_core.sampling).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import queue
 import threading
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 
 from kd_core.sampling import sample_rows
-from kd_core.teacher import Teacher
+from kd_core.teacher import Teacher, execution_device
 from kd_core.topk import row_logsumexp, topk_logprobs
 
 # Logit elements handled at once (rows * V): bounds the head's output and any float32 upcast; 2048 rows at 32k.
@@ -165,11 +171,14 @@ def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor,
 
 
 def has_plain_head(model: torch.nn.Module) -> bool:
-    """Whether the model is a body (model.base_model) plus a linear head whose output is the logits as they are."""
+    """Whether the model is a body (model.base_model) plus a linear head whose output is the logits as they are,
+    with the head's weight at hand (not offloaded by device_map: accelerate leaves those on "meta")."""
     config = model.config.get_text_config()
+    head = model.get_output_embeddings()
     return (
         model.base_model is not model
-        and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+        and isinstance(head, torch.nn.Linear)
+        and head.weight.device.type != "meta"
         and not any(getattr(config, name, None) for name in _LOGIT_POSTPROCESSING)
     )
 
@@ -204,13 +213,35 @@ class Float32Head:
         return torch.nn.functional.linear(hidden.float(), self._weight32, self.bias)
 
 
+@dataclass
+class Batch:
+    """One forward pass's inputs, on the teacher's input device: built by _DeviceLoop, consumed by _Forward.
+
+    A row of the (B, T) grid holds one right-padded sample (position_ids 0..T-1: plain causal attention, SDPA's
+    is_causal kernels) or, when the teacher packs (Teacher.packing), several samples back to back with
+    position_ids restarting at 0 for each: transformers then builds a block-diagonal causal mask
+    (masking_utils.find_packed_sequence_indices). Either way a real position sees exactly its own sample's
+    earlier tokens, so its row equals the sample run alone. Padding sits at the end of a row and is never read.
+    """
+
+    input_ids: torch.Tensor  # (B, T) int64, padding 0
+    position_ids: torch.Tensor  # (B, T) int64, each sample's own positions 0..L-1
+    rows: torch.Tensor  # (N,) int64, flat indices b*T+t of the real positions, sample after sample
+    sample_index: torch.Tensor  # (N,) int64, each real position's source row (seeds sampled mode's draws)
+    position: torch.Tensor  # (N,) int64, each real position's t within its sample
+
+
 class _Forward:
-    """The teacher on a right-padded batch -> the cache's results (row_results) for the real rows only.
+    """The teacher on a Batch -> the cache's results (row_results) for the real rows only.
 
     When the model is a body plus a plain linear head (most HF causal LMs), the head runs in float32 on the real
     rows alone, a chunk at a time: no (B, T, V) logits for the padding, and peak memory bounded by the chunk.
-    Otherwise (logit post-processing, exotic heads) it falls back to the model's own logits, then gathers: those
-    carry the model dtype's rounding.
+    Otherwise (logit post-processing, exotic heads, a head offloaded by device_map) it falls back to the model's
+    own logits, then gathers: those carry the model dtype's rounding.
+
+    Under device_map the pieces may sit on different devices: accelerate returns only the root module's output
+    on the input device, so the body's hidden states come back on its last layer's device and the head may be on
+    yet another. Rows follow the hidden states, and the results come out on `self.out_device`.
     """
 
     def __init__(self, model: torch.nn.Module, spec: RowSpec):
@@ -218,20 +249,19 @@ class _Forward:
         self.body, self.head = model.base_model, model.get_output_embeddings()
         self.split = has_plain_head(model)
         self.head32 = Float32Head(self.head) if self.split else None
+        # The full forward's logits come back on the input device (the root module's hook moves them there).
+        self.out_device = self.head.weight.device if self.split else execution_device(model.get_input_embeddings())
 
-    def __call__(self, input_ids: torch.Tensor, rows: torch.Tensor, sample_index: torch.Tensor | None = None,
-                 position: torch.Tensor | None = None):
-        """input_ids (B, T) right-padded; rows (N,) flat indices b*T+t of the real positions; sample_index and
-        position (N,) int64, each row's source row and t (they seed sampled mode's draws)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)  # (B, T)
-        if sample_index is None:  # top-k callers need no keys
-            sample_index = position = torch.zeros_like(rows)
+    def __call__(self, batch: Batch):
+        """-> (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32, in the
+        order of batch.rows, on self.out_device."""
+        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
         if not self.split:
-            logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits  # (B, T, V)
-            hidden, project = logits.flatten(0, 1).index_select(0, rows), (lambda x: x)  # (N, V)
+            hidden, project = self.model(**inputs).logits, (lambda x: x)  # (B, T, V)
         else:
-            hidden = self.body(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
-            hidden, project = hidden.flatten(0, 1).index_select(0, rows), self.head32  # (N, H)
+            hidden, project = self.body(**inputs).last_hidden_state, self.head32  # (B, T, H)
+        hidden = hidden.flatten(0, 1).index_select(0, batch.rows.to(hidden.device)).to(self.out_device)  # (N, ·)
+        sample_index, position = batch.sample_index.to(self.out_device), batch.position.to(self.out_device)
         vocab = self.head.out_features if self.split else hidden.shape[-1]
         step = max(1, CHUNK_ELEMENTS // vocab)
         parts = [
@@ -313,17 +343,65 @@ def _windows(tokenized: queue.Queue, stop, window_tokens: int) -> Iterator[list[
         yield window
 
 
-def _batches(window: list, batch_tokens: int) -> Iterator[list[int]]:
-    """Positions in `window`, longest first, grouped so that len(batch) * longest <= batch_tokens."""
-    order = sorted(range(len(window)), key=lambda j: -len(window[j][1]))
+@dataclass
+class _Layout:
+    """Where a batch's samples sit in its (height, width) grid: window positions in the order their rows come out,
+    each with its length and its slot (row b, first column t)."""
+
+    samples: list[int]
+    lengths: list[int]
+    slots: list[tuple[int, int]]
+    height: int  # B
+    width: int  # T
+
+
+def _padded_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
+    """One sample per row, longest first, grouped so that len(batch) * longest <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     batch: list[int] = []
-    for j in order:
-        if batch and (len(batch) + 1) * len(window[batch[0]][1]) > batch_tokens:
-            yield batch
+    for j in order + [None]:
+        if batch and (j is None or (len(batch) + 1) * lengths[batch[0]] > batch_tokens):
+            sizes = [lengths[i] for i in batch]
+            yield _Layout(batch, sizes, [(b, 0) for b in range(len(batch))], len(batch), sizes[0])
             batch = []
-        batch.append(j)  # a sample longer than the budget runs alone
-    if batch:
-        yield batch
+        if j is not None:
+            batch.append(j)  # a sample longer than the budget runs alone
+
+
+def _packed_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
+    """Rows of the window's longest length, filled best-fit decreasing (a sample never spans two rows),
+    batch_tokens // width rows a batch (at least one)."""
+    width = max(lengths)
+    rows = _best_fit(lengths, width)
+    per_batch = max(1, batch_tokens // width)
+    for first in range(0, len(rows), per_batch):
+        samples, slots = [], []
+        for b, row in enumerate(rows[first : first + per_batch]):
+            start = 0
+            for j in row:
+                samples.append(j)
+                slots.append((b, start))
+                start += lengths[j]
+        yield _Layout(samples, [lengths[j] for j in samples], slots, min(per_batch, len(rows) - first), width)
+
+
+def _best_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: each sample, longest first, goes to the row with the least room that
+    still holds it (a new row when none does). -> rows, each a list of window positions."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free columns, row number) of the rows not yet full, ascending
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = bisect.bisect_left(room, (lengths[j], -1))  # the tightest row that fits
+        if k == len(room):
+            rows.append([j])
+            free, r = width - lengths[j], len(rows) - 1
+        else:
+            free, r = room.pop(k)
+            rows[r].append(j)
+            free -= lengths[j]
+        if free:
+            bisect.insort(room, (free, r))
+    return rows
 
 
 class _Window:
@@ -339,9 +417,11 @@ class _DeviceLoop:
 
     def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int, timeline: DeviceTimeline | None = None):
         self.device, self.batch_tokens, self.spec, self.timeline = teacher.device, batch_tokens, spec, timeline
+        self.plan = _packed_batches if teacher.packing else _padded_batches
         self.forward = _Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        out = self.forward.out_device  # device_map: the results may come out on another device than the inputs
+        self.copy_stream = torch.cuda.Stream(out) if out.type == "cuda" else None
 
     def run(self, tokenized: queue.Queue, out: queue.Queue, stop, window_tokens: int) -> None:
         try:
@@ -355,8 +435,8 @@ class _DeviceLoop:
                             raise _Stopped
                         continue
                     window = _Window(samples)
-                    for batch in _batches(samples, self.batch_tokens):
-                        launched = self._launch(window, batch)
+                    for layout in self.plan([len(ids) for _, ids in samples], self.batch_tokens):
+                        launched = self._launch(window, layout)
                         if in_flight is not None:  # wait for the previous copy only now: it ran behind this
                             self._finish(*in_flight, out, stop)
                         in_flight = launched
@@ -374,36 +454,41 @@ class _DeviceLoop:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _launch(self, window: _Window, batch: list[int]):
-        """Queue one batch's forward and the copy of its results to the host; returns what _finish needs."""
-        lengths = [len(window.samples[j][1]) for j in batch]
-        width = lengths[0]  # longest first
-        ids = np.zeros((len(batch), width), dtype=np.int64)  # (B, T), right-padded with token 0
-        for b, j in enumerate(batch):
-            ids[b, : lengths[b]] = window.samples[j][1]
-        rows = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)])  # (N,)
+    def _batch(self, window: _Window, layout: _Layout) -> Batch:
+        """The layout's grid of tokens and positions, and its real rows, on the input device."""
+        ids = np.zeros((layout.height, layout.width), dtype=np.int64)  # (B, T), padding 0
+        # Padding keeps its column as position: after a row's last sample, where no real position reads it.
+        positions = np.tile(np.arange(layout.width, dtype=np.int64), (layout.height, 1))  # (B, T)
+        rows = []
+        for j, n, (b, t) in zip(layout.samples, layout.lengths, layout.slots):
+            ids[b, t : t + n] = window.samples[j][1]
+            positions[b, t : t + n] = np.arange(n)
+            rows.append(b * layout.width + t + np.arange(n))
         # Each row's source row and position: the seed of its draws in sampled mode, whatever the batch.
-        sample_index = np.repeat([window.samples[j][0] for j in batch], lengths).astype(np.int64)  # (N,)
-        position = np.concatenate([np.arange(n) for n in lengths])  # (N,)
-        keys = (sample_index, position) if self.spec.mode == "sampled" else ()
+        sample_index = np.repeat([window.samples[j][0] for j in layout.samples], layout.lengths).astype(np.int64)
+        position = np.concatenate([np.arange(n) for n in layout.lengths])  # (N,)
+        return Batch(*map(self._to_device, (ids, positions, np.concatenate(rows), sample_index, position)))
+
+    def _launch(self, window: _Window, layout: _Layout):
+        """Queue one batch's forward and the copy of its results to the host; returns what _finish needs."""
         started = self.timeline.begin() if self.timeline is not None else None
         # (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32
-        results = self.forward(self._to_device(ids), self._to_device(rows), *map(self._to_device, keys))
+        results = self.forward(self._batch(window, layout))
         if started is not None:
             self.timeline.end(started)
-        if not self.cuda:
-            return window, batch, lengths, results, None
-        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        if self.copy_stream is None:  # the results are on the host already
+            return window, layout, results, None
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.copy_stream.device))
         with torch.cuda.stream(self.copy_stream):
             host = tuple(torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in results)
             for h, r in zip(host, results):
                 h.copy_(r, non_blocking=True)
                 r.record_stream(self.copy_stream)  # keep r's memory until the copy is done
             done = torch.cuda.Event()
-            done.record()
-        return window, batch, lengths, host, done
+            done.record(self.copy_stream)
+        return window, layout, host, done
 
-    def _finish(self, window: _Window, batch, lengths, host, done, out: queue.Queue, stop) -> None:
+    def _finish(self, window: _Window, layout: _Layout, host, done, out: queue.Queue, stop) -> None:
         """Wait for a batch's copy, split it into samples; hand its window on when that is complete."""
         if done is not None:
             done.synchronize()
@@ -411,12 +496,12 @@ class _DeviceLoop:
         ids, values, lse = (h.numpy().copy() for h in host)
         ids = ids.view(np.uint32)
         start = 0
-        for j, n in zip(batch, lengths):
+        for j, n in zip(layout.samples, layout.lengths):
             index, tokens = window.samples[j]
             end = start + n
             window.rows[j] = self._sample_rows(index, tokens, ids[start:end], values[start:end], lse[start:end])
             start = end
-        window.missing -= len(batch)
+        window.missing -= len(layout.samples)
         if window.missing == 0 and not all(_put(out, item, stop) for item in [window.rows, *window.then]):
             raise _Stopped
 

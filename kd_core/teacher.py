@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# How the teacher attends, and whether batches pack several samples per row (kd_core.inference.Batch). The one
+# place to change either. "sdpa": PyTorch's scaled_dot_product_attention; unpacked right-padded batches use its
+# is_causal kernels (flash on CUDA), packed ones a materialized block-diagonal mask (B, 1, T, T) built by
+# transformers. Packing is used only where packing_works says the loaded teacher honours it.
+ATTN_IMPLEMENTATION = "sdpa"
+PACK_SEQUENCES = True
+
 
 @dataclass
 class Teacher:
@@ -30,6 +37,7 @@ class Teacher:
     device: torch.device  # where inputs go (the embedding's device when device_map spreads the model)
     dtype: torch.dtype
     vocab_size: int
+    packing: bool = False  # batches pack several samples per row (PACK_SEQUENCES and packing_works)
 
     def tokenize(self, text: str, max_length: int) -> list[int]:
         """The cache's tokens for one text, exactly as DESIGN.md fixes them (default special tokens)."""
@@ -120,15 +128,60 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     device = resolve_device(cfg.device)
     dtype = _DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(cfg)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": ATTN_IMPLEMENTATION}
     if cfg.device_map == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads the layers over the visible GPUs (and CPU)
     model = _load("model", cfg, AutoModelForCausalLM.from_pretrained, **kwargs)
     if cfg.device_map != "auto":
         model.to(device)
     model.eval()
-    # Inputs go where the embedding is: the first layer's device when accelerate spread the model.
-    device = model.get_input_embeddings().weight.device
+    # Inputs go where the embedding runs: the first layer's device when accelerate spread the model.
+    device = execution_device(model.get_input_embeddings())
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
-    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, vocab_size=int(vocab_size))
+    packing = PACK_SEQUENCES and packing_works(model, device)
+    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, vocab_size=int(vocab_size),
+                   packing=packing)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where `module` computes: its weights' device, or accelerate's execution device for a module that
+    device_map offloaded (weights kept on "cpu"/"disk", on "meta" in the module, loaded by a hook where it runs)."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device
+
+
+_PROBE_LENGTHS = (7, 9)  # two samples packed in one row of 16 by packing_works
+
+
+def packing_works(model: Any, device: torch.device) -> bool:
+    """Whether the model, given position_ids that restart at 0 for each sample of a row, keeps the samples apart.
+
+    Two random sequences a, b packed in one row [a b], beside a row holding b alone then padding (as
+    kd_core.inference lays batches out), against b run alone: b's logits must match. A model that ignores the
+    packing lets b attend to a; how far that moves b's logits (b after a in one plain causal row) is the scale:
+    packing is on when the packed error is under 1% of it (float32: ~1e-6 against ~1e-1; bf16 leaves room for
+    its rounding, which moves with the batch's shape anyway).
+    """
+    gen = torch.Generator().manual_seed(0)
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.get_text_config().vocab_size
+    a, b = (torch.randint(vocab, (n,), generator=gen) for n in _PROBE_LENGTHS)
+    width = len(a) + len(b)
+
+    def logits(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (R, W) -> (R, W, V) float32 on CPU
+        out = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
+        return out.float().cpu()
+
+    packed_ids = torch.stack([torch.cat([a, b]), torch.cat([b, torch.zeros(len(a), dtype=torch.long)])])  # (2, W)
+    packed_positions = torch.stack([torch.cat([torch.arange(len(a)), torch.arange(len(b))]), torch.arange(width)])
+    try:
+        with torch.inference_mode():
+            alone = logits(b[None], torch.arange(len(b))[None])[0]  # (9, V)
+            packed = logits(packed_ids, packed_positions)  # (2, W, V)
+            leaked = logits(torch.cat([a, b])[None], torch.arange(width)[None])[0, len(a):]  # b seeing a
+    except Exception:  # a model that refuses position_ids or this layout: keep the padded batches
+        return False
+    error = max((packed[0, len(a):] - alone).abs().max(), (packed[1, : len(b)] - alone).abs().max())
+    return bool(error <= 0.01 * (leaked - alone).abs().max())

@@ -6,7 +6,7 @@ import torch
 
 from kd_core.config import TeacherConfig
 from kd_core.errors import ConfigError
-from kd_core.inference import InferenceStats, SampleRows, run_teacher, topk_logprobs
+from kd_core.inference import Batch, InferenceStats, SampleRows, run_teacher, topk_logprobs
 from kd_core.teacher import load_teacher, teacher_vocab_size
 from kd_core.verify import verify_rows
 
@@ -37,6 +37,15 @@ def teachers(teacher_dir, small_teacher_dir):
 def texts(corpus_texts):
     """40 real docstrings of spread lengths (some truncated at MAX_LENGTH), no blanks."""
     return [t for t in corpus_texts if t.strip()][:40]
+
+
+def right_padded(samples: list[list[int]]) -> Batch:
+    """One sample per row, right-padded with 0: the unpacked Batch."""
+    width = max(map(len, samples))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in samples])  # (B, T)
+    rows = torch.cat([b * width + torch.arange(len(s)) for b, s in enumerate(samples)])
+    position = torch.cat([torch.arange(len(s)) for s in samples])
+    return Batch(ids, torch.arange(width).expand_as(ids), rows, torch.zeros_like(rows), position)
 
 
 def run(teacher, texts, **kw) -> list[SampleRows]:
@@ -141,12 +150,11 @@ def test_head_on_real_rows_equals_full_forward(teachers, texts):
     model = teachers["small"].model
     forward = _Forward(model, RowSpec(top_k=TOP_K))
     assert forward.split
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])  # (B, T) right-padded
-    rows = torch.tensor([0, 1, 2, 3, 4, 5])
+    batch = right_padded([[5, 6, 7, 8], [9, 10]])
     with torch.inference_mode():
-        split = forward(ids, rows)
+        split = forward(batch)
         forward.split = False
-        full = forward(ids, rows)
+        full = forward(batch)
     for a, b in zip(split, full):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

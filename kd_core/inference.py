@@ -404,6 +404,23 @@ def _best_fit(lengths: list[int], width: int) -> list[list[int]]:
     return rows
 
 
+def _grid(samples: list[tuple[int, np.ndarray]], layout: _Layout) -> tuple[np.ndarray, ...]:
+    """(sample_index, tokens) pairs laid out as `layout` says -> Batch's fields as host arrays:
+    input_ids (B, T), position_ids (B, T), rows (N,), sample_index (N,), position (N,), all int64."""
+    ids = np.zeros((layout.height, layout.width), dtype=np.int64)  # (B, T), padding 0
+    # Padding keeps its column as position: after a row's last sample, where no real position reads it.
+    positions = np.tile(np.arange(layout.width, dtype=np.int64), (layout.height, 1))  # (B, T)
+    rows = []
+    for j, n, (b, t) in zip(layout.samples, layout.lengths, layout.slots):
+        ids[b, t : t + n] = samples[j][1]
+        positions[b, t : t + n] = np.arange(n)
+        rows.append(b * layout.width + t + np.arange(n))
+    # Each row's source row and position: the seed of its draws in sampled mode, whatever the batch.
+    sample_index = np.repeat([samples[j][0] for j in layout.samples], layout.lengths).astype(np.int64)
+    position = np.concatenate([np.arange(n) for n in layout.lengths])  # (N,)
+    return ids, positions, np.concatenate(rows), sample_index, position
+
+
 class _Window:
     """A look-ahead window's results, filled in batch order, handed on in input order once complete."""
 
@@ -455,19 +472,8 @@ class _DeviceLoop:
         return tensor.to(self.device)
 
     def _batch(self, window: _Window, layout: _Layout) -> Batch:
-        """The layout's grid of tokens and positions, and its real rows, on the input device."""
-        ids = np.zeros((layout.height, layout.width), dtype=np.int64)  # (B, T), padding 0
-        # Padding keeps its column as position: after a row's last sample, where no real position reads it.
-        positions = np.tile(np.arange(layout.width, dtype=np.int64), (layout.height, 1))  # (B, T)
-        rows = []
-        for j, n, (b, t) in zip(layout.samples, layout.lengths, layout.slots):
-            ids[b, t : t + n] = window.samples[j][1]
-            positions[b, t : t + n] = np.arange(n)
-            rows.append(b * layout.width + t + np.arange(n))
-        # Each row's source row and position: the seed of its draws in sampled mode, whatever the batch.
-        sample_index = np.repeat([window.samples[j][0] for j in layout.samples], layout.lengths).astype(np.int64)
-        position = np.concatenate([np.arange(n) for n in layout.lengths])  # (N,)
-        return Batch(*map(self._to_device, (ids, positions, np.concatenate(rows), sample_index, position)))
+        """The layout's Batch on the input device."""
+        return Batch(*map(self._to_device, _grid(window.samples, layout)))
 
     def _launch(self, window: _Window, layout: _Layout):
         """Queue one batch's forward and the copy of its results to the host; returns what _finish needs."""

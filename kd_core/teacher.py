@@ -8,6 +8,7 @@ config checks and the storage estimate use them before any GPU is involved.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -181,7 +182,8 @@ def packing_works(model: Any, device: torch.device) -> bool:
             alone = logits(b[None], torch.arange(len(b))[None])[0]  # (9, V)
             packed = logits(packed_ids, packed_positions)  # (2, W, V)
             leaked = logits(torch.cat([a, b])[None], torch.arange(width)[None])[0, len(a):]  # b seeing a
-    except Exception:  # a model that refuses position_ids or this layout: keep the padded batches
+    except Exception as e:  # a model that refuses position_ids or this layout: keep the padded batches
+        warnings.warn(f"packing off: the packed probe failed ({type(e).__name__}: {e})", stacklevel=2)
         return False
     error = max((packed[0, len(a):] - alone).abs().max(), (packed[1, : len(b)] - alone).abs().max())
     return bool(error <= 0.01 * (leaked - alone).abs().max())

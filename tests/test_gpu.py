@@ -5,11 +5,18 @@
 (--noconftest: they need only torch, triton and kd_core, not the session fixtures.)
 """
 
+import copy
+import dataclasses
+
+import accelerate
+import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_core import topk
-from kd_core.inference import Float32Head, RowSpec, row_results
+from kd_core.inference import Float32Head, RowSpec, row_results, run_teacher
+from kd_core.teacher import Teacher, execution_device, packing_works
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -76,3 +83,68 @@ def test_fused_topk_equals_the_torch_path_and_a_float64_sort(vocab):
     assert fused_lse_error <= 8 and logprob_error < 2e-5 and vs_torch < 2e-5
     # And through topk_logprobs, the entry point the pipeline calls: the fused path, not a silent fallback.
     assert torch.equal(topk.topk_logprobs(x[:100], k)[0], ids[:100]) and not topk._fused_disabled
+
+
+class ByteTokenizer:
+    """A text's UTF-8 bytes as its ids: a teacher without tokenizer files."""
+
+    def __call__(self, texts, truncation=True, max_length=None):
+        return {"input_ids": [list(t.encode())[:max_length] for t in texts]}
+
+
+def random_teacher(device: str = "cuda") -> Teacher:
+    """A random float32 Llama (4 layers, untied head), byte-tokenized, on `device`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval().to(device)
+    device = torch.device(device)
+    return Teacher(model, ByteTokenizer(), device, torch.float32, 512, packing=packing_works(model, device))
+
+
+def texts(count: int = 40) -> list[str]:
+    """Random printable texts of 3 to 400 bytes (so rows pack several)."""
+    rng = np.random.default_rng(0)
+    return ["".join(map(chr, rng.integers(32, 127, size=n))) for n in rng.integers(3, 400, size=count)]
+
+
+def rows_of(teacher: Teacher, **kw) -> list:
+    return list(run_teacher(teacher, list(enumerate(texts())), top_k=16, max_length=256, batch_tokens=1024, **kw))
+
+
+def assert_same_rows(a: list, b: list) -> None:
+    """Float32 on two devices or layouts: log-probs (sorted, best first) within a float16 step, lse within 1e-4;
+    ids equal but where float32 rounding swaps two near-equal logits (at most 0.1% of rows)."""
+    mismatched = total = 0
+    for x, y in zip(a, b, strict=True):
+        assert x.sample_index == y.sample_index
+        np.testing.assert_allclose(np.float32(x.topk_logprobs), np.float32(y.topk_logprobs), rtol=2**-10, atol=1e-5)
+        np.testing.assert_allclose(x.logsumexp, y.logsumexp, rtol=0, atol=1e-4)
+        mismatched += int((x.topk_indices != y.topk_indices).any(-1).sum())
+        total += len(x.topk_indices)
+    assert mismatched <= total // 1000, (mismatched, total)
+
+
+def test_packed_rows_equal_padded_rows_on_the_gpu():
+    teacher = random_teacher()
+    assert teacher.packing
+    assert_same_rows(rows_of(teacher), rows_of(dataclasses.replace(teacher, packing=False)))
+
+
+@pytest.mark.parametrize("first, second", [("cuda:0", "cpu"), ("cpu", "cuda:0")])
+def test_device_map_split_equals_one_device(first, second):
+    """A 2-way split on one GPU: embedding and the first half of the layers on `first`, the rest with the norm and
+    the head on `second` (accelerate runs each where it sits: main_device cpu offloads nothing). The body's output
+    comes back on `second` while the batch's rows are on `first`; the results must equal the one-device model's."""
+    reference = random_teacher()
+    model = copy.deepcopy(reference.model).cpu()
+    device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.layers.0": first,
+                  "model.layers.1": first, "model.layers.2": second, "model.layers.3": second,
+                  "model.norm": second, "lm_head": second}
+    model = accelerate.dispatch_model(model, device_map, main_device="cpu")
+    assert model.model.layers[3].mlp.up_proj.weight.device == torch.device(second)
+    device = execution_device(model.get_input_embeddings())
+    assert device == torch.device(first)
+    split = dataclasses.replace(reference, model=model, device=device, packing=packing_works(model, device))
+    assert split.packing
+    assert_same_rows(rows_of(split), rows_of(reference))

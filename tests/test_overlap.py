@@ -17,15 +17,14 @@ from kd_core.teacher import load_teacher
 
 @pytest.fixture
 def batches(monkeypatch):
-    """Every batch run_teacher forms, as the source rows it holds (recorded from inference._batches)."""
-    seen, real = [], inference._batches
+    """Every batch run_teacher forms, as the source rows it holds (recorded from inference._grid)."""
+    seen, real = [], inference._grid
 
-    def recording(window, batch_tokens):
-        for batch in real(window, batch_tokens):
-            seen.append(tuple(window[j][0] for j in batch))
-            yield batch
+    def recording(samples, layout):
+        seen.append(tuple(samples[j][0] for j in layout.samples))
+        return real(samples, layout)
 
-    monkeypatch.setattr(inference, "_batches", recording)
+    monkeypatch.setattr(inference, "_grid", recording)
     return seen
 
 

@@ -13,9 +13,10 @@ Rows, per teacher, all on the same texts:
        model(input_ids=..., position_ids=...).logits (logits made and dropped, synchronised at the end).
        Computed (padded) and real tokens/s.
   (b)  run_teacher + CacheWriter (a real file), (b0) run_teacher with the rows kept in memory, then the writer
-       alone on those rows. Real tokens/s over the whole run, and in steady state: from the forward's first
-       batch to its last (host timestamps; the device thread runs at most a batch ahead of the GPU), which
-       leaves out the fill (tokenizing the first look-ahead window) and the drain (the last window's rows).
+       alone on those rows. Real tokens/s over the whole run, and in steady state: from the first batch's
+       start to the last one's end on the device's clock (inference.DeviceTimeline), with the share of that
+       span the device sat idle; this leaves out the fill (host clock: start to the first batch, i.e. the first
+       look-ahead window's tokenizing) and the drain (the last batch to the last row handed over).
   (c)  naive, on the first --naive-samples samples: pad to max_length, fixed batches, float32 log_softmax over
        (B, T, V), topk, synchronous uncompressed h5py writes.
   Pieces of the largest recorded batch: body, bf16 head vs float32 head (Float32Head) on the same real rows
@@ -189,7 +190,8 @@ def build_teacher(name: str, args, tokenizer, pool_ids: list[np.ndarray]) -> tup
 
 @dataclass
 class Run:
-    """One timed step: real (and computed) tokens, seconds; for pipeline runs the forward's call times."""
+    """One timed step: real (and computed) tokens, seconds; for pipeline runs the forward's calls (host clock)
+    and the device's own busy time and span (DeviceTimeline: CUDA events around each batch's forward)."""
 
     real: int
     seconds: float
@@ -197,6 +199,8 @@ class Run:
     calls: list[Call] = field(default_factory=list)
     start: float = 0.0
     last_row: float = 0.0
+    busy: float = float("nan")  # s: the sum of every batch's forward on the device
+    span: float = float("nan")  # s: from the first batch's start to the last one's end, device clock
 
     @property
     def rate(self) -> float:
@@ -212,25 +216,31 @@ class Run:
 
     @property
     def steady(self) -> float:
-        """Real tokens/s from the first batch's forward to the last's (the last batch's own rows excluded)."""
-        if len(self.calls) < 2:
-            return float("nan")
-        real = sum(len(c.tensors()[2]) for c in self.calls[:-1])
-        return real / (self.calls[-1].at - self.calls[0].at)
+        """Real tokens/s from the first batch's start to the last one's end on the device: no fill, no drain."""
+        return self.real / self.span
+
+    @property
+    def idle(self) -> float:
+        """Fraction of the span that the device waited between batches (on the tokenizer, the caller, ...)."""
+        return 1 - self.busy / self.span
 
 
 def bench_pipeline(teacher: Teacher, texts: list[str], args, writer=None, keep: list | None = None) -> Run:
     """(b)/(b0): run_teacher into `writer` (or rows appended to `keep`); seconds until the writer is closed."""
     stats, calls = InferenceStats(), []
+    timeline = inference.DeviceTimeline(cuda=teacher.device.type == "cuda")
     with recording(calls):
         start = time.perf_counter()
         for rows in run_teacher(teacher, enumerate(texts), top_k=args.top_k, max_length=args.max_length,
-                                batch_tokens=args.batch_tokens, stats=stats, window_tokens=args.window_tokens):
+                                batch_tokens=args.batch_tokens, stats=stats, window_tokens=args.window_tokens,
+                                timeline=timeline):
             writer.append_rows(rows) if writer is not None else keep.append(rows)
         last_row = time.perf_counter()
         if writer is not None:
             writer.close()
-    return Run(stats.tokens, time.perf_counter() - start, calls=calls, start=start, last_row=last_row)
+    seconds = time.perf_counter() - start
+    busy, span, _ = timeline.seconds()
+    return Run(stats.tokens, seconds, calls=calls, start=start, last_row=last_row, busy=busy, span=span)
 
 
 def bench_forward(teacher: Teacher, calls: list[Call]) -> Run:
@@ -400,18 +410,19 @@ def table(name: str, r: dict, tokenizer_run: Run, args, report: Report) -> None:
     report(f"\nreal/computed tokens in the pipeline's batches: {a.real / a.computed:.3f}; window "
            f"{args.window_tokens or 32 * args.batch_tokens:,} tokens, batch_tokens {args.batch_tokens:,}, "
            f"k={args.top_k}; mean top-{args.top_k} mass {r['mass']:.3f}; cache {r['bytes_per_token']:.1f} B/token")
-    report("\n| step | real tok/s | vs (a) | steady real tok/s | vs (a) | fill s | drain s | seconds |")
-    report("|---|---:|---:|---:|---:|---:|---:|---:|")
+    report("\n| step | real tok/s | vs (a) | steady real tok/s | vs (a) | device idle in steady | fill s | drain s "
+           "| seconds |")
+    report("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     report(f"| (a) bare forward, the pipeline's batches ({a.computed / a.seconds:,.0f} computed tok/s) | "
-           f"{a.rate:,.0f} | 1.00 | | | | | {a.seconds:.1f} |")
+           f"{a.rate:,.0f} | 1.00 | | | | | | {a.seconds:.1f} |")
     for label, run in (("(b) run_teacher + CacheWriter, close included", b), ("(b0) run_teacher, rows kept", b0)):
         report(f"| {label} | {run.rate:,.0f} | {run.rate / a.rate:.3f} | {run.steady:,.0f} | "
-               f"{run.steady / a.rate:.3f} | {run.fill:.2f} | {run.drain:.2f} | {run.seconds:.1f} |")
+               f"{run.steady / a.rate:.3f} | {run.idle:.1%} | {run.fill:.2f} | {run.drain:.2f} | {run.seconds:.1f} |")
     report(f"| (c) naive: pad to {args.max_length}, fp32 log_softmax, sync writes ({args.naive_samples[name]} "
-           f"samples) | {c.rate:,.0f} | {c.rate / a.rate:.3f} | | | | | {c.seconds:.1f} |")
+           f"samples) | {c.rate:,.0f} | {c.rate / a.rate:.3f} | | | | | | {c.seconds:.1f} |")
     for label, run in (("CacheWriter alone, rows from memory", r["alone"]),
                        ("tokenizer alone, as run_teacher calls it", tokenizer_run)):
-        report(f"| {label} | {run.rate:,.0f} | {run.rate / a.rate:.2f} | | | | | {run.seconds:.1f} |")
+        report(f"| {label} | {run.rate:,.0f} | {run.rate / a.rate:.2f} | | | | | | {run.seconds:.1f} |")
     report(f"\n(b)/(c) = {b.rate / c.rate:.2f} whole run, {b.steady / c.rate:.2f} steady")
 
     ids, _, rows = r["batch"].tensors()

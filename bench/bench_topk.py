@@ -148,7 +148,10 @@ def main() -> None:
 
 # Sweep variants, most telling first: (label, module settings of kd_core.topk, what is timed).
 VARIANTS = [
+    ("fused, threshold select, warps=8", {"_THRESHOLD": True}, "fused"),
     ("fused, chunks x4", {}, "chunks4"),
+    ("fused, threshold select, warps=4", {"_THRESHOLD": True, "_THRESHOLD_WARPS": 4}, "fused"),
+    ("fused, threshold select, warps=8, chunks of 32 groups", {"_THRESHOLD": True, "_THRESHOLD_CHUNK": 32}, "fused"),
     ("fused, chunks x16", {}, "chunks16"),
     ("fused as one kernel, warps=8", {"_ONE_KERNEL": True, "_ONE_WARPS": 8}, "fused"),
     ("scan BLOCK=4096 warps=4", {"_SCAN_WARPS": 4}, "scan"),

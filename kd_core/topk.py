@@ -11,6 +11,9 @@ the same order:
        their sub-groups of SUB ids, then the KP best of those sub-groups' ids, each by one int64 key per item
        (the float's order in the high half, 2**32-1 - id in the low half: one comparison orders by value desc,
        then id asc) and Triton's bitonic tl.topk. KP = k rounded up to a power of two.
+    Variants, for measuring on a GPU (bench/bench_topk.py --sweep): both steps in one kernel (_ONE_KERNEL), and
+    step 2 by a threshold (_THRESHOLD: _select_by_threshold ranks only the logits >= a lower bound of the k-th
+    largest; rows with too many such logits are redone by _select_rows).
     Why that is exact: ids are contiguous in a group, so ordering groups by (max desc, group id asc) orders
     them as their best elements' keys. A group holding one of the k best elements e has a key >= e's key,
     and every group ranked above it holds an element ranked above e, of which there are fewer than k: so the
@@ -51,6 +54,9 @@ _SCAN_WARPS = 8
 _SELECT_WARPS = 8
 _ONE_KERNEL = False  # both steps in one kernel (_topk_rows) instead of two launches
 _ONE_WARPS = 8
+_THRESHOLD = False  # select by a threshold (_select_by_threshold) instead of three rankings
+_THRESHOLD_WARPS = 8
+_THRESHOLD_CHUNK = 16  # chosen groups read at a time by _select_by_threshold
 
 
 def topk_logprobs(
@@ -211,10 +217,32 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
             return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
         _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
                          GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=_SCAN_WARPS)
+        if _THRESHOLD:
+            _threshold_select(flat, group_max, lse, ids, logprobs, k, plan)
+            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
         _select_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
                            N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
                            GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
     return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
+
+
+def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan) -> None:
+    """The selection by a threshold (_select_by_threshold), then the three rankings (_select_rows) for the rows
+    whose candidates did not fit (rare: many ties near rank k); the second launch skips every other row."""
+    n, vocab = flat.shape
+    cap = 2 * plan["KP"]
+    group_slots = torch.empty(n, cap, dtype=torch.int32, device=flat.device)
+    value_slots = torch.empty(n, cap, dtype=torch.float32, device=flat.device)
+    id_slots = torch.empty(n, cap, dtype=torch.int32, device=flat.device)
+    spilled = torch.empty(n, dtype=torch.int32, device=flat.device)
+    _select_by_threshold[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, group_slots, value_slots,
+                               id_slots, spilled, VOCAB=vocab, N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"],
+                               GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"],
+                               R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=_THRESHOLD_CHUNK,
+                               num_warps=_THRESHOLD_WARPS)
+    _select_spilled_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, spilled, VOCAB=vocab,
+                               N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
+                               GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
 
 
 class _nothing:
@@ -352,3 +380,78 @@ if triton is not None:
         tl.debug_barrier()
         _select_row(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, row, VOCAB, N_GROUPS, GROUP, SUB,
                     GROUPS_P2, KP)
+
+    @triton.jit
+    def _select_spilled_rows(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, spilled,
+                             VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr,
+                             GROUPS_P2: tl.constexpr, KP: tl.constexpr):
+        """_select_rows for the rows _select_by_threshold flagged; the other programs end at once."""
+        row = tl.program_id(0).to(tl.int64)
+        if tl.load(spilled + row) != 0:
+            _select_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, row, VOCAB, N_GROUPS,
+                        GROUP, SUB, GROUPS_P2, KP)
+
+    @triton.jit
+    def _threshold_chunk(base, group_slots, value_slots, id_slots, first, n_groups, n_keys, tau,
+                         VOCAB: tl.constexpr, GROUP: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr):
+        """The logits >= tau of chosen groups first..first+CHUNK-1 appended to the row's value and id slots;
+        returns the new count."""
+        slot = first + tl.arange(0, CHUNK)
+        chosen = tl.load(group_slots + slot, mask=slot < n_groups, other=-1).to(tl.int64)
+        ids = chosen[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # (CHUNK, GROUP)
+        valid = (chosen[:, None] >= 0) & (ids < VOCAB)
+        x = tl.load(base + ids, mask=valid, other=float("-inf")).to(tl.float32)
+        hit = tl.reshape(valid & (x >= tau), [CHUNK * GROUP])
+        slot = n_keys + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(value_slots + slot, tl.reshape(x, [CHUNK * GROUP]), mask=hit & (slot < CAP))
+        tl.store(id_slots + slot, tl.reshape(ids, [CHUNK * GROUP]).to(tl.int32), mask=hit & (slot < CAP))
+        return n_keys + tl.sum(hit.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _select_by_threshold(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots,
+                             value_slots, id_slots, spilled, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
+                             GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
+                             CAP: tl.constexpr, CHUNK: tl.constexpr):
+        """Row r -> its KP best ids and log-probs, ranking only the logits at or above a threshold tau.
+
+        tau is the KP-th largest of the maxima of R * KP distinct groups (the R best of each of KP columns of
+        groups): those are R * KP distinct logits, so the k-th largest logit is >= tau and every top-k id is among
+        the logits >= tau, which lie in groups whose maximum is >= tau. Those groups' ids, then those logits'
+        values and ids, are compacted (a prefix sum gives each its slot; stored to this row's scratch and read back
+        after a barrier) into CAP slots, and their keys ranked; the chosen groups are read CHUNK at a time. On real and random rows about KP groups and KP + 10
+        logits pass; a row with more (ties around rank k) is flagged in `spilled` for _select_spilled_rows."""
+        COLS: tl.constexpr = GROUPS_P2 // KP
+        row = tl.program_id(0).to(tl.int64)
+        base = logits + row * row_stride
+        maxima = group_max + row * N_GROUPS
+        lowest = tl.full([], -9223372036854775808, tl.int64)
+
+        group = tl.arange(0, KP)[:, None] + tl.arange(0, COLS)[None, :] * KP  # (KP, COLS): column c, j-th group
+        best = tl.topk(tl.load(maxima + group, mask=group < N_GROUPS, other=float("-inf")), R)  # (KP, R)
+        tau = tl.min(tl.topk(tl.reshape(best, [KP * R]), KP), axis=0)
+
+        group = tl.arange(0, GROUPS_P2)
+        hit = (tl.load(maxima + group, mask=group < N_GROUPS, other=float("-inf")) >= tau) & (group < N_GROUPS)
+        slot = tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        n_groups = tl.sum(hit.to(tl.int32), axis=0)
+        tl.store(group_slots + row * CAP + slot, group, mask=hit & (slot < CAP))
+        tl.debug_barrier()  # the slots, stored by all threads, read by all threads
+
+        n_keys = tl.sum(tl.zeros([1], tl.int32), axis=0)  # logits >= tau found so far
+        for first in tl.static_range(0, CAP, CHUNK):  # CHUNK chosen groups at a time, as far as there are any
+            if first < n_groups:
+                n_keys = _threshold_chunk(base, group_slots + row * CAP, value_slots + row * CAP,
+                                          id_slots + row * CAP, first, n_groups, n_keys, tau, VOCAB, GROUP, CAP,
+                                          CHUNK)
+        tl.debug_barrier()
+        slot = tl.arange(0, CAP)
+        found = slot < n_keys
+        x = tl.load(value_slots + row * CAP + slot, mask=found, other=float("-inf"))
+        ids = tl.load(id_slots + row * CAP + slot, mask=found, other=0).to(tl.int64)
+        best = tl.topk(tl.where(found, _key(x, ids), lowest), KP)  # (KP,)
+
+        tl.store(spilled + row, ((n_groups > CAP) | (n_keys > CAP)).to(tl.int32))
+        out = tl.arange(0, KP)
+        lse = tl.load(lse_in + row)
+        tl.store(ids_out + row * k + out, _key_id(best), mask=out < k)  # a spilled row is overwritten later
+        tl.store(logprobs_out + row * k + out, _key_value(best) - lse, mask=out < k)

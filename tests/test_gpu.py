@@ -81,6 +81,13 @@ def test_fused_topk_equals_the_torch_path_and_a_float64_sort(vocab):
           f"float32 steps (torch path {torch_lse_error:.2f}); max |log-prob error| {logprob_error:.2e}; "
           f"max |fused - torch| {vs_torch:.2e}")
     assert fused_lse_error <= 8 and logprob_error < 2e-5 and vs_torch < 2e-5
+    # The selection by a threshold (rows with too many candidates redone by the rankings): the same results.
+    topk._THRESHOLD = True
+    try:
+        by_threshold = topk.fused_topk_logprobs(x, k)
+    finally:
+        topk._THRESHOLD = False
+    assert torch.equal(by_threshold[0], ids) and torch.equal(by_threshold[1], logprobs)
     # And through topk_logprobs, the entry point the pipeline calls: the fused path, not a silent fallback.
     assert torch.equal(topk.topk_logprobs(x[:100], k)[0], ids[:100]) and not topk._fused_disabled
 

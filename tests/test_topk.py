@@ -80,9 +80,10 @@ from kd_core.topk import fused_topk_logprobs, torch_topk_logprobs
 from tests.test_topk import hard_logits
 worst = 0.0
 for case in sys.argv[1:]:
-    vocab, k, dtype, max_group_keys, one_kernel = (case + ",2048,0").split(",")[:5]
+    vocab, k, dtype, max_group_keys, variant = (case + ",2048,").split(",")[:5]
     topk._MAX_GROUP_KEYS = int(max_group_keys)  # a small value: the larger groups of large vocabularies
-    topk._ONE_KERNEL = one_kernel == "1"  # both steps in one program
+    topk._ONE_KERNEL = variant == "one"  # both steps in one program
+    topk._THRESHOLD = variant == "threshold"  # select by a threshold; tie-heavy rows by the rankings
     x = hard_logits(int(vocab), seed=int(vocab)).to(getattr(torch, dtype))
     fused, torch_path = fused_topk_logprobs(x, int(k)), torch_topk_logprobs(x, int(k))
     assert torch.equal(fused[0], torch_path[0]), case
@@ -107,10 +108,11 @@ def interpret(*cases: str) -> None:
 
 @needs_triton
 def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
-    # V, k, dtype[, at most that many groups[, one kernel]]: a partial last tile and group, k not a power of two,
-    # bf16 logits read as they are, groups of 256 ids (sub-groups of 32) as at larger vocabularies, one kernel.
+    # V, k, dtype[, at most that many groups[, variant]]: a partial last tile and group, k not a power of two,
+    # bf16 logits read as they are, groups of 256 ids (sub-groups of 32) as at larger vocabularies, one kernel,
+    # the threshold selection.
     interpret("500,8,float32", "500,8,bfloat16", "3000,17,float32", "9000,5,float32", "3000,8,float32,16",
-              "3000,8,float32,2048,1")
+              "3000,8,float32,2048,one", "3000,17,float32,2048,threshold", "9000,64,float32,2048,threshold")
 
 
 @needs_triton

@@ -158,14 +158,10 @@ VARIANTS = [
     ("scan BLOCK=4096 warps=16", {"_SCAN_WARPS": 16}, "scan"),
     ("select warps=4", {"_SELECT_WARPS": 4}, "select"),
     ("select warps=16", {"_SELECT_WARPS": 16}, "select"),
-    ("fused as one kernel, warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4}, "fused"),
-    ("fused as one kernel, warps=16", {"_ONE_KERNEL": True, "_ONE_WARPS": 16}, "fused"),
     ("scan BLOCK=2048 warps=4", {"_SCAN_BLOCK": 2048, "_SCAN_WARPS": 4}, "scan"),
     ("scan BLOCK=8192 warps=8", {"_SCAN_BLOCK": 8192}, "scan"),
-    ("scan BLOCK=8192 warps=16", {"_SCAN_BLOCK": 8192, "_SCAN_WARPS": 16}, "scan"),
     ("fused, at most 1024 groups", {"_MAX_GROUP_KEYS": 1024}, "fused"),
     ("fused, at most 4096 groups", {"_MAX_GROUP_KEYS": 4096}, "fused"),
-    ("select warps=2", {"_SELECT_WARPS": 2}, "select"),
 ]
 
 

@@ -403,6 +403,7 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
                     writer.append_rows(item)
                     if progress is not None:
                         progress(stats)
+                # run_teacher ends every part with a PartEnd, so `item` is this part's here.
                 if item.rows != stop - start:  # the samples ran out: this part and the rest are short
                     raise ConfigError(f"dataset.max_samples: the dataset ended at row {start + item.rows:,}, before "
                                       f"the {shard.stop:,} rows planned. Fix: dataset.max_samples={start + item.rows} "
@@ -451,7 +452,8 @@ class _Part:
         name = self.layout.part_name(self.shard, self.index, len(self.files))
         self.lock.check()
         size = path.stat().st_size
-        stamp = io.publish_file(path, io.join(self.layout.version_dir, name), self.config.output.storage_options)
+        uri = io.join(self.layout.version_dir, name)
+        stamp = io.publish_file(path, uri, self.config.output.storage_options)  # its final name, written once
         self.files.append(FileRecord(name=name, bytes=size, num_samples=summary["num_samples"],
                                      num_tokens=summary["num_tokens"], checksums=summary["checksums"], **stamp))
 

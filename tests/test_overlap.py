@@ -201,3 +201,21 @@ def test_background_runs_jobs_in_order_bounded_and_stops_at_the_first_error():
     inline = []
     io.Background(files=0).submit(lambda: inline.append(threading.current_thread()))
     assert inline == [threading.current_thread()]  # files=0: the synchronous way, in the caller
+
+
+def test_a_dataset_that_ends_early_stops_at_the_short_part_and_keeps_the_parts_before(small_teacher_dir, corpus_path,
+                                                                                      tmp_path, monkeypatch):
+    """The source held fewer rows than planned (changed since planning): a clear error at the first short part;
+    the complete parts before it, already handed to the background, are still published and recorded."""
+    uri = str(tmp_path / "out")
+    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]  # rows 0..29, parts of 10
+    real_iter_texts = pipeline.data.iter_texts
+    monkeypatch.setattr(pipeline.data, "iter_texts",
+                        lambda *a: (row for row in real_iter_texts(*a) if row[0] < 25))
+    with pytest.raises(pipeline.ConfigError, match=r"^dataset.max_samples: the dataset ended at row 25, before the "
+                                                   r"30 rows planned. Fix: dataset.max_samples=25 or fewer.$"):
+        pipeline.run_shard(config, shard)
+    records = sorted(p.name for p in (tmp_path / "out" / "work" / layout.key / shard.name).iterdir())
+    assert records == ["part-00000.json", "part-00001.json"]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial") or "part-00002" in p.name]

@@ -31,11 +31,11 @@ on its values; its near-flat distributions compress less than a trained teacher'
 upload per token), with a byte-level BPE tokenizer trained here on the corpus; the text is the standard
 library's docstrings and module sources.
 
-    # CPU, tiny teacher (about a minute on 2 cores)
+    # CPU, tiny teacher (the defaults; about 4 minutes on 2 shared cores)
     python bench/bench_upload.py --device cpu
     # CUDA, ~110M Llama in bf16 (about a minute on an H100/H200)
-    python bench/bench_upload.py --device cuda --model-size 100m --samples 9000 --part-samples 3000 \\
-        --max-length 2048 --batch-tokens 16384 --throttle-mbps 100 --budget-s 70
+    python bench/bench_upload.py --device cuda --model-size 100m --samples 12000 --part-samples 4000 \\
+        --max-length 2048 --batch-tokens 16384 --throttle-mbps 200 --budget-s 70
 """
 
 from __future__ import annotations
@@ -215,12 +215,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model-size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--samples", type=int, default=1200)
+    parser.add_argument("--samples", type=int, default=800)
     parser.add_argument("--part-samples", type=int, default=200)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--throttle-mbps", type=float, default=2.0, help="upload rate per file, MB/s (0: moto's own)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--throttle-mbps", type=float, default=0.25, help="upload rate per file, MB/s (0: moto's own)")
     parser.add_argument("--modes", default="background,per-part,sync")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="skip a mode that would end past this")
     parser.add_argument("--workdir", type=Path, default=None)

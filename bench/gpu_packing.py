@@ -4,11 +4,13 @@ Three parts, each failing soft (a broken one prints its error and the rest still
 
 1. Speed. The bare bf16 forward (`model(input_ids=, position_ids=).logits`, as the pipeline's Batch holds them)
    over one look-ahead window of the default size (32 batches of batch_tokens) laid out three ways:
-     padded sdpa      one sample a row, length-sorted, right-padded: SDPA's is_causal (flash) kernels
-     packed sdpa      rows of the window's longest sample filled best-fit decreasing, position_ids restarting
-                      per sample: transformers' block-diagonal mask, materialized (B, 1, T, T)
-     packed flex      the same packed batches with attn_implementation="flex_attention" (a BlockMask that skips
-                      blocks across samples; compiled once per shape, compile time reported apart)
+     padded sdpa        one sample a row, length-sorted, right-padded: SDPA's is_causal (flash) kernels
+     packed sdpa        whole samples filled best-fit decreasing into rows as long as the longest sample not
+                        yet placed (so short samples share short rows), position_ids restarting per sample:
+                        transformers' block-diagonal mask, materialized (B, 1, T, T)
+     packed T=max sdpa  the same into rows of max_length (static shapes; a dense mask costs T^2 a row)
+     packed T=max flex  those batches with attn_implementation="flex_attention" (a BlockMask that skips blocks
+                        across samples; compiled once per shape, warm-up reported apart)
    A stride of the window's batches is timed (every batch's shape is in the window's mix) and scaled to the
    whole window. Lengths: a synthetic mix like bench_inference's stdlib text (p10/p50 ~ 53/114 tokens, 12% cut
    at max_length). Models from config, random init, bf16: a ~110M Llama and a Qwen2.5-1.5B-shaped Qwen2.
@@ -105,13 +107,14 @@ def grids(lengths: list[int], layouts: list, vocab: int, device) -> list[tuple[t
     return out
 
 
-def time_layout(model, layouts, batches, device, stride: int) -> tuple[float, float]:
-    """-> (seconds for the whole window, estimated from every stride-th batch; warm-up seconds)."""
+def time_layout(model, layouts, batches, device, stride: int, every_shape: bool) -> tuple[float, float]:
+    """-> (seconds for the whole window, estimated from every stride-th batch; warm-up seconds). Warm-up: the
+    first batch, or one batch of each shape when every_shape (flex_attention compiles per shape)."""
     picked = list(range(0, len(layouts), stride))
     start = time.perf_counter()
     seen = set()
     with torch.inference_mode():
-        for i in picked:  # warm-up: one batch of each shape (flex compiles per shape)
+        for i in picked if every_shape else picked[:1]:
             if batches[i][0].shape not in seen:
                 seen.add(batches[i][0].shape)
                 model(input_ids=batches[i][0], position_ids=batches[i][1], use_cache=False).logits
@@ -139,7 +142,8 @@ def speed(args, device, deadline: float, attns: tuple[str, ...]) -> None:
     print(f"window {window:,} tokens (default: 32 batches of batch_tokens {args.batch_tokens:,}), {len(lengths)} "
           f"samples, p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f}, max_length {args.max_length}")
     layouts = {"padded": list(_padded_batches(lengths, args.batch_tokens)),
-               "packed": list(_packed_batches(lengths, args.batch_tokens))}
+               "packed": list(_packed_batches(lengths, args.batch_tokens)),
+               "packed T=max": list(_packed_batches(lengths, args.batch_tokens, width=args.max_length))}
     for name, lay in layouts.items():
         computed = sum(x.height * x.width for x in lay)
         print(f"  {name}: {len(lay)} batches, real/computed {real / computed:.3f}")
@@ -149,8 +153,8 @@ def speed(args, device, deadline: float, attns: tuple[str, ...]) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     models, base = {}, _PADDED_SDPA  # real tok/s of padded sdpa per model, kept across calls
     # sdpa for both models first, flex (compiles per shape: slow to warm up) last, within the time budget.
-    runs = [(m, lay, "sdpa") for m in MODELS for lay in ("padded", "packed")] if "sdpa" in attns else []
-    runs += [(m, "packed", attn) for attn in attns if attn != "sdpa" for m in MODELS]
+    runs = [(m, lay, "sdpa") for m in MODELS for lay in layouts] if "sdpa" in attns else []
+    runs += [(m, "packed T=max", attn) for attn in attns if attn != "sdpa" for m in MODELS]  # static shapes
     for model_name, layout, attn in runs:
         if time.time() > deadline:
             print(f"| {model_name} | {layout} | {attn} | skipped: time budget spent | | | | |")
@@ -162,7 +166,8 @@ def speed(args, device, deadline: float, attns: tuple[str, ...]) -> None:
                                              for k, v in layouts.items()}
             model, batches = models[model_name]
             set_attn(model, attn)
-            seconds, warm = time_layout(model, layouts[layout], batches[layout], device, args.stride)
+            seconds, warm = time_layout(model, layouts[layout], batches[layout], device, args.stride,
+                                        every_shape=attn != "sdpa")
             computed = sum(x.height * x.width for x in layouts[layout])
             rate = real / seconds
             if (layout, attn) == ("padded", "sdpa"):
@@ -211,8 +216,9 @@ def exactness(args, device, attns: tuple[str, ...]) -> None:
 
 
 def gpu_tests(timeout: int) -> None:
-    print("\n## 3. tests/test_gpu.py (device_map 2-way split both ways, packed == padded, float32 head)")
-    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+    print("\n## 3. tests/test_gpu.py -k 'packed or device_map' (2-way split on one GPU both ways, packed == padded)")
+    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "tests/test_gpu.py",
+           "-k", "packed or device_map"]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         print("\n".join((done.stdout + done.stderr).strip().splitlines()[-25:]))

@@ -368,40 +368,46 @@ def _padded_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
             batch.append(j)  # a sample longer than the budget runs alone
 
 
-def _packed_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
-    """Rows of the window's longest length, filled best-fit decreasing (a sample never spans two rows),
-    batch_tokens // width rows a batch (at least one)."""
-    width = max(lengths)
-    rows = _best_fit(lengths, width)
-    per_batch = max(1, batch_tokens // width)
-    for first in range(0, len(rows), per_batch):
+def _packed_batches(lengths: list[int], batch_tokens: int, width: int | None = None) -> Iterator[_Layout]:
+    """Several whole samples a row, filled best-fit decreasing; a sample never spans two rows.
+
+    Rows are `width` long, by default as long as the longest sample not yet placed, so that rows of short samples
+    are short too (a materialized mask costs B * T * T); batch_tokens // width rows a batch (at least one). Each
+    sample, longest first, goes to the row with the least room that still holds it, a new row while the batch
+    has fewer; what fits nowhere waits for a later batch.
+    """
+    waiting = sorted(range(len(lengths)), key=lambda j: -lengths[j])  # longest first
+    while waiting:
+        row_length = max(width or 0, lengths[waiting[0]])
+        height = max(1, batch_tokens // row_length)
+        rows: list[list[int]] = []
+        room: list[tuple[int, int]] = []  # (free columns, row number) of the rows not yet full, ascending
+        left: list[int] = []
+        for i, j in enumerate(waiting):
+            k = bisect.bisect_left(room, (lengths[j], -1))  # the tightest row that holds it
+            if k < len(room):
+                free, r = room.pop(k)
+                rows[r].append(j)
+            elif len(rows) < height:
+                rows.append([j])
+                free, r = row_length, len(rows) - 1
+            else:
+                left.append(j)
+                if not room or room[-1][0] < lengths[waiting[-1]]:  # nothing left fits anywhere: stop looking
+                    left += waiting[i + 1 :]
+                    break
+                continue
+            if free > lengths[j]:
+                bisect.insort(room, (free - lengths[j], r))
+        waiting = left
         samples, slots = [], []
-        for b, row in enumerate(rows[first : first + per_batch]):
+        for b, row in enumerate(rows):
             start = 0
             for j in row:
                 samples.append(j)
                 slots.append((b, start))
                 start += lengths[j]
-        yield _Layout(samples, [lengths[j] for j in samples], slots, min(per_batch, len(rows) - first), width)
-
-
-def _best_fit(lengths: list[int], width: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: each sample, longest first, goes to the row with the least room that
-    still holds it (a new row when none does). -> rows, each a list of window positions."""
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free columns, row number) of the rows not yet full, ascending
-    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
-        k = bisect.bisect_left(room, (lengths[j], -1))  # the tightest row that fits
-        if k == len(room):
-            rows.append([j])
-            free, r = width - lengths[j], len(rows) - 1
-        else:
-            free, r = room.pop(k)
-            rows[r].append(j)
-            free -= lengths[j]
-        if free:
-            bisect.insort(room, (free, r))
-    return rows
+        yield _Layout(samples, [lengths[j] for j in samples], slots, len(rows), row_length)
 
 
 def _grid(samples: list[tuple[int, np.ndarray]], layout: _Layout) -> tuple[np.ndarray, ...]:

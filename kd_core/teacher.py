@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# How the teacher attends, and whether batches pack several samples per row (kd_core.inference.Batch). The one
-# place to change either. "sdpa": PyTorch's scaled_dot_product_attention; unpacked right-padded batches use its
-# is_causal kernels (flash on CUDA), packed ones a materialized block-diagonal mask (B, 1, T, T) built by
-# transformers. Packing is used only where packing_works says the loaded teacher honours it.
+# How the teacher attends, and whether batches pack several samples per row (kd_core.inference.Batch): the one
+# place to change either. "sdpa" is PyTorch's scaled_dot_product_attention: right-padded batches (one sample a
+# row) use its is_causal kernels (flash on CUDA), which skip the masked half; packed batches get a block-diagonal
+# causal mask that transformers materializes as (B, 1, T, T), which no flash kernel takes. Both give the same
+# rows (tests/test_packing.py); which is faster per real token is a GPU measurement (bench/gpu_packing.py,
+# docs/PERFORMANCE.md). With PACK_SEQUENCES, packing is used only where packing_works says the teacher honours it.
 ATTN_IMPLEMENTATION = "sdpa"
-PACK_SEQUENCES = True
+PACK_SEQUENCES = False
 
 
 @dataclass

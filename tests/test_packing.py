@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers.masking_utils
 
+import kd_core.teacher
 from kd_core.config import TeacherConfig
 from kd_core.inference import _packed_batches, _padded_batches, has_plain_head, run_teacher
 from kd_core.teacher import Teacher, execution_device, load_teacher, packing_works
@@ -24,7 +25,9 @@ MAX_LENGTH = 96
 
 @pytest.fixture(scope="module")
 def teacher(small_teacher_dir) -> Teacher:
-    return load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
+    """The small teacher, packing as load_teacher turns it on when teacher.PACK_SEQUENCES is set."""
+    teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
+    return dataclasses.replace(teacher, packing=packing_works(teacher.model, teacher.device))
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +78,9 @@ def test_best_fit_packs_every_sample_once_within_its_row(width):
     assert sum(lengths) / computed > (0.98 if width else 0.95) > 0.9 > sum(lengths) / padded  # padding wastes more
 
 
-def test_probe_turns_packing_on_only_where_the_model_keeps_samples_apart(teacher, monkeypatch):
-    assert teacher.packing
+def test_probe_turns_packing_on_only_where_the_model_keeps_samples_apart(small_teacher_dir, teacher, monkeypatch):
+    monkeypatch.setattr(kd_core.teacher, "PACK_SEQUENCES", True)
+    assert load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu")).packing
     # transformers without packed-sequence detection: the second sample of a row attends to the first.
     monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     assert not packing_works(teacher.model, teacher.device)
@@ -106,7 +110,8 @@ def test_sampled_draws_unchanged_by_packing(teacher, texts):
 
 def test_device_map_auto_loads_and_runs_on_cpu(small_teacher_dir, teacher, texts):
     spread = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu", device_map="auto"))
-    assert spread.device == torch.device("cpu") and spread.packing
+    assert spread.device == torch.device("cpu") and packing_works(spread.model, spread.device)
+    spread.packing = True
     assert {p.device.type for p in spread.model.parameters()} == {"cpu"}
     same_rows(run(spread, texts[:20]), run(teacher, texts[:20]))
 

@@ -93,8 +93,9 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
     if not has_plain_head(model):
         return model(input_ids=tokens, use_cache=False).logits[0].float()
     head = model.get_output_embeddings()
-    hidden = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state[0].double()  # (L, H)
     weight = head.weight.double()  # (V, H), once per sample
+    # Under device_map the body's output comes back on its last layer's device, not necessarily the head's.
+    hidden = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state[0].to(weight.device).double()
     bias = head.bias.double() if head.bias is not None else None
     return torch.cat([torch.nn.functional.linear(h, weight, bias).float() for h in hidden.split(_HEAD_ROWS)])
 

@@ -138,12 +138,9 @@ def test_packed_rows_equal_padded_rows_on_the_gpu():
     assert_same_rows(rows_of(teacher), rows_of(dataclasses.replace(teacher, packing=False)))
 
 
-@pytest.mark.parametrize("first, second", [("cuda:0", "cpu"), ("cpu", "cuda:0")])
-def test_device_map_split_equals_one_device(first, second):
-    """A 2-way split on one GPU: embedding and the first half of the layers on `first`, the rest with the norm and
-    the head on `second` (accelerate runs each where it sits: main_device cpu offloads nothing). The body's output
-    comes back on `second` while the batch's rows are on `first`; the results must equal the one-device model's."""
-    reference = random_teacher()
+def split_teacher(reference: Teacher, first: str, second: str) -> Teacher:
+    """The reference's model on two devices: embedding and the first half of the layers on `first`, the rest with
+    the norm and the head on `second` (accelerate runs each where it sits: main_device cpu offloads nothing)."""
     model = copy.deepcopy(reference.model).cpu()
     device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.layers.0": first,
                   "model.layers.1": first, "model.layers.2": second, "model.layers.3": second,
@@ -152,6 +149,23 @@ def test_device_map_split_equals_one_device(first, second):
     assert model.model.layers[3].mlp.up_proj.weight.device == torch.device(second)
     device = execution_device(model.get_input_embeddings())
     assert device == torch.device(first)
-    split = dataclasses.replace(reference, model=model, device=device, packing=packing_works(model, device))
+    return dataclasses.replace(reference, model=model, device=device, packing=packing_works(model, device))
+
+
+@pytest.mark.parametrize("first, second", [("cuda:0", "cpu"), ("cpu", "cuda:0")])
+def test_device_map_split_equals_one_device(first, second):
+    """A 2-way split on one GPU. The body's output comes back on `second` while the batch's rows are on `first`;
+    the results (packed batches) must equal the one-device model's."""
+    reference = random_teacher()
+    split = split_teacher(reference, first, second)
     assert split.packing
     assert_same_rows(rows_of(split), rows_of(reference))
+
+
+def test_verify_on_a_split_teacher():
+    """kd-cache verify's reference on a teacher split over two devices: the hidden states go to the head."""
+    from kd_core.verify import verify_rows  # imports the config (pydantic): here, so the tests above need none
+
+    reference = random_teacher()
+    report = verify_rows(split_teacher(reference, "cuda:0", "cpu"), rows_of(reference)[:8], top_k=16)
+    assert report.ok, report

@@ -90,19 +90,10 @@ class Report:
 
 @dataclass
 class Call:
-    """One batch that run_teacher's forward was given, and when (host clock)."""
+    """One batch that run_teacher's forward was given (input_ids, position_ids, rows, ...), and when (host clock)."""
 
-    args: tuple
-    kwargs: dict
+    batch: inference.Batch
     at: float
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids (B, T), position_ids (B, T), rows (N,): flat indices of the real positions."""
-        first = self.args[0]
-        if hasattr(first, "input_ids"):  # a typed Batch record
-            return first.input_ids, first.position_ids, first.rows
-        ids, rows = first, self.args[1]  # (input_ids, rows, ...)
-        return ids, torch.arange(ids.shape[1], device=ids.device).expand_as(ids), rows
 
 
 @contextmanager
@@ -110,9 +101,9 @@ def recording(calls: list[Call]):
     """Record every call of run_teacher's forward (the real batches, as the device thread built them)."""
     original = inference._Forward.__call__
 
-    def call(self, *args, **kwargs):
-        calls.append(Call(args, kwargs, time.perf_counter()))
-        return original(self, *args, **kwargs)
+    def call(self, batch):
+        calls.append(Call(batch, time.perf_counter()))
+        return original(self, batch)
 
     inference._Forward.__call__ = call
     try:
@@ -251,9 +242,9 @@ def bench_forward(teacher: Teacher, calls: list[Call]) -> Run:
         sync(teacher.device)
         start = time.perf_counter()
         for call in calls:
-            ids, positions, rows = call.tensors()
-            model(input_ids=ids, position_ids=positions, use_cache=False).logits  # noqa: B018
-            real, computed = real + len(rows), computed + ids.numel()
+            batch = call.batch
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits  # noqa: B018
+            real, computed = real + len(batch.rows), computed + batch.input_ids.numel()
         sync(teacher.device)
     return Run(real, time.perf_counter() - start, computed=computed)
 
@@ -306,10 +297,10 @@ def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path)
     return Run(sum(map(len, tokenized)), time.perf_counter() - start)
 
 
-def pieces(teacher: Teacher, call: Call, args) -> dict[str, float]:
+def pieces(teacher: Teacher, batch: inference.Batch, args) -> dict[str, float]:
     """Milliseconds per piece of one recorded batch, medians of --repeat after a warm-up."""
     model, device = teacher.model, teacher.device
-    ids, positions, rows = call.tensors()
+    ids, positions, rows = batch.input_ids, batch.position_ids, batch.rows
     head = model.get_output_embeddings()
     head32 = inference.Float32Head(head)
     spec = inference.RowSpec(top_k=args.top_k)
@@ -345,7 +336,7 @@ def pieces(teacher: Teacher, call: Call, args) -> dict[str, float]:
                                                                           zeros[: len(h)]) for h in chunks]),
             "top-k + logsumexp, torch path (no fused kernel)":
                 ms(lambda: [torch_topk_logprobs(logits[: len(h)], args.top_k, len(h)) for h in chunks]),
-            "run_teacher's forward as run": ms(lambda: forward(*call.args, **call.kwargs)),
+            "run_teacher's forward as run": ms(lambda: forward(batch)),
         }
 
 
@@ -399,7 +390,7 @@ def measure(teacher: Teacher, name: str, texts: list[str], tokenized: list[np.nd
         report(f"(c) naive failed: {type(e).__name__}: {e}")
         r["c"] = Run(0, float("nan"))
     free(teacher.device)
-    r["batch"] = max(r["b0"].calls, key=lambda call: len(call.tensors()[2]))
+    r["batch"] = max((call.batch for call in r["b0"].calls), key=lambda batch: len(batch.rows))
     r["ms"] = pieces(teacher, r["batch"], args)
     r["head_cost"] = r["ms"]["float32 head on the real rows"] - r["ms"]["bf16 head on the real rows"]
     return r
@@ -425,8 +416,7 @@ def table(name: str, r: dict, tokenizer_run: Run, args, report: Report) -> None:
         report(f"| {label} | {run.rate:,.0f} | {run.rate / a.rate:.2f} | | | | | | {run.seconds:.1f} |")
     report(f"\n(b)/(c) = {b.rate / c.rate:.2f} whole run, {b.steady / c.rate:.2f} steady")
 
-    ids, _, rows = r["batch"].tensors()
-    ms = r["ms"]
+    ids, rows, ms = r["batch"].input_ids, r["batch"].rows, r["ms"]
     report(f"\n| piece of the largest batch ({tuple(ids.shape)}, {len(rows):,} real rows) | ms | per 32k rows |")
     report("|---|---:|---:|")
     for label, value in ms.items():
@@ -482,7 +472,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--teachers", nargs="+", choices=TEACHERS, default=list(TEACHERS))
     p.add_argument("--tokens", nargs="+", default=[], metavar="NAME=N",
-                   help="tokens per teacher (default 110m=8e6 qwen1.5b=3e6 on CUDA, 20000 each on CPU)")
+                   help="tokens per teacher (default 110m=7e6 qwen1.5b=2.5e6 on CUDA, 20000 each on CPU)")
     p.add_argument("--naive-samples", nargs="+", default=[], metavar="NAME=N",
                    help="samples for (c) (default 110m=800 qwen1.5b=300 on CUDA, 16 on CPU)")
     p.add_argument("--max-length", type=int, default=None, help="default 2048 (512 on CPU)")
@@ -501,7 +491,7 @@ def main() -> None:
     args.train_steps = (0 if cpu else 30) if args.train_steps is None else args.train_steps
     args.tokenizer_docs = args.tokenizer_docs or (300 if cpu else 3000)
     defaults = ({n: 20000 for n in TEACHERS}, {n: 16 for n in TEACHERS}) if cpu else \
-        ({"110m": 8_000_000, "qwen1.5b": 3_000_000}, {"110m": 800, "qwen1.5b": 300})
+        ({"110m": 7_000_000, "qwen1.5b": 2_500_000}, {"110m": 800, "qwen1.5b": 300})
     args.tokens = defaults[0] | {k: int(float(v)) for k, v in (s.split("=") for s in args.tokens)}
     args.naive_samples = defaults[1] | {k: int(v) for k, v in (s.split("=") for s in args.naive_samples)}
 

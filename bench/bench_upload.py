@@ -20,12 +20,15 @@ What is measured (kd_core.inference.DeviceTimeline, off in production runs):
            top-k / logsumexp. On CUDA: elapsed time between two torch.cuda.Event recorded on the compute stream
            before and after each batch is queued, so it is the GPU's own time. On CPU: perf_counter around the
            (synchronous) forward on the device thread.
+  before   from run_shard's start to the first batch's launch (host clock; the device is idle then, so it starts
+           the batch at once): teacher load, the reader's seek, the first window's tokenizing (the fill).
   gaps     idle between the first batch's start and the last one's end (span - busy): the device had nothing
            queued, because the device thread was blocked on its queues (its output full while the caller waits on
-           storage; its input empty while a window fills) or preparing the next batch on the host.
-  outside  wall - span: before the first batch (teacher load, reader seek, first window's fill) and after the
-           last one (the last file's close and upload, its record): nothing is left to compute then.
-  idle     wall - busy = gaps + outside, also as a % of wall time.
+           storage; its input empty while a window fills) or preparing the next batch on the host. This is the
+           idle that uploads can cause while there is still work to compute.
+  after    wall - before - span: after the last batch, the files still to close and upload and their records
+           (at least the last file's: nothing is left to compute behind it).
+  idle     wall - busy = before + gaps + after, also as a % of wall time.
 The teacher is a Llama built from config with random weights (no hub, no training: the timing does not depend
 on its values; its near-flat distributions compress less than a trained teacher's, so there are more bytes to
 upload per token), with a byte-level BPE tokenizer trained here on the corpus; the text is the standard
@@ -33,9 +36,9 @@ library's docstrings and module sources.
 
     # CPU, tiny teacher (the defaults; about 4 minutes on 2 shared cores)
     python bench/bench_upload.py --device cpu
-    # CUDA, ~110M Llama in bf16 (about a minute on an H100/H200)
-    python bench/bench_upload.py --device cuda --model-size 100m --samples 12000 --part-samples 4000 \\
-        --max-length 2048 --batch-tokens 16384 --throttle-mbps 200 --budget-s 70
+    # CUDA, ~330M Llama in bf16: storage (100 MB/s throttle + moto) keeps up with it (under a minute on an H200)
+    python bench/bench_upload.py --device cuda --model-size 300m --samples 4000 --part-samples 1000 \\
+        --max-length 2048 --batch-tokens 16384 --throttle-mbps 100 --modes background,per-part --budget-s 50
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from kd_core.teacher import load_teacher  # noqa: E402
 SIZES = {  # Llama shapes, tied embeddings
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=4096),
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, vocab_size=32000),
+    "300m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16, vocab_size=32000),
 }
 MODES = {"per-part": 0, "sync": 0, "background": 1}  # background_files of each mode
 
@@ -97,7 +101,8 @@ def build_teacher(args, texts: list[str], out: Path) -> None:
     config = LlamaConfig(**shape, max_position_embeddings=args.max_length, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).to(dtype_of(args)).save_pretrained(out)
+    with torch.device(args.device):  # initialised where it runs: seconds on a GPU, not a minute on the CPU
+        LlamaForCausalLM(config).to(dtype_of(args)).save_pretrained(out)
 
 
 def dtype_of(args) -> torch.dtype:
@@ -193,21 +198,23 @@ def run_mode(args, mode: str, teacher: Path, corpus: Path, endpoint: str, thrott
         pipeline._run_parts = real_run_parts
     wall = time.perf_counter() - started
     busy, span, longest = timeline.seconds()
+    before = timeline.first_launch - started
     return {"mode": mode, "wall": wall, "tokens": record.num_tokens, "busy": busy, "gaps": span - busy,
-            "longest": longest, "outside": wall - span, "upload": sum(throttle.seconds),
+            "longest": longest, "before": before, "after": wall - before - span, "upload": sum(throttle.seconds),
             "files": sum(len(p.files) for p in record.parts), "parts": len(record.parts),
             "mb": sum(f.bytes for p in record.parts for f in p.files) / 1e6, "batches": len(timeline.batches)}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| mode | wall s | tok/s | device busy s | idle s (% of wall) | gaps between batches s | longest gap s "
-            "| before first + after last batch s | uploads s (sum) | parts / files / MB |")
+    head = ("| mode | wall s | tok/s | device busy s | device idle s (% of wall) | before first batch s "
+            "| gaps between batches s (longest) | after last batch s | uploads s (sum) | parts / files / MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         idle = r["wall"] - r["busy"]
         lines.append(f"| {r['mode']} | {r['wall']:.2f} | {r['tokens'] / r['wall']:,.0f} | {r['busy']:.2f} | "
-                     f"{idle:.2f} ({100 * idle / r['wall']:.0f}%) | {r['gaps']:.2f} | {r['longest']:.3f} | "
-                     f"{r['outside']:.2f} | {r['upload']:.2f} | {r['parts']} / {r['files']} / {r['mb']:.0f} |")
+                     f"{idle:.2f} ({100 * idle / r['wall']:.0f}%) | {r['before']:.2f} | {r['gaps']:.2f} "
+                     f"({r['longest']:.3f}) | {r['after']:.2f} | {r['upload']:.2f} | "
+                     f"{r['parts']} / {r['files']} / {r['mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -261,7 +268,12 @@ def main() -> int:
     for before in (r for r in rows if after is not None and r is not after):
         print(f"{after['mode']} vs {before['mode']}: wall {before['wall']:.2f} -> {after['wall']:.2f} s, device idle "
               f"{before['wall'] - before['busy']:.2f} -> {after['wall'] - after['busy']:.2f} s, gaps between batches "
-              f"{before['gaps']:.2f} -> {after['gaps']:.2f} s")
+              f"{before['gaps']:.2f} -> {after['gaps']:.2f} s, after the last batch {before['after']:.2f} -> "
+              f"{after['after']:.2f} s")
+    for r in rows:  # storage-bound: uploads take longer than the compute they could hide behind
+        if r["upload"] > r["busy"]:
+            print(f"{r['mode']}: uploads ({r['upload']:.2f} s) outlast the device's work ({r['busy']:.2f} s): the run is "
+                  "bound by storage, and files wait for it after the last batch")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         Path(os.environ["OUT"], "bench_upload.txt").write_text(report + "\n")

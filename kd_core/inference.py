@@ -126,8 +126,11 @@ class DeviceTimeline:
 
     cuda: bool = False
     batches: list[tuple] = field(default_factory=list)  # (start, end): torch.cuda.Event pairs or perf_counter floats
+    first_launch: float | None = None  # perf_counter when the first batch was queued (the device was idle then)
 
     def begin(self):
+        if self.first_launch is None:
+            self.first_launch = time.perf_counter()
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)

@@ -1,15 +1,16 @@
 """Benchmark: how much of what the teacher computes is real tokens, padded vs packed batches (host side only).
 
-run_teacher lays each look-ahead window out in batches (kd_core.inference): padded (one sample a row, sorted by
-length, right-padded) or packed (whole samples filled best-fit decreasing into rows, position_ids restarting per
-sample; used where the teacher supports it, Teacher.packing). This prints real tokens / computed positions
+run_teacher lays each look-ahead window out in padded batches (kd_core.inference: one sample a row, sorted by
+length, right-padded); bench/gpu_packing.py's packed_batches fills whole samples best-fit decreasing into rows
+instead (position_ids restarting per sample). This prints real tokens / computed positions
 (B * T summed over batches) and the attention area (B * T * T, what a materialized mask costs) for each, at
 several window sizes, on bench_inference.py's text: the standard library's docstrings and module sources,
 shuffled, tokenized by a 32k byte-level BPE trained on them, cut at max_length.
 
     python bench/bench_packing.py                  # ~1-2 minutes on 2 cores (the tokenizer is trained first)
 
-No GPU needed: the layouts are what the device thread would run; docs/PERFORMANCE.md has the GPU's timings.
+No GPU needed: these are the layouts the device thread would run; docs/PERFORMANCE.md has the GPU's timings
+(bench/gpu_packing.py).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_inference import corpus_pool  # noqa: E402
+from gpu_packing import packed_batches  # noqa: E402
 
 from kd_core.demo import train_tokenizer  # noqa: E402
-from kd_core.inference import _packed_batches, _padded_batches  # noqa: E402
+from kd_core.inference import _padded_batches  # noqa: E402
 
 
 def windows(lengths: list[int], window_tokens: int) -> list[list[int]]:
@@ -71,8 +73,8 @@ def main() -> None:
     print("|---:|---|---:|---:|---:|")
     layouts = {
         "padded": lambda w: _padded_batches(w, args.batch_tokens),
-        "packed": lambda w: _packed_batches(w, args.batch_tokens),
-        f"packed, rows of {args.max_length}": lambda w: _packed_batches(w, args.batch_tokens, args.max_length),
+        "packed": lambda w: packed_batches(w, args.batch_tokens),
+        f"packed, rows of {args.max_length}": lambda w: packed_batches(w, args.batch_tokens, args.max_length),
     }
     for size in args.windows:
         area0 = None

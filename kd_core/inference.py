@@ -4,13 +4,11 @@ The goal is the speed of the teacher's bare forward pass, so everything else hid
 joined by bounded queues (memory stays flat on a shard of any length):
 
   tokenizer thread   texts -> token ids, a chunk at a time (the Rust tokenizer runs them in parallel).
-  device thread      a look-ahead window of samples laid out in batches (a Batch each) under a token budget:
-                     packed (rows of the window's longest length filled best-fit decreasing with whole
-                     samples, batch_tokens // length rows) where the teacher supports it (Teacher.packing),
-                     else sorted by length, one right-padded sample a row (batch_size * longest <=
-                     batch_tokens); forward; top-k of the real rows only; an asynchronous copy to pinned host
-                     memory on a side stream. Batch i's copy is waited for only after batch i+1 is queued on
-                     the GPU, so copies hide behind compute.
+  device thread      a look-ahead window of samples, sorted by length, cut into batches (a Batch each) under
+                     a token budget (batch_size * longest <= batch_tokens, so little padding); forward; top-k
+                     of the real rows only; an asynchronous copy to pinned host memory on a side stream.
+                     Batch i's copy is waited for only after batch i+1 is queued on the GPU, so copies hide
+                     behind compute.
   caller             this generator: yields a finished window in input order while the device thread runs
                      the next one, so the caller's writes hide behind compute too.
 
@@ -19,12 +17,11 @@ window's fill are paid once) and yields a PartEnd after each part's rows. A wind
 parts, and each part's windows are cut exactly as a run over that part alone cuts them, so a resumed run (which
 starts at a part boundary) batches, and so computes, every part as an uninterrupted run does.
 
-Exactness: a real position sees exactly its own sample's earlier tokens, so a sample's rows do not depend on what
-it is batched with. Right-padded rows need no mask (a pad is only ever to the right, unseen under causal
-attention: SDPA stays on its is_causal kernels); packed rows restart position_ids at 0 for each sample, from
-which transformers builds a block-diagonal causal mask, and teacher.packing_works checks at load that the model
-honours it. The output layer runs in float32 on the body's hidden states (Float32Head), so the
-log-probs, logsumexp and draws come from the teacher's own logits to float32 precision even for a bf16
+Exactness: batches are right-padded. Under a causal mask a real position never sees a pad to its right, so a
+sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
+fast is_causal kernels. (Packing several samples per row, with position_ids restarting per sample, is exact too
+but was slower on an H200 with the attention transformers offers: docs/PERFORMANCE.md, bench/gpu_packing.py.)
+The output layer runs in float32 on the body's hidden states (Float32Head), so the log-probs, logsumexp and draws come from the teacher's own logits to float32 precision even for a bf16
 teacher; ties at rank k go to the lowest id (kd_core.topk: fused Triton kernels on CUDA, one read of each
 logit). Each row is then either its top-k (cache.mode topk) or N draws from its softmax, stored as distinct ids
 and counts (cache.mode sampled, kd_core.sampling).
@@ -32,7 +29,6 @@ and counts (cache.mode sampled, kd_core.sampling).
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import queue
 import threading
@@ -220,11 +216,10 @@ class Float32Head:
 class Batch:
     """One forward pass's inputs, on the teacher's input device: built by _DeviceLoop, consumed by _Forward.
 
-    A row of the (B, T) grid holds one right-padded sample (position_ids 0..T-1: plain causal attention, SDPA's
-    is_causal kernels) or, when the teacher packs (Teacher.packing), several samples back to back with
-    position_ids restarting at 0 for each: transformers then builds a block-diagonal causal mask
-    (masking_utils.find_packed_sequence_indices). Either way a real position sees exactly its own sample's
-    earlier tokens, so its row equals the sample run alone. Padding sits at the end of a row and is never read.
+    A row of the (B, T) grid holds one right-padded sample: a real position sees exactly its own sample's earlier
+    tokens, so its row equals the sample run alone, and SDPA runs its is_causal kernels. position_ids are each
+    sample's own positions: a layout with several samples a row (bench/gpu_packing.py) restarts them per sample,
+    from which transformers builds a block-diagonal causal mask.
     """
 
     input_ids: torch.Tensor  # (B, T) int64, padding 0
@@ -371,48 +366,6 @@ def _padded_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
             batch.append(j)  # a sample longer than the budget runs alone
 
 
-def _packed_batches(lengths: list[int], batch_tokens: int, width: int | None = None) -> Iterator[_Layout]:
-    """Several whole samples a row, filled best-fit decreasing; a sample never spans two rows.
-
-    Rows are `width` long, by default as long as the longest sample not yet placed, so that rows of short samples
-    are short too (a materialized mask costs B * T * T); batch_tokens // width rows a batch (at least one). Each
-    sample, longest first, goes to the row with the least room that still holds it, a new row while the batch
-    has fewer; what fits nowhere waits for a later batch.
-    """
-    waiting = sorted(range(len(lengths)), key=lambda j: -lengths[j])  # longest first
-    while waiting:
-        row_length = max(width or 0, lengths[waiting[0]])
-        height = max(1, batch_tokens // row_length)
-        rows: list[list[int]] = []
-        room: list[tuple[int, int]] = []  # (free columns, row number) of the rows not yet full, ascending
-        left: list[int] = []
-        for i, j in enumerate(waiting):
-            k = bisect.bisect_left(room, (lengths[j], -1))  # the tightest row that holds it
-            if k < len(room):
-                free, r = room.pop(k)
-                rows[r].append(j)
-            elif len(rows) < height:
-                rows.append([j])
-                free, r = row_length, len(rows) - 1
-            else:
-                left.append(j)
-                if not room or room[-1][0] < lengths[waiting[-1]]:  # nothing left fits anywhere: stop looking
-                    left += waiting[i + 1 :]
-                    break
-                continue
-            if free > lengths[j]:
-                bisect.insort(room, (free - lengths[j], r))
-        waiting = left
-        samples, slots = [], []
-        for b, row in enumerate(rows):
-            start = 0
-            for j in row:
-                samples.append(j)
-                slots.append((b, start))
-                start += lengths[j]
-        yield _Layout(samples, [lengths[j] for j in samples], slots, len(rows), row_length)
-
-
 def _grid(samples: list[tuple[int, np.ndarray]], layout: _Layout) -> tuple[np.ndarray, ...]:
     """(sample_index, tokens) pairs laid out as `layout` says -> Batch's fields as host arrays:
     input_ids (B, T), position_ids (B, T), rows (N,), sample_index (N,), position (N,), all int64."""
@@ -443,7 +396,6 @@ class _DeviceLoop:
 
     def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int, timeline: DeviceTimeline | None = None):
         self.device, self.batch_tokens, self.spec, self.timeline = teacher.device, batch_tokens, spec, timeline
-        self.plan = _packed_batches if teacher.packing else _padded_batches
         self.forward = _Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
         out = self.forward.out_device  # device_map: the results may come out on another device than the inputs
@@ -461,7 +413,7 @@ class _DeviceLoop:
                             raise _Stopped
                         continue
                     window = _Window(samples)
-                    for layout in self.plan([len(ids) for _, ids in samples], self.batch_tokens):
+                    for layout in _padded_batches([len(ids) for _, ids in samples], self.batch_tokens):
                         launched = self._launch(window, layout)
                         if in_flight is not None:  # wait for the previous copy only now: it ran behind this
                             self._finish(*in_flight, out, stop)

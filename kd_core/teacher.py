@@ -8,7 +8,6 @@ config checks and the storage estimate use them before any GPU is involved.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +20,11 @@ if TYPE_CHECKING:
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# How the teacher attends, and whether batches pack several samples per row (kd_core.inference.Batch): the one
-# place to change either. "sdpa" is PyTorch's scaled_dot_product_attention: right-padded batches (one sample a
-# row) use its is_causal kernels (flash on CUDA), which skip the masked half; packed batches get a block-diagonal
-# causal mask that transformers materializes as (B, 1, T, T), which no flash kernel takes. Both give the same
-# rows (tests/test_packing.py); which is faster per real token is a GPU measurement (bench/gpu_packing.py,
-# docs/PERFORMANCE.md). With PACK_SEQUENCES, packing is used only where packing_works says the teacher honours it.
+# How the teacher attends, the one place to change it. "sdpa" is PyTorch's scaled_dot_product_attention: the
+# right-padded batches of kd_core.inference need no mask, so it runs its is_causal kernels (flash on CUDA). Packing
+# several samples a row (a block-diagonal mask) was measured slower with sdpa and flex_attention as transformers
+# drives them (docs/PERFORMANCE.md, "Padding and packing").
 ATTN_IMPLEMENTATION = "sdpa"
-PACK_SEQUENCES = False
 
 
 @dataclass
@@ -40,7 +36,6 @@ class Teacher:
     device: torch.device  # where inputs go (the embedding's device when device_map spreads the model)
     dtype: torch.dtype
     vocab_size: int
-    packing: bool = False  # batches pack several samples per row (PACK_SEQUENCES and packing_works)
 
     def tokenize(self, text: str, max_length: int) -> list[int]:
         """The cache's tokens for one text, exactly as DESIGN.md fixes them (default special tokens)."""
@@ -142,9 +137,7 @@ def load_teacher(cfg: TeacherConfig) -> Teacher:
     device = execution_device(model.get_input_embeddings())
     head = model.get_output_embeddings()
     vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
-    packing = PACK_SEQUENCES and packing_works(model, device)
-    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, vocab_size=int(vocab_size),
-                   packing=packing)
+    return Teacher(model=model, tokenizer=tokenizer, device=device, dtype=dtype, vocab_size=int(vocab_size))
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
@@ -154,38 +147,3 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     if device is not None:
         return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     return next(module.parameters()).device
-
-
-_PROBE_LENGTHS = (7, 9)  # two samples packed in one row of 16 by packing_works
-
-
-def packing_works(model: Any, device: torch.device) -> bool:
-    """Whether the model, given position_ids that restart at 0 for each sample of a row, keeps the samples apart.
-
-    Two random sequences a, b packed in one row [a b], beside a row holding b alone then padding (as
-    kd_core.inference lays batches out), against b run alone: b's logits must match. A model that ignores the
-    packing lets b attend to a; how far that moves b's logits (b after a in one plain causal row) is the scale:
-    packing is on when the packed error is under 1% of it (float32: ~1e-6 against ~1e-1; bf16 leaves room for
-    its rounding, which moves with the batch's shape anyway).
-    """
-    gen = torch.Generator().manual_seed(0)
-    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None) or model.config.get_text_config().vocab_size
-    a, b = (torch.randint(vocab, (n,), generator=gen) for n in _PROBE_LENGTHS)
-    width = len(a) + len(b)
-
-    def logits(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (R, W) -> (R, W, V) float32 on CPU
-        out = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False).logits
-        return out.float().cpu()
-
-    packed_ids = torch.stack([torch.cat([a, b]), torch.cat([b, torch.zeros(len(a), dtype=torch.long)])])  # (2, W)
-    packed_positions = torch.stack([torch.cat([torch.arange(len(a)), torch.arange(len(b))]), torch.arange(width)])
-    try:
-        with torch.inference_mode():
-            alone = logits(b[None], torch.arange(len(b))[None])[0]  # (9, V)
-            packed = logits(packed_ids, packed_positions)  # (2, W, V)
-            leaked = logits(torch.cat([a, b])[None], torch.arange(width)[None])[0, len(a):]  # b seeing a
-    except Exception as e:  # a model that refuses position_ids or this layout: keep the padded batches
-        warnings.warn(f"packing off: the packed probe failed ({type(e).__name__}: {e})", stacklevel=2)
-        return False
-    error = max((packed[0, len(a):] - alone).abs().max(), (packed[1, : len(b)] - alone).abs().max())
-    return bool(error <= 0.01 * (leaked - alone).abs().max())

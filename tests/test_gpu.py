@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_core import topk
 from kd_core.inference import Float32Head, RowSpec, row_results, run_teacher
-from kd_core.teacher import Teacher, execution_device, packing_works
+from kd_core.teacher import Teacher, execution_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -106,11 +106,11 @@ def random_teacher(device: str = "cuda") -> Teacher:
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval().to(device)
     device = torch.device(device)
-    return Teacher(model, ByteTokenizer(), device, torch.float32, 512, packing=packing_works(model, device))
+    return Teacher(model, ByteTokenizer(), device, torch.float32, 512)
 
 
 def texts(count: int = 40) -> list[str]:
-    """Random printable texts of 3 to 400 bytes (so rows pack several)."""
+    """Random printable texts of 3 to 400 bytes."""
     rng = np.random.default_rng(0)
     return ["".join(map(chr, rng.integers(32, 127, size=n))) for n in rng.integers(3, 400, size=count)]
 
@@ -132,12 +132,6 @@ def assert_same_rows(a: list, b: list) -> None:
     assert mismatched <= total // 1000, (mismatched, total)
 
 
-def test_packed_rows_equal_padded_rows_on_the_gpu():
-    teacher = random_teacher()
-    assert teacher.packing
-    assert_same_rows(rows_of(teacher), rows_of(dataclasses.replace(teacher, packing=False)))
-
-
 def split_teacher(reference: Teacher, first: str, second: str) -> Teacher:
     """The reference's model on two devices: embedding and the first half of the layers on `first`, the rest with
     the norm and the head on `second` (accelerate runs each where it sits: main_device cpu offloads nothing)."""
@@ -149,17 +143,15 @@ def split_teacher(reference: Teacher, first: str, second: str) -> Teacher:
     assert model.model.layers[3].mlp.up_proj.weight.device == torch.device(second)
     device = execution_device(model.get_input_embeddings())
     assert device == torch.device(first)
-    return dataclasses.replace(reference, model=model, device=device, packing=packing_works(model, device))
+    return dataclasses.replace(reference, model=model, device=device)
 
 
 @pytest.mark.parametrize("first, second", [("cuda:0", "cpu"), ("cpu", "cuda:0")])
 def test_device_map_split_equals_one_device(first, second):
     """A 2-way split on one GPU. The body's output comes back on `second` while the batch's rows are on `first`;
-    the results (packed batches) must equal the one-device model's."""
+    the results must equal the one-device model's."""
     reference = random_teacher()
-    split = split_teacher(reference, first, second)
-    assert split.packing
-    assert_same_rows(rows_of(split), rows_of(reference))
+    assert_same_rows(rows_of(split_teacher(reference, first, second)), rows_of(reference))
 
 
 def test_verify_on_a_split_teacher():

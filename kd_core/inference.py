@@ -21,10 +21,11 @@ Exactness: batches are right-padded. Under a causal mask a real position never s
 sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
 fast is_causal kernels. (Packing several samples per row, with position_ids restarting per sample, is exact too
 but was slower on an H200 with the attention transformers offers: docs/PERFORMANCE.md, bench/gpu_packing.py.)
-The output layer runs in float32 on the body's hidden states (Float32Head), so the log-probs, logsumexp and draws come from the teacher's own logits to float32 precision even for a bf16
-teacher; ties at rank k go to the lowest id (kd_core.topk: fused Triton kernels on CUDA, one read of each
-logit). Each row is then either its top-k (cache.mode topk) or N draws from its softmax, stored as distinct ids
-and counts (cache.mode sampled, kd_core.sampling).
+The output layer runs in float32 on the body's hidden states (Float32Head), so the log-probs, logsumexp and
+draws come from the teacher's own logits to float32 precision even for a bf16 teacher; ties at rank k go to
+the lowest id (kd_core.topk: fused Triton kernels on CUDA, one read of each logit). Each row is then either its
+top-k (cache.mode topk) or N draws from its softmax, stored as distinct ids and counts (cache.mode sampled,
+kd_core.sampling).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ Rows, per teacher, all on the same texts:
   (c)  naive, on the first --naive-samples samples: pad to max_length, fixed batches, float32 log_softmax over
        (B, T, V), topk, synchronous uncompressed h5py writes.
   Pieces of the largest recorded batch: body, bf16 head vs float32 head (Float32Head) on the same real rows
-  (the cost of the float32 head), top-k + logsumexp as run (also per 32k rows), run_teacher's forward.
+  (the cost of the float32 head), top-k + logsumexp as run and on the torch path, run_teacher's forward; each
+  also per 32k real rows. Also the writer alone and the tokenizer alone (as run_teacher calls it).
 
-    # GPU: the run (about 3-4 minutes on an H200; prints each table when done, copies to $OUT/bench.txt)
+    # GPU: the run (about 3 minutes on an H200; prints each table when done, copies to $OUT/bench.txt)
     python bench/bench_inference.py
     # CPU smoke test: tiny teachers of the same two kinds, small sizes (its figures mean nothing)
     python bench/bench_inference.py --device cpu

@@ -12,8 +12,8 @@ Columns (each a median over --repeat runs after a warm-up, CUDA events):
                   k + 16 candidates, sort by (value desc, id asc) (what the pipeline ran before the fused path)
   fused           kd_core.topk.fused_topk_logprobs on all rows at once: the two Triton kernels
   fused, chunks   the same over chunks of kd_core.inference.CHUNK_ELEMENTS // V rows, as the pipeline calls it
-  scan / select   the fused path's two kernels alone (scan: one read, logsumexp and group maxima; select: the
-                  three rankings)
+  scan / select   the fused path's two steps alone (scan: one read, logsumexp and group maxima; select: by a
+                  threshold, rows with too many candidates by the three rankings)
 """
 
 from __future__ import annotations
@@ -70,10 +70,13 @@ def kernels(logits: torch.Tensor, k: int):
         topk._scan_rows[(n,)](logits, logits.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
                               GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=topk._SCAN_WARPS)
 
-    def select():
-        topk._select_rows[(n,)](logits, logits.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
-                                N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
-                                GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=topk._SELECT_WARPS)
+    def select():  # the default selection (by a threshold, or the three rankings)
+        if topk._THRESHOLD:
+            topk._threshold_select(logits, group_max, lse, ids, logprobs, k, plan)
+        else:
+            topk._select_rows[(n,)](logits, logits.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
+                                    N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
+                                    GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=topk._SELECT_WARPS)
     return scan, select
 
 
@@ -148,16 +151,15 @@ def main() -> None:
 
 # Sweep variants, most telling first: (label, module settings of kd_core.topk, what is timed).
 VARIANTS = [
-    ("fused, threshold select, warps=8", {"_THRESHOLD": True}, "fused"),
+    ("select by the three rankings (all rows)", {"_THRESHOLD": False}, "fused"),
+    ("fused, chunks of a quarter (the pipeline's before)", {}, "chunks0.25"),
+    ("threshold select, warps=8", {"_THRESHOLD_WARPS": 8}, "select"),
+    ("threshold select, chunks of 32 groups", {"_THRESHOLD_CHUNK": 32}, "select"),
+    ("fused as one kernel (rankings), warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4}, "fused"),
+    ("scan warps=4", {"_SCAN_WARPS": 4}, "scan"),
+    ("scan warps=16", {"_SCAN_WARPS": 16}, "scan"),
+    ("rankings select, warps=8", {"_THRESHOLD": False, "_SELECT_WARPS": 8}, "select"),
     ("fused, chunks x4", {}, "chunks4"),
-    ("fused, threshold select, warps=4", {"_THRESHOLD": True, "_THRESHOLD_WARPS": 4}, "fused"),
-    ("fused, threshold select, warps=8, chunks of 32 groups", {"_THRESHOLD": True, "_THRESHOLD_CHUNK": 32}, "fused"),
-    ("fused, chunks x16", {}, "chunks16"),
-    ("fused as one kernel, warps=8", {"_ONE_KERNEL": True, "_ONE_WARPS": 8}, "fused"),
-    ("scan BLOCK=4096 warps=4", {"_SCAN_WARPS": 4}, "scan"),
-    ("scan BLOCK=4096 warps=16", {"_SCAN_WARPS": 16}, "scan"),
-    ("select warps=4", {"_SELECT_WARPS": 4}, "select"),
-    ("select warps=16", {"_SELECT_WARPS": 16}, "select"),
     ("scan BLOCK=2048 warps=4", {"_SCAN_BLOCK": 2048, "_SCAN_WARPS": 4}, "scan"),
     ("scan BLOCK=8192 warps=8", {"_SCAN_BLOCK": 8192}, "scan"),
     ("fused, at most 1024 groups", {"_MAX_GROUP_KEYS": 1024}, "fused"),
@@ -206,7 +208,7 @@ def sweep(logits: torch.Tensor, k: int, ms, deadline: float) -> None:
             continue
         with settings(values):
             if what.startswith("chunks"):
-                step = max(1, int(what[6:]) * CHUNK_ELEMENTS // logits.shape[1])
+                step = max(1, int(float(what[6:]) * CHUNK_ELEMENTS) // logits.shape[1])
                 label = f"fused, chunks of {step} rows"
                 fn = lambda: [topk.fused_topk_logprobs(c, k) for c in logits.split(step)]  # noqa: E731
             elif what == "fused":

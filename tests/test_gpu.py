@@ -182,3 +182,18 @@ def test_verify_on_a_split_teacher():
     reference = random_teacher()
     report = verify_rows(split_teacher(reference, "cuda:0", "cpu"), rows_of(reference)[:8], top_k=16)
     assert report.ok, report
+
+
+def test_device_map_auto_through_load_teacher(tmp_path):
+    """teacher.device_map=auto as a run loads it (accelerate places the model on this machine's GPUs): the rows
+    equal those of the same model placed by hand on one device."""
+    from kd_core.config import TeacherConfig  # pydantic: imported here, so the tests above need none
+    from kd_core.demo import train_tokenizer
+    from kd_core.teacher import load_teacher
+
+    reference = random_teacher()
+    train_tokenizer(texts(200), tmp_path, vocab_size=512)
+    reference.model.save_pretrained(tmp_path)
+    loaded = load_teacher(TeacherConfig(model=str(tmp_path), device_map="auto", dtype="float32"))
+    assert loaded.device.type == "cuda" and {p.device.type for p in loaded.model.parameters()} == {"cuda"}
+    assert_same_rows(rows_of(loaded), rows_of(dataclasses.replace(reference, tokenizer=loaded.tokenizer)))

@@ -4,21 +4,25 @@ Contract of topk_logprobs: (..., V) logits -> ids (..., k) int64, best first, eq
 log-probs (..., k) float32 = logit - logsumexp; logsumexp (...) float32. Two implementations give the same ids in
 the same order:
 
-  fused (CUDA, when Triton imports): two Triton kernels that read each logit once from memory.
+  fused (CUDA, when Triton imports): Triton kernels that read each logit once from memory.
     1. _scan_rows, one program per row, in tiles: the online logsumexp (running max and rescaled sum, per group
        lane, in float32) and the maximum of every group of GROUP consecutive ids, stored (n, V / GROUP).
-    2. _select_rows, one program per row: the KP best groups by (max desc, group id asc), then the KP best of
-       their sub-groups of SUB ids, then the KP best of those sub-groups' ids, each by one int64 key per item
-       (the float's order in the high half, 2**32-1 - id in the low half: one comparison orders by value desc,
-       then id asc) and Triton's bitonic tl.topk. KP = k rounded up to a power of two.
-    Variants, for measuring on a GPU (bench/bench_topk.py --sweep): both steps in one kernel (_ONE_KERNEL), and
-    step 2 by a threshold (_THRESHOLD: _select_by_threshold ranks only the logits >= a lower bound of the k-th
-    largest; rows with too many such logits are redone by _select_rows).
-    Why that is exact: ids are contiguous in a group, so ordering groups by (max desc, group id asc) orders
-    them as their best elements' keys. A group holding one of the k best elements e has a key >= e's key,
-    and every group ranked above it holds an element ranked above e, of which there are fewer than k: so the
-    k best elements lie in the k best groups, and, by the same argument one level down, in the k best
-    sub-groups of those. The logits of the chosen groups are read a second time (KP * GROUP of V per row).
+    2. _select_by_threshold, one program per row: tau, the KP-th largest of the maxima of 4 * KP distinct
+       groups, is a lower bound of the k-th largest logit; only groups whose maximum reaches tau are read again,
+       and only their logits >= tau (about KP + 10 on real and random rows) are ranked, by one int64 key per
+       logit (the float's order in the high half, 2**32-1 - id in the low half: one comparison orders by value
+       desc, then id asc) with Triton's bitonic tl.topk. KP = k rounded up to a power of two.
+    3. _select_spilled_rows: the rows with more than 2 * KP such groups or logits (ties around rank k) by
+       _select_row's three rankings: the KP best groups by (max desc, group id asc), the KP best of their
+       sub-groups of SUB ids, the KP best of those sub-groups' ids, each by keys. Exact because ids are
+       contiguous in a group, so ordering groups by (max desc, group id asc) orders them as their best elements'
+       keys: a group holding one of the k best elements e has a key >= e's key, and every group ranked above it
+       holds an element ranked above e, of which there are fewer than k; so the k best elements lie in the k
+       best groups, and, one level down, in the k best sub-groups of those.
+    Before first use per device, V and k, self_check compares them with torch.topk's exact path on tie-heavy
+    rows; a failure steps down to the three rankings for every row, then to the torch path (warning each time).
+    Variants for measuring (bench/bench_topk.py --sweep): _THRESHOLD off (the rankings for every row), both
+    steps in one kernel (_ONE_KERNEL), tile and warp counts.
   torch (everywhere else, and whenever the kernels cannot run): logsumexp (compiled on CUDA) and torch.topk
     over k + TIE_SLACK candidates, re-sorted by (value desc, id asc), with an exact key-based redo for rows
     where more ids tie at rank k than there are candidates.
@@ -69,14 +73,14 @@ def topk_logprobs(
     a time, so any float32 upcast is bounded by chunk_rows * V. The top-k is taken on the raw logits (the same
     order as on the log-probs, logsumexp being a per-row constant) and log p = logit - logsumexp.
     """
-    if _fused_usable(logits, k):
+    while _fused_usable(logits, k):  # at most twice: the threshold selection, then the rankings
         try:
-            check = (logits.device, logits.shape[-1], k)
-            if check not in _checked:  # once per device, vocabulary and k
-                self_check(*check)
+            check = (logits.device, logits.shape[-1], k, _THRESHOLD)
+            if check not in _checked:  # once per device, vocabulary, k and selection
+                self_check(*check[:3])
                 _checked.add(check)
             return fused_topk_logprobs(logits, k)
-        except Exception as e:  # e.g. a compiler that does not take the kernel: same numbers, slower
+        except Exception as e:  # e.g. a compiler that does not take a kernel: the next way, same ids
             _fused_failed(e)
     return torch_topk_logprobs(logits, k, chunk_rows)
 
@@ -171,7 +175,7 @@ def _fused_usable(logits: torch.Tensor, k: int) -> bool:
             and 1 <= k <= min(FUSED_MAX_K, logits.shape[-1]) and logits.numel() > 0)
 
 
-_checked: set = set()  # (device, V, k) the fused kernels passed self_check on
+_checked: set = set()  # (device, V, k, _THRESHOLD) the fused kernels passed self_check on
 
 
 def check_rows(vocab: int, device) -> torch.Tensor:
@@ -209,11 +213,14 @@ def self_check(device, vocab: int, k: int) -> None:
 
 
 def _fused_failed(error: Exception) -> None:
-    """Warn once and use the torch path from now on (the same ids; the logsumexp to float32 rounding)."""
-    global _fused_disabled
-    _fused_disabled = True
-    warnings.warn(f"fused top-k kernels unavailable ({type(error).__name__}: {error}); using torch.topk",
-                  stacklevel=3)
+    """Step down and warn: from the threshold selection to the three rankings, from those to the torch path (the
+    same ids; the logsumexp to float32 rounding), for the rest of the process."""
+    global _THRESHOLD, _fused_disabled
+    if _THRESHOLD:
+        _THRESHOLD, instead = False, "selecting by the three rankings"
+    else:
+        _fused_disabled, instead = True, "using torch.topk"
+    warnings.warn(f"fused top-k kernels failed ({type(error).__name__}: {error}); {instead}", stacklevel=3)
 
 
 def _next_pow2(n: int) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd_core import topk
 from kd_core.topk import fused_plan, topk_by_key, topk_logprobs, torch_topk_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,3 +126,14 @@ def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
 def test_fused_kernels_equal_the_torch_path_in_the_interpreter_at_k64():
     interpret("3000,64,float32", "70,64,float32",  # the second has fewer groups (2) and ids (70) than KP
               "9000,64,float32,2048,rankings")
+
+
+def test_a_failing_fused_path_steps_down_to_the_rankings_then_to_torch(monkeypatch):
+    monkeypatch.setattr(topk, "_THRESHOLD", True)
+    monkeypatch.setattr(topk, "_fused_disabled", False)
+    with pytest.warns(UserWarning, match="selecting by the three rankings"):
+        topk._fused_failed(RuntimeError("no"))
+    assert not topk._THRESHOLD and not topk._fused_disabled
+    with pytest.warns(UserWarning, match="using torch.topk"):
+        topk._fused_failed(RuntimeError("no"))
+    assert topk._fused_disabled

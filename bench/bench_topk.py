@@ -152,10 +152,13 @@ def main() -> None:
 # Sweep variants, most telling first: (label, module settings of kd_core.topk, what is timed).
 VARIANTS = [
     ("select by the three rankings (all rows)", {"_THRESHOLD": False}, "fused"),
+    ("fused as one kernel (scan + threshold), warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4}, "fused"),
     ("fused, chunks of a quarter (the pipeline's before)", {}, "chunks0.25"),
     ("threshold select, warps=8", {"_THRESHOLD_WARPS": 8}, "select"),
     ("threshold select, chunks of 32 groups", {"_THRESHOLD_CHUNK": 32}, "select"),
-    ("fused as one kernel (rankings), warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4}, "fused"),
+    ("fused as one kernel (scan + threshold), warps=8", {"_ONE_KERNEL": True}, "fused"),
+    ("fused as one kernel (scan + rankings), warps=4", {"_ONE_KERNEL": True, "_ONE_WARPS": 4, "_THRESHOLD": False},
+     "fused"),
     ("scan warps=4", {"_SCAN_WARPS": 4}, "scan"),
     ("scan warps=16", {"_SCAN_WARPS": 16}, "scan"),
     ("rankings select, warps=8", {"_THRESHOLD": False, "_SELECT_WARPS": 8}, "select"),

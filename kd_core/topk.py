@@ -258,6 +258,9 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
         # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
+        if _ONE_KERNEL and _THRESHOLD:
+            _threshold_select(flat, group_max, lse, ids, logprobs, k, plan, with_scan=True)
+            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
         if _ONE_KERNEL:
             _topk_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
                              N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
@@ -274,20 +277,23 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
 
 
-def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan) -> None:
-    """The selection by a threshold (_select_by_threshold), then the three rankings (_select_rows) for the rows
-    whose candidates did not fit (rare: many ties near rank k); the second launch skips every other row."""
+def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan, with_scan: bool = False) -> None:
+    """The selection by a threshold (_select_by_threshold; with_scan: the scan too, in the same program), then
+    the three rankings (_select_rows) for the rows whose candidates did not fit (rare: many ties near rank k);
+    the second launch skips every other row."""
     n, vocab = flat.shape
     cap = 2 * plan["KP"]
     group_slots = torch.empty(n, cap, dtype=torch.int32, device=flat.device)
     value_slots = torch.empty(n, cap, dtype=torch.float32, device=flat.device)
     id_slots = torch.empty(n, cap, dtype=torch.int32, device=flat.device)
     spilled = torch.empty(n, dtype=torch.int32, device=flat.device)
-    _select_by_threshold[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, group_slots, value_slots,
-                               id_slots, spilled, VOCAB=vocab, N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"],
-                               GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"],
-                               R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=_THRESHOLD_CHUNK,
-                               num_warps=_THRESHOLD_WARPS)
+    args = (flat, flat.stride(0), group_max, lse, ids, logprobs, k, group_slots, value_slots, id_slots, spilled)
+    sizes = dict(VOCAB=vocab, N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], GROUPS_P2=plan["GROUPS_P2"],
+                 KP=plan["KP"], R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=_THRESHOLD_CHUNK)
+    if with_scan:
+        _scan_threshold_rows[(n,)](*args, **sizes, BLOCK=plan["BLOCK"], num_warps=_ONE_WARPS)
+    else:
+        _select_by_threshold[(n,)](*args, **sizes, num_warps=_THRESHOLD_WARPS)
     _select_spilled_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, spilled, VOCAB=vocab,
                                N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
                                GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
@@ -456,20 +462,20 @@ if triton is not None:
         return n_keys + tl.sum(hit.to(tl.int32), axis=0)
 
     @triton.jit
-    def _select_by_threshold(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots,
-                             value_slots, id_slots, spilled, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
-                             GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
-                             CAP: tl.constexpr, CHUNK: tl.constexpr):
-        """Row r -> its KP best ids and log-probs, ranking only the logits at or above a threshold tau.
+    def _threshold_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots, value_slots,
+                       id_slots, spilled, row, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
+                       GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr, CAP: tl.constexpr,
+                       CHUNK: tl.constexpr):
+        """Row `row` -> its KP best ids and log-probs, ranking only the logits at or above a threshold tau.
 
         tau is the KP-th largest of the maxima of R * KP distinct groups (the R best of each of KP columns of
         groups): those are R * KP distinct logits, so the k-th largest logit is >= tau and every top-k id is among
         the logits >= tau, which lie in groups whose maximum is >= tau. Those groups' ids, then those logits'
         values and ids, are compacted (a prefix sum gives each its slot; stored to this row's scratch and read back
-        after a barrier) into CAP slots, and their keys ranked; the chosen groups are read CHUNK at a time. On real and random rows about KP groups and KP + 10
-        logits pass; a row with more (ties around rank k) is flagged in `spilled` for _select_spilled_rows."""
+        after a barrier) into CAP slots, and their keys ranked; the chosen groups are read CHUNK at a time. On
+        real and random rows about KP groups and KP + 10 logits pass; a row with more (ties around rank k) is
+        flagged in `spilled` for _select_spilled_rows."""
         COLS: tl.constexpr = GROUPS_P2 // KP
-        row = tl.program_id(0).to(tl.int64)
         base = logits + row * row_stride
         maxima = group_max + row * N_GROUPS
         lowest = tl.full([], -9223372036854775808, tl.int64)
@@ -503,3 +509,24 @@ if triton is not None:
         lse = tl.load(lse_in + row)
         tl.store(ids_out + row * k + out, _key_id(best), mask=out < k)  # a spilled row is overwritten later
         tl.store(logprobs_out + row * k + out, _key_value(best) - lse, mask=out < k)
+
+    @triton.jit
+    def _select_by_threshold(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots,
+                             value_slots, id_slots, spilled, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
+                             GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
+                             CAP: tl.constexpr, CHUNK: tl.constexpr):
+        _threshold_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots, value_slots,
+                       id_slots, spilled, tl.program_id(0).to(tl.int64), VOCAB, N_GROUPS, GROUP, GROUPS_P2, KP, R,
+                       CAP, CHUNK)
+
+    @triton.jit
+    def _scan_threshold_rows(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, group_slots,
+                             value_slots, id_slots, spilled, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
+                             GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
+                             CAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """_scan_row then _threshold_row in one program per row (see _topk_rows)."""
+        row = tl.program_id(0).to(tl.int64)
+        _scan_row(logits, row_stride, lse, group_max, row, VOCAB, N_GROUPS, GROUP, BLOCK)
+        tl.debug_barrier()
+        _threshold_row(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, group_slots, value_slots,
+                       id_slots, spilled, row, VOCAB, N_GROUPS, GROUP, GROUPS_P2, KP, R, CAP, CHUNK)

@@ -312,8 +312,10 @@ if triton is not None:
     @triton.jit
     def _key(x, ids):
         """float32 values and int64 ids (same shape) -> int64 keys: larger value first, then lower id."""
-        x = tl.where(x == 0.0, 0.0, x)  # -0.0 and 0.0 are equal: one key
         bits = x.to(tl.int32, bitcast=True)
+        # -0.0 and 0.0 are equal: one key. On the bits, since a compiler allowed to ignore the sign of zero may
+        # fold a float select such as where(x == 0, 0.0, x) into x.
+        bits = tl.where(bits == -2147483648, 0, bits)
         ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the value (NaN aside)
         low = tl.full(ids.shape, 4294967295, tl.int64) - ids
         return (ordered.to(tl.int64) << 32) | low

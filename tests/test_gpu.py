@@ -83,7 +83,7 @@ def test_fused_topk_equals_the_torch_path_and_a_float64_sort(vocab):
     torch_ids, torch_logprobs, torch_lse = topk.torch_topk_logprobs(x, k, chunk_rows=512)
     # + 0.0 makes -0.0 into 0.0: a CUDA sort orders floats by their bits, so -0.0 would sort below 0.0.
     x64 = x.double() + 0.0
-    ref = x64.sort(-1, descending=True, stable=True)  # stable: equal values stay in ascending id order
+    ref = x64.sort(dim=-1, descending=True, stable=True)  # stable: equal values stay in ascending id order
     ref_lse = x64.logsumexp(-1)
     ref_logprobs = ref.values[:, :k] - ref_lse[:, None]
     ulp = torch.finfo(torch.float32).eps * ref_lse.abs().clamp_min(1.0)  # one float32 step at the lse's size

@@ -21,8 +21,8 @@ the same order:
        best groups, and, one level down, in the k best sub-groups of those.
     Before first use per device, V and k, self_check compares them with torch.topk's exact path on tie-heavy
     rows; a failure steps down to the three rankings for every row, then to the torch path (warning each time).
-    Variants for measuring (bench/bench_topk.py --sweep): _THRESHOLD off (the rankings for every row), both
-    steps in one kernel (_ONE_KERNEL), tile and warp counts.
+    Measured on an H200 (docs/PERFORMANCE.md), ms per 32,768 rows at V = 32,000 / 151,936: 2.46 / 7.92
+    (scan 1.11 / 4.78, selection 1.37 / 3.37; one read of the logits alone: 0.97 / 4.61; torch path 15.5 / 71.2).
   torch (everywhere else, and whenever the kernels cannot run): logsumexp (compiled on CUDA) and torch.topk
     over k + TIE_SLACK candidates, re-sorted by (value desc, id asc), with an exact key-based redo for rows
     where more ids tie at rank k than there are candidates.
@@ -56,8 +56,6 @@ _MAX_GROUP_KEYS = 2048  # GROUP grows until a row has at most this many groups (
 _SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
 _SCAN_WARPS = 8
 _SELECT_WARPS = 4  # measured on an H200 at V = 151,936: 4.30 ms per 32k rows, 8 warps 5.12
-_ONE_KERNEL = False  # both steps in one kernel (_topk_rows) instead of two launches
-_ONE_WARPS = 8
 _THRESHOLD = True  # select by a threshold (_select_by_threshold); the three rankings only for spilled rows
 _THRESHOLD_WARPS = 4
 _THRESHOLD_CHUNK = 16  # chosen groups read at a time by _select_by_threshold
@@ -258,14 +256,6 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else _nothing():
         # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
-        if _ONE_KERNEL and _THRESHOLD:
-            _threshold_select(flat, group_max, lse, ids, logprobs, k, plan, with_scan=True)
-            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
-        if _ONE_KERNEL:
-            _topk_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
-                             N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
-                             GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], BLOCK=plan["BLOCK"], num_warps=_ONE_WARPS)
-            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
         _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
                          GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=_SCAN_WARPS)
         if _THRESHOLD:
@@ -277,10 +267,9 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
 
 
-def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan, with_scan: bool = False) -> None:
-    """The selection by a threshold (_select_by_threshold; with_scan: the scan too, in the same program), then
-    the three rankings (_select_rows) for the rows whose candidates did not fit (rare: many ties near rank k);
-    the second launch skips every other row."""
+def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan) -> None:
+    """The selection by a threshold (_select_by_threshold), then the three rankings (_select_rows) for the rows
+    whose candidates did not fit (rare: many ties near rank k); the second launch skips every other row."""
     n, vocab = flat.shape
     cap = 2 * plan["KP"]
     group_slots = torch.empty(n, cap, dtype=torch.int32, device=flat.device)
@@ -290,10 +279,7 @@ def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan, with_scan: b
     args = (flat, flat.stride(0), group_max, lse, ids, logprobs, k, group_slots, value_slots, id_slots, spilled)
     sizes = dict(VOCAB=vocab, N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], GROUPS_P2=plan["GROUPS_P2"],
                  KP=plan["KP"], R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=_THRESHOLD_CHUNK)
-    if with_scan:
-        _scan_threshold_rows[(n,)](*args, **sizes, BLOCK=plan["BLOCK"], num_warps=_ONE_WARPS)
-    else:
-        _select_by_threshold[(n,)](*args, **sizes, num_warps=_THRESHOLD_WARPS)
+    _select_by_threshold[(n,)](*args, **sizes, num_warps=_THRESHOLD_WARPS)
     _select_spilled_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, spilled, VOCAB=vocab,
                                N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
                                GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
@@ -425,19 +411,6 @@ if triton is not None:
                     VOCAB, N_GROUPS, GROUP, SUB, GROUPS_P2, KP)
 
     @triton.jit
-    def _topk_rows(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, VOCAB: tl.constexpr,
-                   N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr, GROUPS_P2: tl.constexpr,
-                   KP: tl.constexpr, BLOCK: tl.constexpr):
-        """Both steps in one program per row: while one row's program ranks (compute), another's scans
-        (memory), on the same SM. The barrier makes the row's group maxima and logsumexp, stored to global
-        memory by all threads of the program, visible to all of them."""
-        row = tl.program_id(0).to(tl.int64)
-        _scan_row(logits, row_stride, lse, group_max, row, VOCAB, N_GROUPS, GROUP, BLOCK)
-        tl.debug_barrier()
-        _select_row(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, row, VOCAB, N_GROUPS, GROUP, SUB,
-                    GROUPS_P2, KP)
-
-    @triton.jit
     def _select_spilled_rows(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, spilled,
                              VOCAB: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, SUB: tl.constexpr,
                              GROUPS_P2: tl.constexpr, KP: tl.constexpr):
@@ -520,15 +493,3 @@ if triton is not None:
         _threshold_row(logits, row_stride, group_max, lse_in, ids_out, logprobs_out, k, group_slots, value_slots,
                        id_slots, spilled, tl.program_id(0).to(tl.int64), VOCAB, N_GROUPS, GROUP, GROUPS_P2, KP, R,
                        CAP, CHUNK)
-
-    @triton.jit
-    def _scan_threshold_rows(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, group_slots,
-                             value_slots, id_slots, spilled, VOCAB: tl.constexpr, N_GROUPS: tl.constexpr,
-                             GROUP: tl.constexpr, GROUPS_P2: tl.constexpr, KP: tl.constexpr, R: tl.constexpr,
-                             CAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        """_scan_row then _threshold_row in one program per row (see _topk_rows)."""
-        row = tl.program_id(0).to(tl.int64)
-        _scan_row(logits, row_stride, lse, group_max, row, VOCAB, N_GROUPS, GROUP, BLOCK)
-        tl.debug_barrier()
-        _threshold_row(logits, row_stride, group_max, lse, ids_out, logprobs_out, k, group_slots, value_slots,
-                       id_slots, spilled, row, VOCAB, N_GROUPS, GROUP, GROUPS_P2, KP, R, CAP, CHUNK)

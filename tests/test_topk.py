@@ -85,8 +85,7 @@ for case in sys.argv[1:]:
         continue
     vocab, k, dtype, max_group_keys, variant = (case + ",2048,").split(",")[:5]
     topk._MAX_GROUP_KEYS = int(max_group_keys)  # a small value: the larger groups of large vocabularies
-    topk._ONE_KERNEL = variant.startswith("one")  # scan and selection in one program
-    topk._THRESHOLD = variant not in ("rankings", "one-rankings")  # default: a threshold, tie-heavy rows ranked
+    topk._THRESHOLD = variant != "rankings"  # the default: by a threshold, tie-heavy rows by the rankings
     x = hard_logits(int(vocab), seed=int(vocab)).to(getattr(torch, dtype))
     fused, torch_path = fused_topk_logprobs(x, int(k)), torch_topk_logprobs(x, int(k))
     assert torch.equal(fused[0], torch_path[0]), case
@@ -116,10 +115,9 @@ def interpret(*cases: str) -> None:
 def test_fused_kernels_equal_the_torch_path_in_the_interpreter():
     # V, k, dtype[, at most that many groups[, variant]]: a partial last tile and group, k not a power of two,
     # bf16 logits read as they are, groups of 256 ids (sub-groups of 32) as at larger vocabularies, the three
-    # rankings for every row, one kernel; and the self-check topk_logprobs runs on CUDA.
+    # rankings for every row (the step-down path); and the self-check topk_logprobs runs on CUDA.
     interpret("500,8,float32", "500,8,bfloat16", "3000,17,float32", "9000,5,float32", "3000,8,float32,16",
-              "3000,17,float32,2048,rankings", "3000,8,float32,2048,one", "3000,8,float32,2048,one-rankings",
-              "self_check")
+              "3000,17,float32,2048,rankings", "self_check")
 
 
 @needs_triton

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_core import cachefile, inference  # noqa: E402
+from kd_core import h5cache, inference  # noqa: E402
 from kd_core.demo import build_corpus, train_tokenizer  # noqa: E402
 from kd_core.inference import InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import Teacher  # noqa: E402
@@ -278,7 +278,7 @@ def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path)
     batch_size = max(1, args.batch_tokens // args.max_length)
     k, start = args.top_k, time.perf_counter()
     with h5py.File(path, "w") as f, torch.inference_mode():
-        layout = cachefile.row_layout(k, vocab_size=1 << 32)  # the format's datasets, uint32 ids whatever the vocab
+        layout = h5cache.row_layout(k, vocab_size=1 << 32)  # the format's datasets, uint32 ids whatever the vocab
         sets = {name: f.create_dataset(name, (0, *tail), maxshape=(None, *tail), dtype=dt, chunks=True)
                 for name, (tail, dt) in layout.items()}
         for i in range(0, len(tokenized), batch_size):
@@ -377,11 +377,11 @@ def measure(teacher: Teacher, name: str, texts: list[str], tokenized: list[np.nd
     r = {"warm_s": time.perf_counter() - start, "b0": bench_pipeline(teacher, texts, args, keep=kept)}
     r["a"] = bench_forward(teacher, r["b0"].calls)
     r["mass"] = top_mass(kept)
-    r["alone"] = bench_writer(kept, cachefile.CacheWriter(workdir / f"{name}-alone.h5", top_k=k, vocab_size=vocab,
+    r["alone"] = bench_writer(kept, h5cache.CacheWriter(workdir / f"{name}-alone.h5", top_k=k, vocab_size=vocab,
                                                           attrs={"teacher": name}))
     del kept
     free(teacher.device)
-    r["b"] = bench_pipeline(teacher, texts, args, writer=cachefile.CacheWriter(
+    r["b"] = bench_pipeline(teacher, texts, args, writer=h5cache.CacheWriter(
         workdir / f"{name}.h5", top_k=k, vocab_size=vocab, attrs={"teacher": name}))
     r["bytes_per_token"] = os.path.getsize(workdir / f"{name}.h5") / r["b"].real
     free(teacher.device)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_core import cachefile, io, pipeline, records
+from kd_core import h5cache, io, pipeline, records
 from kd_core.config import load_config
 from kd_core.data import ShardSpec, split_rows
 from kd_core.records import FileRecord, PartRecord, Provenance, ShardRecord
@@ -60,7 +60,7 @@ def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, op
 
             local = (lambda f, p=p: io.local_path(layout.part_file(shard, p, f))) if io.is_local(uri) else \
                 (lambda f, p=p: scratch / f"{shard.name}-{p}-{f}.h5")
-            with cachefile.SplitWriter(local, config.output.max_object_bytes, publish, top_k=TOP_K,
+            with h5cache.SplitWriter(local, config.output.max_object_bytes, publish, top_k=TOP_K,
                                        vocab_size=VOCAB, attrs={}) as writer:
                 for row in range(a, b):
                     writer.append_rows(Rows(row, tokens, rng))
@@ -147,7 +147,7 @@ def reader_table(samples: int, endpoint_opts: dict) -> None:
         seconds = time.perf_counter() - started
         print(f"| {target} | StreamingCacheDataset, one epoch | {count:,} | {seconds:.2f} | {count / seconds:,.0f} | "
               f"{manifest.file_bytes / 1e6 / seconds:.0f} |")
-        done = cachefile.export_cache(root, Path(tempfile.mkdtemp(prefix="kd-bench-export-")) / "one.h5", opts)
+        done = h5cache.export_cache(root, Path(tempfile.mkdtemp(prefix="kd-bench-export-")) / "one.h5", opts)
         print(f"| {target} | kd-cache export (chunks copied) | {done['num_samples']:,} | {done['seconds']:.2f} | "
               f"{done['num_samples'] / done['seconds']:,.0f} | {done['bytes'] / 1e6 / done['seconds']:.0f} |")
 

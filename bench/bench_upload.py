@@ -68,7 +68,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from kd_core import cachefile, data, io, pipeline  # noqa: E402
+from kd_core import data, h5cache, io, pipeline  # noqa: E402
 from kd_core.demo import _stdlib_docstrings, train_tokenizer  # noqa: E402
 from kd_core.inference import DeviceTimeline, InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import load_teacher  # noqa: E402
@@ -171,7 +171,7 @@ def per_part_run_parts(config, layout, shard, todo, done, lock, progress, backgr
         started, skipped = time.perf_counter(), stats.skipped_empty
         part = pipeline._Part(config, layout, shard, lock, provenance, index, start, stop, staging,
                               projects=index == len(done), parts=len(done) + len(todo))
-        with cachefile.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
+        with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                    top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs={}) as writer:
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
                                     max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,

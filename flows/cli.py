@@ -202,7 +202,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from kd_core.cachefile import CacheReader
+    from kd_core.h5cache import CacheReader
     from kd_core.storage import human_bytes
 
     from kd_core.errors import CacheFileError
@@ -244,7 +244,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from kd_core.cachefile import export_cache
+    from kd_core.h5cache import export_cache
     from kd_core.storage import human_bytes
 
     done = export_cache(args.uri, args.out)
@@ -274,7 +274,7 @@ def cmd_verify(args) -> int:
 
     import torch
 
-    from kd_core.cachefile import CacheReader
+    from kd_core.h5cache import CacheReader
     from kd_core.teacher import load_teacher
     from kd_core.verify import teacher_to_verify, verify_rows
 

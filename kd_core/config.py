@@ -28,7 +28,7 @@ from ruamel.yaml.error import YAMLError
 
 import kd_core
 from kd_core import io
-from kd_core.cachefile import FORMAT_VERSION
+from kd_core.h5cache import FORMAT_VERSION
 from kd_core.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kd_core import io
-from kd_core.cachefile import CacheReader, as_read, iter_samples
+from kd_core.h5cache import CacheReader, as_read, iter_samples
 
 
 class CacheDataset(Dataset):

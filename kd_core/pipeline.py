@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import ValidationError
 
 import kd_core
-from kd_core import cachefile, data, guards, io, locks, records, storage, versions
+from kd_core import data, guards, h5cache, io, locks, records, storage, versions
 from kd_core.config import SAMPLER_VERSION, Config, describe_validation_error, load_config
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError, ConfigError, KDCacheError, StorageError
@@ -393,7 +393,7 @@ def _run_parts(config: Config, layout: Layout, shard: ShardSpec, todo: list[tupl
             part = _Part(config, layout, shard, lock, provenance, index, start, stop, staging,
                          projects=index == first, parts=first + len(todo))
             attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
-            with cachefile.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
+            with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                        top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs=attrs,
                                        samples=samples, submit=background.submit) as writer:
                 for item in items:  # this part's rows, then its PartEnd
@@ -419,7 +419,7 @@ def part_provenance(config: Config, layout: Layout, shard: ShardSpec, teacher, d
     """What this worker's parts record about how they were made; CacheFileError if the shard's complete parts
     were made in another precision."""
     samples = sampled_draws(config)
-    provenance = Provenance(format_version=cachefile.FORMAT_VERSION, vocab_size=teacher.vocab_size,
+    provenance = Provenance(format_version=h5cache.FORMAT_VERSION, vocab_size=teacher.vocab_size,
                             top_k=config.cache.top_k if samples is None else None, samples=samples,
                             tokenizer=getattr(teacher.tokenizer, "name_or_path", None),
                             teacher_dtype=str(teacher.dtype).removeprefix("torch."))
@@ -556,7 +556,7 @@ def _merge_locked(config: Config, shards: list[ShardRecord]) -> Manifest:
     scratch = Path(tempfile.mkdtemp(prefix="kd-merge-", dir=staging_dir(config)))
     try:
         index_local = io.local_path(layout.cache_file) if io.is_local(layout.root) else scratch / versions.INDEX
-        summary = cachefile.write_index(index_local, entries, attrs=cache_attrs(config, shards))
+        summary = h5cache.write_index(index_local, entries, attrs=cache_attrs(config, shards))
         index_bytes = index_local.stat().st_size
         if index_bytes > config.output.max_object_bytes:
             raise StorageError(f"output.max_object_bytes: the index of {summary['num_samples']:,} samples takes "
@@ -570,7 +570,7 @@ def _merge_locked(config: Config, shards: list[ShardRecord]) -> Manifest:
     index = ManifestFile(name=versions.INDEX, bytes=index_bytes, sha256=index_stamp["sha256"], **summary)
     file_bytes = index_bytes + sum(f.bytes for f in parts)
     manifest = Manifest(
-        format_version=cachefile.FORMAT_VERSION, key=layout.key, uri=layout.cache_file, index=index, parts=parts,
+        format_version=h5cache.FORMAT_VERSION, key=layout.key, uri=layout.cache_file, index=index, parts=parts,
         num_samples=summary["num_samples"], num_tokens=summary["num_tokens"],
         skipped_empty=sum(r.skipped_empty for r in shards), shards=len(shards), file_bytes=file_bytes,
         bytes_per_token=file_bytes / max(1, summary["num_tokens"]), provenance=shards[0].provenance,
@@ -590,7 +590,7 @@ MERGE_READ_BLOCK_BYTES = 256 * 1024
 
 def _checked_part_file(layout: Layout, shard: ShardSpec, part: PartRecord, file: FileRecord,
                        stamp: dict[str, Any] | None, opts: dict[str, Any]) -> dict[str, Any]:
-    """cachefile.index_entry of one part file, after checking it is the file its record describes."""
+    """h5cache.index_entry of one part file, after checking it is the file its record describes."""
     uri = io.join(layout.version_dir, file.name)
     fix = (f"Fix: delete {layout.shard_record(shard)} and {layout.part_record(shard, part.part)}, then run "
            "again: only that part is recomputed.")
@@ -605,7 +605,7 @@ def _checked_part_file(layout: Layout, shard: ShardSpec, part: PartRecord, file:
         raise CacheFileError(f"{where} its bytes differ from those published (sha256). {fix}")
     fileobj, _ = io.open_for_read(uri, opts, block_size=MERGE_READ_BLOCK_BYTES)
     try:
-        return cachefile.index_entry(fileobj if fileobj is not None else io.local_path(uri), file.name,
+        return h5cache.index_entry(fileobj if fileobj is not None else io.local_path(uri), file.name,
                                      file.model_dump())
     except CacheFileError as e:
         raise CacheFileError(f"{where} {e} {fix}") from None

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kd_core import cachefile
+from kd_core import h5cache
 
 # Stored bytes per value after shuffle+gzip, measured on real caches (docs/FORMAT.md, "Size"):
 #  - ids carry at most log2(vocab) bits; shuffle groups their always-zero high bytes, which then cost nothing.
@@ -61,8 +61,8 @@ def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_si
                       samples: int | None = None) -> int:
     """Every sample at max_length, uncompressed (sampled: every draw a distinct id)."""
     tokens = num_samples * max_length
-    per_sample = cachefile.BYTES_PER_SAMPLE + (8 if samples is not None else 0)  # + /sampled_offsets
-    return (tokens * cachefile.bytes_per_token(top_k, vocab_size, samples) + num_samples * per_sample + 16
+    per_sample = h5cache.BYTES_PER_SAMPLE + (8 if samples is not None else 0)  # + /sampled_offsets
+    return (tokens * h5cache.bytes_per_token(top_k, vocab_size, samples) + num_samples * per_sample + 16
             + FILE_OVERHEAD_BYTES)
 
 
@@ -179,10 +179,10 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
     """probe_lengths: token counts (already truncated to max_length) of real samples from the dataset.
     samples=N: a sampled cache (top_k ignored)."""
     mean_tokens = sum(probe_lengths) / len(probe_lengths) if probe_lengths else float(max_length)
-    per_token = cachefile.bytes_per_token(top_k, vocab_size, samples)
+    per_token = h5cache.bytes_per_token(top_k, vocab_size, samples)
     expected_tokens = round(mean_tokens * num_samples)
     stored = stored_bytes_per_token(top_k, vocab_size, samples)
-    expected = round(expected_tokens * stored) + num_samples * cachefile.BYTES_PER_SAMPLE + FILE_OVERHEAD_BYTES
+    expected = round(expected_tokens * stored) + num_samples * h5cache.BYTES_PER_SAMPLE + FILE_OVERHEAD_BYTES
     return StorageEstimate(
         num_samples=num_samples, max_length=max_length, top_k=top_k if samples is None else None,
         vocab_size=vocab_size, bytes_per_token=per_token, upper_bound_tokens=num_samples * max_length,

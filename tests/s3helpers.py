@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kd_core import cachefile, io, pipeline
+from kd_core import h5cache, io, pipeline
 from kd_core.config import deep_merge
 
 # Fake credentials, distinctive enough to grep for: they must never show up in files, attributes or logs.
@@ -97,7 +97,7 @@ def build(config):
 
 def read_arrays(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Every dataset of the cache at `uri` (any URI form), read through its manifest and parts."""
-    with cachefile.CacheReader(uri, storage_options) as reader:
+    with h5cache.CacheReader(uri, storage_options) as reader:
         return reader.read_all()
 
 
@@ -117,5 +117,5 @@ def listing(uri: str, storage_options: dict[str, Any] | None = None) -> list[str
 
 def cache_attrs_text(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """The index's attributes and every part file's, as text."""
-    with cachefile.CacheReader(uri, storage_options) as reader:
-        return repr(reader.attrs) + "".join(repr(cachefile.read_attrs(reader._file(f))) for f in range(len(reader.files)))
+    with h5cache.CacheReader(uri, storage_options) as reader:
+        return repr(reader.attrs) + "".join(repr(h5cache.read_attrs(reader._file(f))) for f in range(len(reader.files)))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core import cachefile
-from kd_core.cachefile import CacheReader, CacheWriter, verify_file
+from kd_core import h5cache
+from kd_core.h5cache import CacheReader, CacheWriter, verify_file
 from kd_core.dataset import CacheDataset, pad_collate
 from kd_core.errors import CacheFileError
 
@@ -55,8 +55,8 @@ def test_round_trip_and_index_dtype(tmp_path, vocab, dtype):
 
 
 def test_bytes_per_token_matches_the_uncompressed_arrays():
-    assert cachefile.bytes_per_token(64, 32000) == 4 + 64 * 2 + 64 * 2 + 4 == 264
-    assert cachefile.bytes_per_token(64, 151936) == 4 + 64 * 4 + 64 * 2 + 4 == 392
+    assert h5cache.bytes_per_token(64, 32000) == 4 + 64 * 2 + 64 * 2 + 4 == 264
+    assert h5cache.bytes_per_token(64, 151936) == 4 + 64 * 4 + 64 * 2 + 4 == 392
 
 
 def test_a_failed_write_leaves_no_file(tmp_path):
@@ -73,9 +73,9 @@ def test_nothing_has_the_final_name_until_close(tmp_path):
     w = CacheWriter(path, top_k=4, vocab_size=100, attrs={})
     for s in random_samples(5, 4, 100):
         w.append(**s)
-    assert not path.exists() and cachefile.temporary_path(path).exists()
+    assert not path.exists() and h5cache.temporary_path(path).exists()
     w.close()
-    assert path.exists() and not cachefile.temporary_path(path).exists()
+    assert path.exists() and not h5cache.temporary_path(path).exists()
 
 
 def test_verify_catches_truncation_and_wrong_records(tmp_path):
@@ -113,12 +113,12 @@ class Rows:
 def split_write(directory, samples, k, vocab, max_bytes):
     """Samples through a SplitWriter into directory/parts/part-NNNN.h5; the index entries of the files."""
     closed = []
-    with cachefile.SplitWriter(lambda i: directory / "parts" / f"part-{i:04d}.h5", max_bytes,
+    with h5cache.SplitWriter(lambda i: directory / "parts" / f"part-{i:04d}.h5", max_bytes,
                                lambda path, summary: closed.append((path, summary)), top_k=k, vocab_size=vocab,
                                attrs={"teacher_model": "t"}) as writer:
         for sample in samples:
             writer.append_rows(Rows(sample))
-    return [cachefile.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
+    return [h5cache.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
 
 
 def test_a_part_over_the_object_limit_is_split_and_no_file_passes_it(tmp_path):
@@ -135,12 +135,12 @@ def test_the_index_presents_the_parts_as_one_cache_to_stock_h5py(tmp_path):
     samples = random_samples(300, 8, 70000, seed=1)
     entries = split_write(tmp_path / "v", samples, 8, 70000, 90_000)
     assert len(entries) >= 3
-    cachefile.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"teacher_model": "t", "top_k": 8,
+    h5cache.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"teacher_model": "t", "top_k": 8,
                                                                        "vocab_size": 70000})
     write(tmp_path / "whole.h5", samples, 8, 70000)
     (tmp_path / "v").rename(tmp_path / "moved")  # parts are found relative to the index, wherever it is
     with h5py.File(tmp_path / "moved" / "cache.h5") as index, h5py.File(tmp_path / "whole.h5") as whole:
-        for name in (*cachefile.TOKEN_DATASETS, "offsets", "sample_index"):
+        for name in (*h5cache.TOKEN_DATASETS, "offsets", "sample_index"):
             assert index[name].dtype == whole[name].dtype
             np.testing.assert_array_equal(index[name][:], whole[name][:])
         assert index["topk_indices"].is_virtual and not index["offsets"].is_virtual
@@ -153,11 +153,11 @@ def test_index_entry_refuses_a_file_that_disagrees_with_its_record(tmp_path):
     samples = random_samples(10, 4, 100)
     w = write(tmp_path / "c.h5", samples, 4, 100)
     expect = {"num_samples": 10, "num_tokens": w.num_tokens, "checksums": w.checksums()}
-    assert cachefile.index_entry(tmp_path / "c.h5", "c.h5", expect)["offsets"][-1] == w.num_tokens
+    assert h5cache.index_entry(tmp_path / "c.h5", "c.h5", expect)["offsets"][-1] == w.num_tokens
     with pytest.raises(CacheFileError, match="10 samples, the record says 11"):
-        cachefile.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "num_samples": 11})
+        h5cache.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "num_samples": 11})
     with pytest.raises(CacheFileError, match="sample_index differs from the record's checksum"):
-        cachefile.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "checksums": {"sample_index": "0"}})
+        h5cache.index_entry(tmp_path / "c.h5", "c.h5", {**expect, "checksums": {"sample_index": "0"}})
 
 
 def test_dataset_and_pad_collate(tmp_path):
@@ -182,7 +182,7 @@ def test_many_chunks_compressed_in_parallel_read_back_exactly(tmp_path, monkeypa
     """Small chunks, so rows cross many chunk borders and several chunks compress at once on the pool."""
     import hashlib
 
-    monkeypatch.setattr(cachefile, "CHUNK_BYTES", 1)  # the 1024-row minimum: ~10 chunks per dataset here
+    monkeypatch.setattr(h5cache.writer, "CHUNK_BYTES", 1)  # the 1024-row minimum: ~10 chunks per dataset here
     samples = random_samples(200, 4, 70000, seed=2, max_len=100)
     write(tmp_path / "c.h5", samples, 4, 70000)
     with h5py.File(tmp_path / "c.h5") as f:

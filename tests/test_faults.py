@@ -17,7 +17,7 @@ from s3helpers import (  # noqa: F401
     start_moto,
 )
 
-from kd_core import cachefile, io, pipeline
+from kd_core import h5cache, io, pipeline
 from kd_core.errors import CacheFileError, StorageError
 from tasks.teacher_inference import _not_a_user_error
 
@@ -25,12 +25,12 @@ from tasks.teacher_inference import _not_a_user_error
 # while a shard is half done.
 DRIVER = """
 import json, sys, time
-from kd_core import cachefile, pipeline
-real_append = cachefile.CacheWriter.append_rows
+from kd_core import h5cache, pipeline
+real_append = h5cache.CacheWriter.append_rows
 def slow_append(self, rows):
     time.sleep(0.05)
     real_append(self, rows)
-cachefile.CacheWriter.append_rows = slow_append
+h5cache.CacheWriter.append_rows = slow_append
 config = pipeline.validate("demo", json.loads(sys.argv[1]))
 pipeline.estimate(config)
 pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
@@ -161,14 +161,14 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
                                                  output={"storage_options": flaky_opts}))
     records = _run_shards(config)
 
-    real_write_index = pipeline.cachefile.write_index
+    real_write_index = pipeline.h5cache.write_index
 
     def index_then_endpoint_dies(*args, **kwargs):
         summary = real_write_index(*args, **kwargs)
         flaky.stop()  # the index is ready locally; its upload meets a dead endpoint
         return summary
 
-    monkeypatch.setattr(pipeline.cachefile, "write_index", index_then_endpoint_dies)
+    monkeypatch.setattr(pipeline.h5cache, "write_index", index_then_endpoint_dies)
     caplog.set_level(logging.WARNING, logger="kd_core.io")
     started = time.monotonic()
     with pytest.raises(StorageError, match=r"uploading s3://.*/cache\.h5: still failing after 3 attempts") as e:
@@ -180,7 +180,7 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
     opts = s3_options(moto_endpoint)
     files = listing(uri, opts)
     assert files and all(f.startswith("work/") or "/parts/" in f for f in files), files
-    monkeypatch.setattr(pipeline.cachefile, "write_index", real_write_index)
+    monkeypatch.setattr(pipeline.h5cache, "write_index", real_write_index)
     live = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     assert pipeline.merge(live, records).num_samples == sum(r.num_samples for r in records)
 
@@ -238,7 +238,7 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
     uri = str(tmp_path / "out")
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
     layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
-    real_close, closed = cachefile._Column.close, []
+    real_close, closed = h5cache.writer._Column.close, []
 
     def close_on_a_full_disk(self):  # six columns per part: the second part meets a full disk
         closed.append(self)
@@ -246,7 +246,7 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
         real_close(self)
 
-    monkeypatch.setattr(cachefile._Column, "close", close_on_a_full_disk)
+    monkeypatch.setattr(h5cache.writer._Column, "close", close_on_a_full_disk)
     with pytest.raises(StorageError, match=r"^no space left on the disk holding .*Fix: free space") as e:
         pipeline.run_shard(config, shard)
     assert "\n" not in str(e.value)

@@ -15,7 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 import kd_core.teacher
 from flows.build_teacher_cache import build_teacher_cache
 from kd_core import pipeline, versions
-from kd_core.cachefile import CacheReader
+from kd_core.h5cache import CacheReader
 from kd_core.config import override_strings
 from kd_core.errors import ConfigError
 

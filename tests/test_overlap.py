@@ -8,7 +8,7 @@ import time
 import pytest
 from s3helpers import assert_same_arrays, overrides, read_arrays, reference_arrays  # noqa: F401
 
-from kd_core import cachefile, inference, io, pipeline
+from kd_core import h5cache, inference, io, pipeline
 from kd_core.config import TeacherConfig
 from kd_core.errors import StorageError
 from kd_core.inference import DeviceTimeline, PartEnd, run_teacher
@@ -59,7 +59,7 @@ def test_parts_in_one_pass_are_batched_and_computed_as_if_run_alone(small_teache
 def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """Part 0's upload is held until the teacher's rows of part 1 reach the writer: possible only with the upload
     in the background (background_files=0, the synchronous way, holds it until the wait gives up)."""
-    real_append, real_publish = cachefile.CacheWriter.append_rows, io.publish_file
+    real_append, real_publish = h5cache.CacheWriter.append_rows, io.publish_file
     for files, overlaps in ((1, True), (0, False)):
         config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / f"out{files}")))
         part1_rows, held = threading.Event(), []
@@ -74,7 +74,7 @@ def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path
                 held.append(part1_rows.wait(timeout=30 if overlaps else 1))
             return real_publish(local, uri, opts)
 
-        monkeypatch.setattr(cachefile.CacheWriter, "append_rows", append_rows)
+        monkeypatch.setattr(h5cache.CacheWriter, "append_rows", append_rows)
         monkeypatch.setattr(io, "publish_file", publish_file)
         record = pipeline.run_shard(config, pipeline.plan(config).shards[0], background_files=files)
         assert held == [overlaps] and len(record.parts) == 3
@@ -86,7 +86,7 @@ def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, co
     config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri,
                                                  output={"max_object_bytes": 1 << 16}))
     live, most, order = set(), [0], []
-    real_init, real_publish, real_write = cachefile.CacheWriter.__init__, io.publish_file, pipeline.records.write
+    real_init, real_publish, real_write = h5cache.CacheWriter.__init__, io.publish_file, pipeline.records.write
 
     def init(self, path, **kw):  # a file exists locally from its writer's start to the end of its publish
         real_init(self, path, **kw)
@@ -105,7 +105,7 @@ def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, co
             order.append(uri.rsplit("/", 1)[1])
         real_write(uri, record, opts)
 
-    monkeypatch.setattr(cachefile.CacheWriter, "__init__", init)
+    monkeypatch.setattr(h5cache.CacheWriter, "__init__", init)
     monkeypatch.setattr(io, "publish_file", slow_publish)
     monkeypatch.setattr(pipeline.records, "write", write)
     record = pipeline.run_shard(config, pipeline.plan(config).shards[0])

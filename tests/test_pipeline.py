@@ -13,7 +13,7 @@ import torch
 import kd_core
 from kd_core import pipeline, versions
 from kd_core import teacher as teacher_module
-from kd_core.cachefile import CacheReader
+from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, load_config
 from kd_core.errors import CacheFileError
 from kd_core.teacher import load_teacher

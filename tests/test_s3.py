@@ -10,8 +10,8 @@ from s3helpers import (  # noqa: F401
     read_arrays, s3_options,
 )
 
-from kd_core import cachefile, io, locks, pipeline
-from kd_core.cachefile import CacheReader, verify_file
+from kd_core import h5cache, io, locks, pipeline
+from kd_core.h5cache import CacheReader, verify_file
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_cache_dataset_and_the_streaming_reader_on_s3_equal_the_local_copy(
                                                                    world_size=2)]
     assert again == seen[0] and seen[0] != sorted(seen[0])  # seeded, and shuffled
 
-    summary = cachefile.export_cache(uri, tmp_path / "one.h5", opts)
+    summary = h5cache.export_cache(uri, tmp_path / "one.h5", opts)
     assert summary["num_samples"] == 58
     with h5py.File(tmp_path / "one.h5") as f:
         exported = {name: f[name][:] for name in ("input_ids", "offsets", "sample_index", "topk_indices",

@@ -13,7 +13,7 @@ import torch
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.cli import main
-from kd_core.cachefile import CacheReader
+from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, override_strings
 from kd_core.dataset import CacheDataset, pad_collate
 from kd_core.sampling import FitAccumulator

@@ -262,27 +262,27 @@ def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
     """Split parts + the virtual index: stock h5py sees the whole cache, CacheReader gives back (L, m) arrays."""
     import h5py
 
-    from kd_core import cachefile
-    from kd_core.cachefile import CacheReader
+    from kd_core import h5cache
+    from kd_core.h5cache import CacheReader
     from kd_core.dataset import CacheDataset, pad_collate
 
     samples = random_sampled(120, draws, vocab)
     closed = []
-    with cachefile.SplitWriter(lambda i: tmp_path / "v" / "parts" / f"part-{i:04d}.h5", max_bytes,
+    with h5cache.SplitWriter(lambda i: tmp_path / "v" / "parts" / f"part-{i:04d}.h5", max_bytes,
                                lambda path, summary: closed.append((path, summary)), top_k=0, vocab_size=vocab,
                                attrs={}, samples=draws) as writer:
         for s in samples:
             writer.append_rows(s)
     assert len(closed) >= 2 and max(p.stat().st_size for p, _ in closed) <= max_bytes
     for path, summary in closed:
-        cachefile.verify_file(path, expect=summary)
-    entries = [cachefile.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
-    cachefile.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"mode": "sampled", "samples": draws,
+        h5cache.verify_file(path, expect=summary)
+    entries = [h5cache.index_entry(path, f"parts/{path.name}", summary) for path, summary in closed]
+    h5cache.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"mode": "sampled", "samples": draws,
                                                                        "vocab_size": vocab})
     with h5py.File(tmp_path / "v" / "cache.h5") as index:  # stock h5py: the whole cache, entries included
         lengths, offsets = index["sampled_lengths"][:], index["sampled_offsets"][:]
-        assert index["sampled_id_gaps"].is_virtual and index["sampled_id_gaps"].dtype == cachefile.index_dtype(vocab)
-        assert index["sampled_counts"].dtype == cachefile.count_dtype(draws)
+        assert index["sampled_id_gaps"].is_virtual and index["sampled_id_gaps"].dtype == h5cache.index_dtype(vocab)
+        assert index["sampled_counts"].dtype == h5cache.count_dtype(draws)
         assert offsets[-1] == lengths.sum() == index["sampled_counts"].shape[0]
         assert np.all(np.add.reduceat(index["sampled_counts"][:].astype(np.int64), (np.cumsum(lengths) - lengths).astype(np.int64)) == draws)
         whole = {name: index[name][:] for name in ("sample_index", "input_ids")}
@@ -304,7 +304,7 @@ def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
 
 
 def test_sampled_writer_refuses_rows_that_do_not_sum_to_n(tmp_path):
-    from kd_core.cachefile import CacheWriter
+    from kd_core.h5cache import CacheWriter
 
     sample = random_sampled(1, 16, 100)[0]
     sample.sampled_counts[0, 0] += 1

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kd_core import versions
-from kd_core.cachefile import CacheReader
+from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, override_strings
 from kd_core.teacher import load_teacher
 from kd_core.verify import verify_rows

@@ -14,7 +14,7 @@ import pytest
 from test_deployments import FINAL, children, trigger, wait
 
 from kd_core import pipeline, versions
-from kd_core.cachefile import CacheReader
+from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, override_strings
 from kd_core.teacher import load_teacher
 from kd_core.verify import verify_rows

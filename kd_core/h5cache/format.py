@@ -1,0 +1,177 @@
+"""The cache file format, version 1: its datasets, their dtypes and row spec per mode, attributes, and the byte
+arithmetic kd_core.storage estimates with. The one place that knows these facts; writer, index, reader, verify
+and export build on it.
+
+One HDF5 file per cache, samples concatenated CSR-style (no padding stored):
+
+    /input_ids      (T,)    uint32   the tokens, samples back to back
+    /offsets        (S+1,)  int64    sample s is rows offsets[s]:offsets[s+1]
+    /sample_index   (S,)    int64    the sample's row number in the source split
+    /topk_indices   (T, k)  uint16 if vocab <= 65536 else uint32   teacher's top-k next-token ids, best first
+    /topk_logprobs  (T, k)  float16  log p_teacher(id) at temperature 1
+    /logsumexp      (T,)    float32  logsumexp of the raw logits (raw logit = logprob + logsumexp)
+
+A sampled cache (cache.mode=sampled, N draws per row) has, instead of the two top-k datasets, a second level of
+CSR over "entries" (one per distinct id drawn in a row):
+
+    /sampled_lengths  (T,)    uint8 if N <= 255 else uint16   m_t: distinct ids drawn in row t
+    /sampled_offsets  (S+1,)  int64    sample s's entries are sampled_offsets[s]:sampled_offsets[s+1]
+    /sampled_id_gaps  (E,)    like topk_indices   row's ids ascending, each as its gap to the previous one
+    /sampled_counts   (E,)    uint8 if N <= 255 else uint16   times drawn; a row's counts sum to N
+
+Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t. Root attributes record
+provenance (see docs/FORMAT.md). Datasets are chunked with gzip (and shuffle, but for the top-k ids): lossless,
+and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
+structure checks out, so a file with the final name is always complete. A published version is part files of
+this format plus an index (kd_core.h5cache.index): the same datasets as virtual datasets over the parts
+(docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+TOKEN_DATASETS = ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")  # one row per token (top-k mode)
+SAMPLE_DATASETS = ("sample_index",)  # one row per sample (plus /offsets, S+1)
+# Sampled mode: one row per distinct id drawn ("entry"), sliced per sample by /sampled_offsets (S+1).
+ENTRY_DATASETS = ("sampled_id_gaps", "sampled_counts")
+ENTRY_OFFSETS = "sampled_offsets"
+# One row per sample (or S+1): every other dataset has one row per token, or per entry (ENTRY_DATASETS).
+PER_SAMPLE_DATASETS = ("offsets", "sample_index", ENTRY_OFFSETS)
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
+COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
+# Shuffle helps every dataset but the top-k ids, whose bytes are all informative (measured: 5.0-5.5 B/token
+# smaller without it at k=64 on the H100 benchmark, docs/PERFORMANCE.md).
+UNSHUFFLED = {"topk_indices"}
+# What a virtual dataset of the index reads where no source maps (kd_core.h5cache.index).
+FILL_VALUE = 0
+
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def count_dtype(samples: int) -> np.dtype:
+    return np.dtype(np.uint8 if samples <= 255 else np.uint16)
+
+
+def row_layout(top_k: int, vocab_size: int, samples: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-token datasets: name -> (shape after the row axis, dtype). samples=N: a sampled cache's."""
+    if samples is not None:
+        return {
+            "input_ids": ((), np.dtype(np.uint32)),
+            "sampled_lengths": ((), count_dtype(samples)),
+            "logsumexp": ((), np.dtype(np.float32)),
+        }
+    return {
+        "input_ids": ((), np.dtype(np.uint32)),
+        "topk_indices": ((top_k,), index_dtype(vocab_size)),
+        "topk_logprobs": ((top_k,), np.dtype(np.float16)),
+        "logsumexp": ((), np.dtype(np.float32)),
+    }
+
+
+def entry_layout(vocab_size: int, samples: int | None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-entry datasets of a sampled cache (none for a top-k cache)."""
+    if samples is None:
+        return {}
+    return {"sampled_id_gaps": ((), index_dtype(vocab_size)), "sampled_counts": ((), count_dtype(samples))}
+
+
+def pack_sampled(ids: np.ndarray, counts: np.ndarray, samples: int, vocab_size: int) -> dict[str, np.ndarray]:
+    """One sample's (L, m) ids ascending + counts (count 0 = padding, at the end of a row) -> the stored arrays:
+    sampled_lengths (L,), sampled_id_gaps (E,), sampled_counts (E,).
+
+    An id is stored as its gap to the previous id of its row (the first as itself): the gaps between sorted ids
+    are small numbers whose high bytes shuffle + gzip remove (15% fewer bytes than the ids on the demo teacher).
+    """
+    real = counts > 0  # (L, m)
+    gaps = np.diff(ids.astype(np.int64), axis=1, prepend=0)  # (L, m)
+    return {
+        "sampled_lengths": real.sum(-1).astype(count_dtype(samples)),
+        "sampled_id_gaps": gaps[real].astype(index_dtype(vocab_size)),
+        "sampled_counts": counts[real].astype(count_dtype(samples)),
+    }
+
+
+def unpack_sampled(lengths: np.ndarray, gaps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pack_sampled's inverse: (L,), (E,), (E,) -> ids (L, m) int64 and counts (L, m) int64, m the longest row."""
+    lengths = lengths.astype(np.int64)
+    row_of = np.repeat(np.arange(len(lengths)), lengths)  # (E,) the row of each entry
+    starts = np.cumsum(lengths) - lengths  # (L,) each row's first entry
+    running = np.cumsum(gaps.astype(np.int64))  # (E,)
+    before = np.concatenate([[0], running])[starts]  # (L,) running sum up to the row's start
+    column = np.arange(len(gaps)) - starts[row_of]  # (E,)
+    width = int(lengths.max()) if len(lengths) else 0
+    ids, out = np.zeros((len(lengths), width), np.int64), np.zeros((len(lengths), width), np.int64)
+    ids[row_of, column] = running - before[row_of]
+    out[row_of, column] = counts
+    return ids, out
+
+
+def row_bytes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Uncompressed bytes of one row of every dataset in `layout`."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in layout.values())
+
+
+def row_datasets(file: h5py.File) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """A cache file's row datasets as it holds them: name -> (shape after the row axis, dtype). Every root
+    dataset but the per-sample ones (an export keeps its parts' copies in a group, not at the root)."""
+    return {name: (d.shape[1:], d.dtype) for name, d in file.items()
+            if isinstance(d, h5py.Dataset) and name not in PER_SAMPLE_DATASETS}
+
+
+def bytes_per_token(top_k: int, vocab_size: int, samples: int | None = None) -> int:
+    """Uncompressed bytes one token costs in the file, at most (sampled: every draw a distinct id)."""
+    entries = min(samples, vocab_size) if samples is not None else 0
+    return row_bytes(row_layout(top_k, vocab_size, samples)) + entries * row_bytes(entry_layout(vocab_size, samples))
+
+
+BYTES_PER_SAMPLE = 8 + 8  # one /offsets entry + one /sample_index entry (+ 8 for /sampled_offsets: sampled)
+# Size accounting for output.max_object_bytes: HDF5's own metadata (superblock, object headers, B-tree nodes:
+# ~25 KB measured per file) beside the attributes, and the chunk index's cost per chunk.
+METADATA_BYTES = 32 * 1024
+CHUNK_INDEX_BYTES = 64
+
+
+def sampled_draws(attrs: dict[str, Any]) -> int | None:
+    """N of a sampled cache from its root attributes; None for a top-k cache (files before sampled mode too)."""
+    return int(attrs["samples"]) if attrs.get("mode") == "sampled" else None
+
+
+def dataset_names(attrs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(per-token, per-entry) dataset names a file with these root attributes holds."""
+    samples = sampled_draws(attrs)
+    return tuple(row_layout(0, 2, samples)), tuple(entry_layout(2, samples))
+
+
+def temporary_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def write_attrs(file: h5py.File, attrs: dict[str, Any]) -> None:
+    """HDF5 attributes take no None and no nested objects: skip None, store dicts/lists as JSON."""
+    for key, value in attrs.items():
+        if value is None:
+            continue
+        file.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def read_attrs(file: h5py.File) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in file.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+

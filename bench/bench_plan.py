@@ -42,7 +42,7 @@ def main() -> None:
     samples = total * 15 // 16
     print(f"{args.files} files x {args.groups} row groups x {args.group_rows:,} rows = {total:,} rows; "
           f"max_samples={samples:,}")
-    print(f"| shards | plan seconds | rows read (footers plan) | extra per shard | rows read (skip from row 0) |")
+    print("| shards | plan seconds | rows read (footers plan) | extra per shard | rows read (skip from row 0) |")
     print("|---:|---:|---:|---:|---:|")
     for shards in map(int, args.shards.split(",")):
         cfg = DatasetConfig(name="parquet", data_files=pattern, streaming=True, max_samples=samples)

@@ -18,9 +18,7 @@ Teachers: the demo teacher (@demo/teacher, 200 training steps) and any model dir
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
 import tempfile
 from pathlib import Path

@@ -31,7 +31,10 @@ from kd_core import io
 from kd_core.h5cache import FORMAT_VERSION
 from kd_core.errors import ConfigError
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# The shipped profiles: profiles/ in a checkout, kd_core/profiles/ in an installed copy (pyproject.toml maps one to
+# the other), so a profile name works from any directory.
+_HERE = Path(__file__).resolve().parent
+PROFILES_DIR = _HERE / "profiles" if (_HERE / "profiles").is_dir() else _HERE.parent / "profiles"
 
 # The seed system put every key under `distillation.`: `distillation.dataset.streaming=true` is
 # `dataset.streaming=true`. The one place that knows about aliases.

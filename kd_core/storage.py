@@ -203,10 +203,10 @@ def does_not_fit(est: StorageEstimate) -> str | None:
                 f"{human_bytes(est.max_bytes)}. Fix: lower dataset.max_samples, cache.top_k (cache.samples when "
                 "sampled) or cache.max_length, "
                 "or raise output.max_bytes.")
-    # Shard files and the merged copy sit side by side until the merge publishes: twice the cache.
-    if est.free_bytes is not None and 2 * est.expected_bytes > est.free_bytes:
-        return (f"output.uri: the target has {human_bytes(est.free_bytes)} free; the run needs about "
-                f"{human_bytes(2 * est.expected_bytes)} (the {expected} cache plus its shards during the merge). "
+    # Parts are written once, to their final keys, and the merge copies no token data: the target holds the cache
+    # once, plus its index (offsets and sample rows: 16 B per sample).
+    if est.free_bytes is not None and est.expected_bytes > est.free_bytes:
+        return (f"output.uri: the target has {human_bytes(est.free_bytes)} free; the run needs about {expected}. "
                 "Fix: free space, choose another output.uri, or lower dataset.max_samples.")
     return None
 

@@ -1,7 +1,6 @@
 """Bad inputs: each is one clear line that names the key, exit code 2 from the CLI without a traceback, and
 nothing written at the output. Checked through kd_core.pipeline and through `kd-cache validate/estimate`."""
 
-import json
 import logging
 import re
 import subprocess

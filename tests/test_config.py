@@ -5,7 +5,7 @@ import os
 import pytest
 
 from kd_core import guards
-from kd_core.config import PROFILES_DIR, load_config, override_strings, parse_overrides
+from kd_core.config import load_config, override_strings, parse_overrides
 from kd_core.errors import ConfigError
 
 BASE = ["teacher.model=some/teacher", "output.uri=/tmp/x"]

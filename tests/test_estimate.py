@@ -84,3 +84,14 @@ def test_projection_stops_a_cache_the_estimate_underrated_after_one_part_and_the
     shard_bytes = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.h5"))  # half of the 60 samples
     assert projected == pytest.approx(2 * shard_bytes, rel=0.5)
     assert "cache projected at" in caplog.text
+
+
+def test_free_space_is_checked_against_the_cache_once():
+    """Parts go straight to their final keys and the merge copies no token data: 1x the expected size fits."""
+    est = storage.estimate(num_samples=1000, max_length=512, top_k=8, vocab_size=4096, probe_lengths=[300])
+    roomy = storage.estimate(num_samples=1000, max_length=512, top_k=8, vocab_size=4096, probe_lengths=[300],
+                             free_bytes=est.expected_bytes * 3 // 2)
+    assert storage.does_not_fit(roomy) is None
+    tight = storage.estimate(num_samples=1000, max_length=512, top_k=8, vocab_size=4096, probe_lengths=[300],
+                             free_bytes=est.expected_bytes - 1)
+    assert storage.does_not_fit(tight).startswith("output.uri: the target has ")

@@ -2,7 +2,6 @@
 fp16, gradients, chunking and memory."""
 
 import json
-import math
 import os
 import subprocess
 import sys

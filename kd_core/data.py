@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kd_core.config import DatasetConfig
 from kd_core.errors import ConfigError
+from kd_core.source import ResolvedDataset, dataset_errors, load_builder, resolve_dataset
 
 Method = Literal["parquet footers", "counted files", "counted stream", "random access"]
 FOOTER_THREADS = 16  # footers of remote files are fetched this many at a time (one small read each)
@@ -103,9 +104,11 @@ def split_rows(total: int, world_size: int) -> list[tuple[int, int]]:
 class Source:
     """A dataset split as planning sees it: its builder, its files and (parquet) their row groups."""
 
-    def __init__(self, cfg: DatasetConfig):
+    def __init__(self, cfg: DatasetConfig, resolved: ResolvedDataset | None = None):
+        """resolved: the split as validate resolved it (kd_core.source); resolved now when not given."""
         self.cfg = cfg
-        self.builder, self.files = _resolve_files(cfg)
+        resolved = resolved if resolved is not None else resolve_dataset(cfg)
+        self.builder, self.files = resolved.builder, resolved.paths
 
     @property
     def method(self) -> Method:
@@ -244,8 +247,8 @@ def _shard(method: Method, index: int, world_size: int, start: int, stop: int,
                      method=method, segments=segments)
 
 
-def plan(cfg: DatasetConfig, num_shards: int) -> ShardPlan:
-    return Source(cfg).plan(num_shards)
+def plan(cfg: DatasetConfig, num_shards: int, resolved: ResolvedDataset | None = None) -> ShardPlan:
+    return Source(cfg, resolved).plan(num_shards)
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -298,8 +301,7 @@ def _file_rows(cfg: DatasetConfig, segments: list[Segment], start: int, stop: in
 
     paths = [s.path for s in segments if s.stop_row > start and s.first_row < stop]
     first_row = next(s.first_row for s in segments if s.stop_row > start)
-    builder, _ = _builder_name(cfg)
-    stream = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True)
+    stream = datasets.load_dataset(load_builder(cfg).name, data_files=paths, split="train", streaming=True)
     for row in stream.skip(start - first_row).take(stop - start):
         yield row[cfg.text_column]
 
@@ -317,27 +319,6 @@ def probe_texts(cfg: DatasetConfig, source: Source, n: int) -> list[Any]:
 
 # -- datasets and files ----------------------------------------------------------------------------------------
 
-def _builder_name(cfg: DatasetConfig) -> tuple[str, Any]:
-    """(the datasets builder that reads this split, e.g. 'parquet' or 'json'; its resolved data files or None)."""
-    import datasets
-
-    with _dataset_errors(cfg):
-        builder = datasets.load_dataset_builder(cfg.name, cfg.config, data_files=cfg.data_files,
-                                                revision=cfg.revision)
-    return builder.name, builder.config.data_files
-
-
-def _resolve_files(cfg: DatasetConfig) -> tuple[str, list[str] | None]:
-    """The builder and the split's files in the order datasets reads them (None when it does not list them)."""
-    name, data_files = _builder_name(cfg)
-    if not data_files:
-        return name, None
-    if cfg.split not in data_files:
-        raise ConfigError(f"dataset.split: {cfg.name!r} has no split {cfg.split!r}; it has {sorted(data_files)}. "
-                          f"Fix: dataset.split={sorted(data_files)[0]}.")
-    return name, [str(f) for f in data_files[cfg.split]]
-
-
 def _parquet_file(path: str, name: str, split: str) -> pq.ParquetFile:
     """The file, opened for footers and row groups. A missing or damaged file is a data error (not retried); other
     OSErrors (a dropped connection) are left to the caller's retries."""
@@ -348,36 +329,10 @@ def _parquet_file(path: str, name: str, split: str) -> pq.ParquetFile:
                           "A missing, empty or damaged data file reads like this: fix dataset.data_files.") from None
 
 
-class _dataset_errors:
-    """datasets' loading errors as ConfigErrors that name the key to fix."""
-
-    def __init__(self, cfg: DatasetConfig):
-        self.cfg = cfg
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, e, tb):
-        import datasets
-
-        cfg = self.cfg
-        if exc_type is None:
-            return False
-        if issubclass(exc_type, FileNotFoundError):
-            raise ConfigError(f"dataset.name / dataset.data_files: dataset not found ({e}). "
-                              "Fix the name or the file paths.") from None
-        if issubclass(exc_type, datasets.exceptions.DatasetGenerationError):  # e.g. an empty parquet file
-            raise ConfigError(f"dataset: could not read {cfg.name!r} split {cfg.split!r} ({e.__cause__ or e}). "
-                              "An empty or damaged data file reads like this: fix dataset.data_files.") from None
-        if issubclass(exc_type, ValueError):
-            raise ConfigError(f"dataset: could not load {cfg.name!r} split {cfg.split!r}: {e}") from None
-        return False
-
-
 def load_source(cfg: DatasetConfig):
     """The split as a `datasets` Dataset, or an IterableDataset when streaming."""
     import datasets
 
-    with _dataset_errors(cfg):
+    with dataset_errors(cfg):
         return datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, data_files=cfg.data_files,
                                      revision=cfg.revision, streaming=cfg.streaming)

@@ -68,22 +68,52 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def disk_full_is_fatal(where: str | Path):
-    """Turn a full local disk into one StorageError (not retried: a retry fails the same way)."""
+def disk_full_is_fatal(output: str | Path | None = None, staging: str | Path | None = None):
+    """Turn a full local disk into one StorageError (not retried: a retry fails the same way) that names the disk
+    that is full: the local output directory (`output`), the local staging directory (`staging`), or both when they
+    share a disk. The error's own file name decides when it has one; else the disk with less free space."""
     try:
         yield
     except OSError as e:
         if not is_disk_full(e):
             raise
-        try:
-            free = f"{shutil.disk_usage(where).free / 1e9:.2f} GB free now"
-        except OSError:
-            free = "free space unknown"
-        raise StorageError(
-            f"no space left on the disk holding {where} ({free}). Nothing incomplete was kept under a final name "
-            "and completed parts are kept. Fix: free space there (or point KD_CACHE_STAGING at a larger disk when "
-            "the target is remote), then run again: it continues after the last complete part."
-        ) from None
+        raise StorageError(_disk_full_message(e, {"output": output, "staging": staging})) from None
+
+
+_DISKS = {"output": ("the output directory (output.uri)", "free space there, or choose an output.uri on a larger disk"),
+          "staging": ("the local staging directory (KD_CACHE_STAGING)", "free space there, or point KD_CACHE_STAGING "
+                      "at a larger disk")}
+
+
+def _disk_full_message(e: OSError, disks: dict[str, str | Path | None]) -> str:
+    found = {what: Path(path) for what, path in disks.items() if path is not None}
+    usage = {what: _usage(path) for what, path in found.items()}  # (device, free bytes) or None
+    name = getattr(e, "filename", None)
+    full = [what for what, path in found.items() if name and str(name).startswith(str(path))][:1]
+    if not full and found:
+        known = {w: u for w, u in usage.items() if u is not None}
+        if len({dev for dev, _ in known.values()}) == 1 and len(known) == len(found):
+            full = list(found)  # one disk holds both
+        elif known:
+            full = [min(known, key=lambda w: known[w][1])]
+        else:
+            full = list(found)
+    held = " and ".join(f"{_DISKS[w][0]} {found[w]}" for w in full) or "the local scratch directory"
+    free = usage.get(full[0]) if full else None
+    fixes = "; ".join(_DISKS[w][1] for w in full) or "free space there"
+    room = f"{free[1] / 1e9:.2f} GB free now" if free else "free space unknown"
+    return (f"no space left on the disk holding {held} ({room}). Nothing incomplete was kept under a final name and completed parts are kept. Fix: {fixes}, "
+            "then run again: it continues after the last complete part.")
+
+
+def _usage(path: Path) -> tuple[int, int] | None:
+    """(device id, free bytes) of the disk holding `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return path.stat().st_dev, shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def retrying(what: str, fn: Callable[[], T]) -> T:
@@ -189,20 +219,32 @@ def read_json(uri: str, storage_options: dict[str, Any] | None = None) -> Any:
 
 
 def write_text_atomic(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Locally: write a temporary file next to the target, then rename it into place. Remotely: one PUT, which
-    object stores apply atomically (no temporary key, no copy)."""
+    """Locally: write a temporary file next to the target, then rename it into place (a failed write, e.g. a full
+    disk, leaves neither a partial target nor the temporary file). Remotely: one PUT, which object stores apply
+    atomically (no temporary key, no copy)."""
     if is_local(uri):
         path = local_path(uri)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _write_temporary(path, text)
         os.replace(tmp, path)
         return
     fs, path = filesystem(uri, storage_options)
     retrying(f"writing {uri}", lambda: fs.pipe_file(path, text.encode()))
+
+
+def _write_temporary(path: Path, text: str) -> str:
+    """A hidden temporary file beside `path` holding `text`, synced; removed again if writing it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def write_json_atomic(uri: str, data: Any, storage_options: dict[str, Any] | None = None) -> None:
@@ -400,13 +442,24 @@ def fetch_file(uri: str, local: str | Path, storage_options: dict[str, Any] | No
 
 
 def create_exclusive(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Create `uri` holding `text` only if nothing is there: True if created, False if it already existed.
+    """Create `uri` holding `text` only if nothing is there: True if created, False if it already existed. The file
+    appears whole or not at all: a full disk while writing it leaves no empty file behind (a lock file that
+    would block the next run for a lease).
 
-    Local: O_EXCL. S3: a conditional PUT (If-None-Match: *), which S3 and moto honour.
+    Local: the text is written to a temporary file, then hard-linked to `uri` (link fails if `uri` exists).
+    S3: a conditional PUT (If-None-Match: *), which S3 and moto honour.
     """
-    fs, path = filesystem(uri, storage_options)
     if is_local(uri):
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        path = local_path(uri)
+        tmp = _write_temporary(path, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "xb") as f:
             f.write(text.encode())

@@ -324,8 +324,8 @@ def run_shard(config: Config, shard: ShardSpec, progress: Callable[[Any], None] 
         return record
     _refuse_if_published(layout, opts, shard.name)
 
-    scratch = io.local_path(layout.root) if io.is_local(layout.root) else staging_dir(config)
-    with locks.LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(scratch):
+    scratch = {"output": io.local_path(layout.root)} if io.is_local(layout.root) else {"staging": staging_dir(config)}
+    with locks.LeaseLock(layout.shard_lock(shard), shard.name, opts) as lock, io.disk_full_is_fatal(**scratch):
         _refuse_if_published(layout, opts, shard.name)  # checked again under the lock: it may have just happened
         parts = plan_parts(shard, config.run.part_samples)
         done = complete_parts(layout, shard, parts, opts)
@@ -536,7 +536,8 @@ def merge(config: Config, shards: list[ShardRecord]) -> Manifest:
         raise ConfigError(f"dataset.text_column: all {rows:,} rows of column {config.dataset.text_column!r} were "
                           "empty, so the cache would hold no samples; nothing was published. Fix: "
                           "dataset.text_column or dataset.data_files.")
-    with locks.LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(staging_dir(config)):
+    with locks.LeaseLock(layout.merge_lock, "the merge", opts), io.disk_full_is_fatal(
+            output=io.local_path(layout.root) if io.is_local(layout.root) else None, staging=staging_dir(config)):
         return _merge_locked(config, shards)
 
 

@@ -283,6 +283,10 @@ def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | 
     Returns {"sha256", "etag", "mtime_ns"}: the file's sha256 (from the local copy, before it leaves), and what
     later shows the object is still the one published: the ETag the store reports (checked against the one
     computed locally, which proves the upload arrived intact) or a local file's modification time.
+
+    Either way the local file is gone afterwards: renamed, or (remote) deleted once the upload is confirmed or has
+    failed for good, so local staging holds only files still on their way (a failed part is recomputed by the
+    next run, never uploaded from a leftover).
     """
     if is_local(uri):
         dest = local_path(uri)
@@ -291,6 +295,13 @@ def publish_file(local: str | Path, uri: str, storage_options: dict[str, Any] | 
         if Path(local).resolve() != dest.resolve():
             os.replace(local, dest)
         return {"sha256": sha256, "etag": None, "mtime_ns": dest.stat().st_mtime_ns}
+    try:
+        return _upload(local, uri, storage_options)
+    finally:
+        Path(local).unlink(missing_ok=True)
+
+
+def _upload(local: str | Path, uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
     fs, path = filesystem(uri, storage_options)
     part = upload_part_bytes(os.path.getsize(local))
     sha256, etag = file_digest(local, part)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from s3helpers import overrides
+from s3helpers import bucket, moto_endpoint, overrides, s3_options  # noqa: F401
 
 from kd_core import io, locks, pipeline
 from kd_core.errors import StorageError
@@ -72,3 +72,20 @@ def test_without_a_file_name_the_fuller_of_two_disks_is_named(fuller, tmp_path, 
     with pytest.raises(StorageError) as e, io.disk_full_is_fatal(**paths):
         raise OSError("Can't synchronously write data (file write failed: errno = 28)")
     assert str(e.value).startswith(f"no space left on the disk holding {io._DISKS[fuller][0]} {paths[fuller]} (")
+
+
+def test_a_staged_file_is_deleted_after_its_upload_and_after_a_failed_one(bucket, moto_endpoint, tmp_path, monkeypatch):
+    """Runs to S3 once kept every staged part file in KD_CACHE_STAGING: a worker's disk filled at scale."""
+    monkeypatch.setattr(io, "RETRY_DELAYS", (0.01,))
+    opts = s3_options(moto_endpoint)
+    staged = tmp_path / "part.h5"
+    staged.write_bytes(b"payload")
+    io.publish_file(staged, f"s3://{bucket}/x/part.h5", opts)
+    assert not staged.exists() and io.read_text(f"s3://{bucket}/x/part.h5", opts) == "payload"
+
+    fs, _ = io.filesystem(f"s3://{bucket}/x.bin", opts)
+    monkeypatch.setattr(fs, "put_file", lambda *a, **k: (_ for _ in ()).throw(ConnectionResetError("reset")))
+    staged.write_bytes(b"payload 2")
+    with pytest.raises(StorageError, match="still failing after 2 attempts"):
+        io.publish_file(staged, f"s3://{bucket}/x/part2.h5", opts)
+    assert not staged.exists()

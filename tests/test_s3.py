@@ -185,9 +185,11 @@ def test_a_multipart_upload_goes_to_its_final_key_with_the_etag_computed_locally
     local = tmp_path / "big.bin"
     local.write_bytes(os.urandom(33 << 20))  # over two 16 MiB parts: a 3-part multipart upload
     assert io.upload_part_bytes(local.stat().st_size) == 16 << 20
+    expected = io.file_digest(local, 16 << 20)[1]
     stamp = io.publish_file(local, f"s3://{bucket}/x/big.bin", opts)
-    assert stamp["etag"] == io.file_digest(local, 16 << 20)[1] and stamp["etag"].endswith('-3"')
+    assert stamp["etag"] == expected and stamp["etag"].endswith('-3"')
     assert listing(f"s3://{bucket}", opts) == ["x/big.bin"]
+    assert not local.exists()  # the staged copy is deleted once the upload is confirmed
 
 
 def test_upload_part_size_keeps_any_s3_object_within_10000_parts():

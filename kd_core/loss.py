@@ -49,6 +49,7 @@ def topk_kd_loss(
     reduction: str = "mean",
     *,
     chunk_rows: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     r"""KL from a cached top-k teacher to the student on a coarsened vocabulary; a lower bound or a biased target.
 
@@ -113,6 +114,8 @@ def topk_kd_loss(
         tail: "bucket", "renormalize" or "ignore", see above.
         reduction: "mean", "sum" or "none", see the module docstring.
         chunk_rows: rows per chunk; None picks about CHUNK_BYTES of float32 logits per chunk.
+        vocab_size: the teacher's vocabulary (the cache's vocab_size attribute); see _check_vocab for V above or
+            below it.
 
     Returns:
         A float32 scalar, or (B, T) for reduction="none".
@@ -136,6 +139,7 @@ def topk_kd_loss(
         )
     has_teacher = (topk_logprobs > float("-inf")).any(-1)  # (B, T): False on padding
     counted = _full_mask(student_logits, mask) & has_teacher  # (B, T)
+    _check_vocab(V, vocab_size, topk_indices, counted.unsqueeze(-1))
     row_loss = _topk_row_loss(k < V, temperature, tail)
     loss = _chunked(row_loss, student_logits, counted, chunk_rows, topk_indices, topk_logprobs)  # (B, T)
     return _reduce(loss, counted, reduction)
@@ -150,6 +154,7 @@ def sampled_kd_loss(
     reduction: str = "mean",
     *,
     chunk_rows: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     r"""Random-sampling KD ("Sparse Logit Sampling", Anshumann et al., ACL 2025): an unbiased full-KL gradient.
 
@@ -190,6 +195,7 @@ def sampled_kd_loss(
         temperature: must be 1.0, see above (kept for the same call shape as :func:`topk_kd_loss`).
         reduction: "mean", "sum" or "none", see the module docstring.
         chunk_rows: rows per chunk; None picks about CHUNK_BYTES of float32 logits per chunk.
+        vocab_size: the teacher's vocabulary (the cache's vocab_size attribute); see _check_vocab.
 
     Returns:
         A float32 scalar, or (B, T) for reduction="none".
@@ -209,6 +215,7 @@ def sampled_kd_loss(
         )
     has_teacher = (sampled_counts > 0).any(-1)  # (B, T): False on padding
     counted = _full_mask(student_logits, mask) & has_teacher  # (B, T)
+    _check_vocab(V, vocab_size, sampled_ids, counted.unsqueeze(-1) & (sampled_counts > 0))
     loss = _chunked(_sampled_row_loss, student_logits, counted, chunk_rows, sampled_ids, sampled_counts)  # (B, T)
     return _reduce(loss, counted, reduction)
 
@@ -372,6 +379,23 @@ def _full_mask(student_logits: torch.Tensor, mask: torch.Tensor | None) -> torch
     if mask is None:
         return torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     return mask.bool()
+
+
+def _check_vocab(V: int, vocab_size: int | None, ids: torch.Tensor, real: torch.Tensor) -> None:
+    """Student logits (.., V) against the teacher's vocabulary. Wider (V > vocab_size: embedding rows padded to a
+    multiple of 64 or 128, as in Qwen and Llama checkpoints) is accepted as is: the extra columns are ids the
+    teacher gives probability 0, so they stay in the student's softmax and the loss moves mass off them (the
+    full-vocabulary KL with p = 0 there). Narrower is refused: the teacher's ids past V have no student logit.
+    vocab_size None: the ids the loss would use (`real`, broadcast over `ids`) are checked against V instead."""
+    if vocab_size is not None:
+        if V < vocab_size:
+            raise ValueError(f"student_logits has {V} columns, fewer than the teacher's vocabulary of {vocab_size}: "
+                             "the student must cover every teacher id (a wider, padded vocabulary is fine)")
+        return
+    used = ids.masked_select(real.expand_as(ids))
+    if used.numel() and (top := int(used.max())) >= V:
+        raise ValueError(f"student_logits has {V} columns, but the cache holds teacher id {top}: the student's "
+                         "vocabulary is narrower than the teacher's (a wider, padded vocabulary is fine)")
 
 
 def _check(student_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float, reduction: str) -> None:

@@ -529,3 +529,43 @@ def test_peak_memory_stays_near_the_logits_size():
     for name in ("topk", "sampled"):
         # The unchunked loss this replaced peaked at 4.0x the logits here (its float32, scatter and saved copies).
         assert peak[name] < 1.3 * peak["logits"], (name, peak)
+
+
+# ---------------------------------------------------------------- student vocabularies wider or narrower than the teacher's
+
+def padded(student, extra, value):
+    """Student logits with `extra` columns of `value` appended: embedding rows padded past the teacher's vocabulary."""
+    return torch.cat([student, torch.full((*student.shape[:-1], extra), value)], dim=-1)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+def test_wider_student_equals_the_teacher_vocabulary_where_padded_rows_have_no_mass(tail):
+    """Padded rows at -inf carry no student mass: the loss is the unpadded one; finite ones are pushed down."""
+    student, teacher, mask = make(V=40, seed=5)
+    indices, logprobs = cache(teacher, 8)
+    want = topk_kd_loss(student, indices, logprobs, mask=mask, tail=tail, vocab_size=40)
+    got = topk_kd_loss(padded(student, 24, float("-inf")), indices, logprobs, mask=mask, tail=tail, vocab_size=40)
+    assert torch.allclose(got, want, atol=1e-6)
+    ids, counts = draw(teacher, 16, seed=1)
+    want = sampled_kd_loss(student, ids, counts, mask=mask)
+    assert torch.allclose(sampled_kd_loss(padded(student, 24, float("-inf")), ids, counts, mask=mask, vocab_size=40),
+                          want, atol=1e-6)
+    wide = padded(student, 24, 2.0).requires_grad_()
+    sampled_kd_loss(wide, ids, counts, mask=mask, vocab_size=40).backward()
+    assert (wide.grad[..., 40:][mask] > 0).all()  # descent lowers the logits of ids the teacher never gives
+
+
+def test_narrower_student_is_refused_with_one_line():
+    student, teacher, mask = make(V=40, seed=6)
+    indices, logprobs = cache(teacher, 8)
+    with pytest.raises(ValueError, match=r"^student_logits has 30 columns, fewer than the teacher's vocabulary of 40[^\n]*$"):
+        topk_kd_loss(student[..., :30], indices.clamp_max(29), logprobs, mask=mask, vocab_size=40)
+    ids, counts = draw(teacher, 16, seed=2)
+    with pytest.raises(ValueError, match="fewer than the teacher's vocabulary of 40"):
+        sampled_kd_loss(student[..., :30], ids.clamp_max(29), counts, mask=mask, vocab_size=40)
+    # Without vocab_size: an id the student has no column for is named, not a gather error.
+    indices[0, 0, 0] = 35
+    with pytest.raises(ValueError, match=r"^student_logits has 30 columns, but the cache holds teacher id \d+[^\n]*$"):
+        topk_kd_loss(student[..., :30], indices, logprobs, mask=mask)
+    with pytest.raises(ValueError, match="narrower than the teacher's"):
+        sampled_kd_loss(student[..., :30], ids, counts, mask=mask)

@@ -33,6 +33,10 @@ class CacheDataset(Dataset):
 
     Files are opened lazily in each process, so the dataset is safe with DataLoader workers; a remote cache is
     read through its manifest (see CacheReader).
+
+    The dataset holds no position: the order of an epoch is the sampler's (kd_core.samplers.EpochSampler or
+    TokenBatchSampler, resumable). state_dict() names the cache (samples, version), and load_state_dict() refuses a
+    different one, since a saved position in another cache's order would skip or repeat samples.
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
@@ -42,6 +46,7 @@ class CacheDataset(Dataset):
         self._pid: int | None = None
         with CacheReader(self.uri, storage_options) as reader:
             self._len = len(reader)
+            self.identity = _identity(reader)
 
     @property
     def reader(self) -> CacheReader:
@@ -54,6 +59,17 @@ class CacheDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return _tensors(self.reader[i])
+
+    def lengths(self) -> np.ndarray:
+        """(S,) int64 tokens of every sample, for TokenBatchSampler."""
+        reader = self.reader
+        return np.concatenate([np.diff(reader._file(f)["offsets"][:]) for f in range(len(reader.files))])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": self.identity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _same_cache(state, self.identity, self.uri)
 
 
 def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
@@ -98,6 +114,12 @@ class StreamingCacheDataset(IterableDataset):
     Files are dealt round-robin to (DDP rank, DataLoader worker) slots after the shuffle, so every sample is read
     once per epoch by exactly one slot; slots may get a few samples more or fewer than others (whole files).
     Call set_epoch(e) before each epoch for a new order. Samples are the dicts CacheDataset returns.
+
+    Resuming: state_dict() is this slot's place in its stream (seed, epoch, slot, samples yielded); after
+    load_state_dict(), the next iteration replays the slot's stream without returning what was already yielded, so
+    it continues with exactly the sample that would have come next (the replay reads those samples again, at
+    streaming speed). torchdata's StatefulDataLoader saves and restores this per worker; a plain loop calls both
+    itself (num_workers=0). The slots (ranks x workers) must be the same as when the state was saved.
     """
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, seed: int = 0,
@@ -105,12 +127,29 @@ class StreamingCacheDataset(IterableDataset):
                  scratch: str | None = None):
         self.storage_options, self.seed, self.shuffle_buffer, self.scratch = storage_options, seed, shuffle_buffer, scratch
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.uri = str(uri)
+        self._yielded = 0  # samples this slot's current iteration has returned
+        self._resume: dict[str, Any] | None = None  # a loaded state, applied by the next __iter__
         with CacheReader(str(uri), storage_options) as reader:
             self.files = list(reader.files)
             self.num_samples = len(reader)
+            self.identity = _identity(reader)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        slot, slots = self._slot()
+        return {"cache": self.identity, "seed": self.seed, "epoch": self.epoch, "slot": slot, "slots": slots,
+                "shuffle_buffer": self.shuffle_buffer, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _same_cache(state, self.identity, self.uri)
+        if state["seed"] != self.seed or state["shuffle_buffer"] != self.shuffle_buffer:
+            raise ValueError(f"{self.uri}: the saved state is for seed {state['seed']}, shuffle_buffer "
+                             f"{state['shuffle_buffer']}; this dataset has {self.seed}, {self.shuffle_buffer}: the order "
+                             "would differ")
+        self.epoch, self._resume = int(state["epoch"]), dict(state)
 
     def _slot(self) -> tuple[int, int]:
         """(this process's slot, number of slots) over DDP ranks x DataLoader workers."""
@@ -129,7 +168,26 @@ class StreamingCacheDataset(IterableDataset):
         return [self.files[i] for i in order[slot::slots]]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        slot, _ = self._slot()
+        slot, slots = self._slot()
+        skip, self._resume = self._skip(slot, slots), None
+        self._yielded = 0
+        for sample in self._shuffled(slot):
+            self._yielded += 1
+            if self._yielded > skip:
+                yield _tensors(as_read(sample))
+
+    def _skip(self, slot: int, slots: int) -> int:
+        """Samples to pass over: those a loaded state says this slot already returned."""
+        if self._resume is None:
+            return 0
+        if (self._resume["slot"], self._resume["slots"]) != (slot, slots):
+            raise ValueError(f"{self.uri}: the saved state is slot {self._resume['slot']} of {self._resume['slots']} "
+                             f"(DDP ranks x DataLoader workers); this is slot {slot} of {slots}: resume with the same "
+                             "ranks and workers")
+        return int(self._resume["yielded"])
+
+    def _shuffled(self, slot: int) -> Iterator[dict[str, Any]]:
+        """This slot's samples (stored dtypes) through the seeded shuffle buffer: the same order every time."""
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
         buffer: list[dict[str, Any]] = []
         for sample in self._stream(self.my_files()):
@@ -138,10 +196,9 @@ class StreamingCacheDataset(IterableDataset):
                 continue
             j = rng.randrange(len(buffer))
             buffer[j], sample = sample, buffer[j]
-            yield _tensors(as_read(sample))
+            yield sample
         rng.shuffle(buffer)
-        for sample in buffer:
-            yield _tensors(as_read(sample))
+        yield from buffer
 
     def _stream(self, files: list[str]) -> Iterator[dict[str, Any]]:
         """Samples of `files` in order; a remote file is downloaded while the one before it is read."""
@@ -162,6 +219,18 @@ class StreamingCacheDataset(IterableDataset):
                 pending = pool.submit(fetch, k + 1) if k + 1 < len(files) else None
                 yield from iter_samples(local)
                 local.unlink()
+
+
+def _identity(reader: CacheReader) -> dict[str, Any]:
+    """What names a cache for resuming: its sample count and, for a published version, its directory's key."""
+    key = reader.source.manifest.key if reader.source.manifest is not None else None
+    return {"num_samples": len(reader), "version": key}
+
+
+def _same_cache(state: dict[str, Any], identity: dict[str, Any], uri: str) -> None:
+    if state.get("cache") != identity:
+        raise ValueError(f"{uri}: the saved state is for another cache ({state.get('cache')}, this one is {identity}): "
+                         "a position in its order would skip or repeat samples here. Resume on the same version.")
 
 
 def _tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor]:

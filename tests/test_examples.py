@@ -11,6 +11,7 @@ from kd_core import pipeline
 from s3helpers import build
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_student.py"
+HF_EXAMPLE = EXAMPLE.with_name("train_hf.py")
 
 
 def build_cache(tmp_path_factory, teacher_dir, corpus_path, cache: dict) -> str:
@@ -36,10 +37,11 @@ def sampled_cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
     return build_cache(tmp_path_factory, small_teacher_dir, corpus_path, {"mode": "sampled", "samples": 16})
 
 
-def run_example(*args: str) -> list[float]:
+def run_example(*args: str, example: Path = EXAMPLE) -> list[float]:
     """Run the example as a user does; return the loss it printed at every step."""
+    logging = ["--log-every", "1"] if example == EXAMPLE else []
     run = subprocess.run(
-        [sys.executable, str(EXAMPLE), *args, "--log-every", "1", "--threads", "1"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(example), *args, *logging, "--threads", "1"], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return [float(x) for x in re.findall(r"loss (\S+)", run.stdout)]
@@ -55,5 +57,21 @@ def test_example_trains_a_student_from_a_topk_cache(topk_cache, tmp_path, extra)
 
 def test_example_trains_a_student_from_a_sampled_cache(sampled_cache):
     losses = run_example(sampled_cache, "--steps", "12", "--batch-size", "4")
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+@pytest.mark.parametrize("extra", [[], ["--pad-vocab-to", "64", "--max-tokens", "256"]])
+def test_hf_trainer_recipe_trains_a_student_from_a_topk_cache(topk_cache, tmp_path, extra):
+    """Trainer + KDCollator + KDTrainer.compute_loss; a student vocabulary padded past the teacher's; token batches."""
+    losses = run_example(topk_cache, "--steps", "12", "--batch-size", "4", "--out", str(tmp_path / "student"), *extra,
+                         example=HF_EXAMPLE)
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_hf_trainer_recipe_trains_a_student_from_a_sampled_cache(sampled_cache):
+    losses = run_example(sampled_cache, "--steps", "12", "--batch-size", "4", example=HF_EXAMPLE)
     assert len(losses) == 12
     assert sum(losses[-3:]) < sum(losses[:3])

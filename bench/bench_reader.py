@@ -199,7 +199,7 @@ def main() -> None:
         server.stdin.flush()
         return int(server.stdout.readline())
 
-    print(f"| reader | samples | samples/s | tokens/s | read amplification | RSS MiB | GETs |")
+    print("| reader | samples | samples/s | tokens/s | read amplification | RSS MiB | GETs |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     try:
         for mode in modes:

@@ -10,13 +10,14 @@ are flat, the top-k kernel's worst case. The table says which was used (train lo
 
 Rows, per teacher, all on the same texts:
   (a)  bare forward: the batches run_teacher's forward was given in (b0), recorded, then replayed as
-       model(input_ids=..., position_ids=...).logits (logits made and dropped, synchronised at the end).
+       model(input_ids=...).logits (logits made and dropped, synchronised at the end).
        Computed (padded) and real tokens/s.
   (b)  run_teacher + CacheWriter (a real file), (b0) run_teacher with the rows kept in memory, then the writer
        alone on those rows. Real tokens/s over the whole run, and in steady state: from the first batch's
-       start to the last one's end on the device's clock (inference.DeviceTimeline), with the share of that
-       span the device sat idle; this leaves out the fill (host clock: start to the first batch, i.e. the first
-       look-ahead window's tokenizing) and the drain (the last batch to the last row handed over).
+       start to the last one's end on the device's clock (devicetime.py: CUDA events around each batch's
+       forward), with the share of that span the device sat idle; this leaves out the fill (host clock: start
+       to the first batch, i.e. the first look-ahead window's tokenizing) and the drain (the last batch to the
+       last row handed over).
   (c)  naive, on the first --naive-samples samples: pad to max_length, fixed batches, float32 log_softmax over
        (B, T, V), topk, synchronous uncompressed h5py writes.
   Pieces of the largest recorded batch: body, bf16 head vs float32 head (Float32Head) on the same real rows
@@ -50,6 +51,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from devicetime import device_timeline  # noqa: E402
 
 from kd_core import h5cache, inference  # noqa: E402
 from kd_core.demo import build_corpus, train_tokenizer  # noqa: E402
@@ -91,7 +95,7 @@ class Report:
 
 @dataclass
 class Call:
-    """One batch that run_teacher's forward was given (input_ids, position_ids, rows, ...), and when (host clock)."""
+    """One batch that run_teacher's forward was given (input_ids, rows, ...), and when (host clock)."""
 
     batch: inference.Batch
     at: float
@@ -100,17 +104,17 @@ class Call:
 @contextmanager
 def recording(calls: list[Call]):
     """Record every call of run_teacher's forward (the real batches, as the device thread built them)."""
-    original = inference._Forward.__call__
+    original = inference.Forward.__call__
 
     def call(self, batch):
         calls.append(Call(batch, time.perf_counter()))
         return original(self, batch)
 
-    inference._Forward.__call__ = call
+    inference.Forward.__call__ = call
     try:
         yield calls
     finally:
-        inference._Forward.__call__ = original
+        inference.Forward.__call__ = original
 
 
 def sync(device: torch.device) -> None:
@@ -183,7 +187,7 @@ def build_teacher(name: str, args, tokenizer, pool_ids: list[np.ndarray]) -> tup
 @dataclass
 class Run:
     """One timed step: real (and computed) tokens, seconds; for pipeline runs the forward's calls (host clock)
-    and the device's own busy time and span (DeviceTimeline: CUDA events around each batch's forward)."""
+    and the device's own busy time and span (devicetime.py: CUDA events around each batch's forward)."""
 
     real: int
     seconds: float
@@ -220,12 +224,10 @@ class Run:
 def bench_pipeline(teacher: Teacher, texts: list[str], args, writer=None, keep: list | None = None) -> Run:
     """(b)/(b0): run_teacher into `writer` (or rows appended to `keep`); seconds until the writer is closed."""
     stats, calls = InferenceStats(), []
-    timeline = inference.DeviceTimeline(cuda=teacher.device.type == "cuda")
-    with recording(calls):
+    with device_timeline(cuda=teacher.device.type == "cuda") as timeline, recording(calls):
         start = time.perf_counter()
         for rows in run_teacher(teacher, enumerate(texts), top_k=args.top_k, max_length=args.max_length,
-                                batch_tokens=args.batch_tokens, stats=stats, window_tokens=args.window_tokens,
-                                timeline=timeline):
+                                batch_tokens=args.batch_tokens, stats=stats, window_tokens=args.window_tokens):
             writer.append_rows(rows) if writer is not None else keep.append(rows)
         last_row = time.perf_counter()
         if writer is not None:
@@ -244,7 +246,7 @@ def bench_forward(teacher: Teacher, calls: list[Call]) -> Run:
         start = time.perf_counter()
         for call in calls:
             batch = call.batch
-            model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits  # noqa: B018
+            model(input_ids=batch.input_ids, use_cache=False).logits  # noqa: B018
             real, computed = real + len(batch.rows), computed + batch.input_ids.numel()
         sync(teacher.device)
     return Run(real, time.perf_counter() - start, computed=computed)
@@ -252,7 +254,7 @@ def bench_forward(teacher: Teacher, calls: list[Call]) -> Run:
 
 def bench_tokenizer(tokenizer, texts: list[str], max_length: int) -> Run:
     """The tokenizer alone as run_teacher's tokenizer thread calls it (Teacher.tokenize_many, a chunk a call)."""
-    chunk, start, real = inference._TOKENIZE_CHUNK, time.perf_counter(), 0
+    chunk, start, real = inference.TOKENIZE_CHUNK, time.perf_counter(), 0
     for i in range(0, len(texts), chunk):
         real += sum(map(len, tokenizer(texts[i : i + chunk], truncation=True, max_length=max_length)["input_ids"]))
     return Run(real, time.perf_counter() - start)
@@ -301,11 +303,11 @@ def bench_naive(teacher: Teacher, tokenized: list[np.ndarray], args, path: Path)
 def pieces(teacher: Teacher, batch: inference.Batch, args) -> dict[str, float]:
     """Milliseconds per piece of one recorded batch, medians of --repeat after a warm-up."""
     model, device = teacher.model, teacher.device
-    ids, positions, rows = batch.input_ids, batch.position_ids, batch.rows
+    ids, rows = batch.input_ids, batch.rows
     head = model.get_output_embeddings()
     head32 = inference.Float32Head(head)
     spec = inference.RowSpec(top_k=args.top_k)
-    step = max(1, inference.CHUNK_ELEMENTS // head.out_features)  # rows per chunk, as _Forward takes them
+    step = max(1, inference.CHUNK_ELEMENTS // head.out_features)  # rows per chunk, as Forward takes them
 
     def ms(fn) -> float:
         fn()
@@ -320,16 +322,16 @@ def pieces(teacher: Teacher, batch: inference.Batch, args) -> dict[str, float]:
 
     with torch.inference_mode():
         def body():
-            return model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+            return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
 
         hidden = body().flatten(0, 1).index_select(0, rows)  # (N, H): the real rows
         chunks = hidden.split(step)
         logits = head32(chunks[0])  # (step, V) float32: top-k timed on the first chunk's logits, once per chunk
         zeros = torch.zeros(len(logits), dtype=torch.int64, device=device)
-        forward = inference._Forward(model, spec)
+        forward = inference.Forward(model, spec)
         return {
             BARE:
-                ms(lambda: model(input_ids=ids, position_ids=positions, use_cache=False).logits),
+                ms(lambda: model(input_ids=ids, use_cache=False).logits),
             "body": ms(body),
             "bf16 head on the real rows": ms(lambda: [head(h) for h in chunks]),
             "float32 head on the real rows": ms(lambda: [head32(h) for h in chunks]),

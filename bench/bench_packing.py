@@ -1,7 +1,7 @@
 """Benchmark: how much of what the teacher computes is real tokens, padded vs packed batches (host side only).
 
-run_teacher lays each look-ahead window out in padded batches (kd_core.inference: one sample a row, sorted by
-length, right-padded); bench/gpu_packing.py's packed_batches fills whole samples best-fit decreasing into rows
+run_teacher lays each look-ahead window out in padded batches (kd_core.inference.padded_batches: one sample a
+row, sorted by length, right-padded); bench/gpu_packing.py's packed_batches fills whole samples best-fit decreasing into rows
 instead (position_ids restarting per sample). This prints real tokens / computed positions
 (B * T summed over batches) and the attention area (B * T * T, what a materialized mask costs) for each, at
 several window sizes, on bench_inference.py's text: the standard library's docstrings and module sources,
@@ -29,7 +29,7 @@ from bench_inference import corpus_pool  # noqa: E402
 from gpu_packing import packed_batches  # noqa: E402
 
 from kd_core.demo import train_tokenizer  # noqa: E402
-from kd_core.inference import _padded_batches  # noqa: E402
+from kd_core.inference import padded_batches  # noqa: E402
 
 
 def windows(lengths: list[int], window_tokens: int) -> list[list[int]]:
@@ -72,7 +72,7 @@ def main() -> None:
     print("| window (batches) | layout | real / computed | batches | attention area vs padded |")
     print("|---:|---|---:|---:|---:|")
     layouts = {
-        "padded": lambda w: _padded_batches(w, args.batch_tokens),
+        "padded": lambda w: padded_batches(w, args.batch_tokens),
         "packed": lambda w: packed_batches(w, args.batch_tokens),
         f"packed, rows of {args.max_length}": lambda w: packed_batches(w, args.batch_tokens, args.max_length),
     }

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from kd_core import data, h5cache, io, pipeline  # noqa: E402
-from kd_core.demo import _stdlib_docstrings, train_tokenizer  # noqa: E402
+from kd_core.demo import stdlib_docstrings, train_tokenizer  # noqa: E402
 from kd_core.inference import DeviceTimeline, InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import load_teacher  # noqa: E402
 
@@ -83,7 +83,7 @@ MODES = {"per-part": 0, "sync": 0, "background": 1}  # background_files of each 
 
 def write_corpus(path: Path, samples: int) -> list[str]:
     """Docstrings (short to medium) and module sources (long), shuffled, repeated to `samples` rows, as parquet."""
-    pool = list(_stdlib_docstrings(200))
+    pool = list(stdlib_docstrings(200))
     root = Path(sysconfig.get_paths()["stdlib"])
     pool += [p.read_text(errors="replace") for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
     random.Random(0).shuffle(pool)

@@ -1,13 +1,14 @@
 """Packing experiment: is packing several samples a row faster per real token than padded batches, and exact.
 
-The pipeline runs padded batches (kd_core.inference: one sample a row, length-sorted, SDPA is_causal). This
-lays the same look-ahead window out with packing too, as packed_batches below does it (whole samples filled
+The pipeline runs padded batches (kd_core.inference.padded_batches: one sample a row, length-sorted, SDPA
+is_causal, default positions). This lays the same look-ahead window out with packing too, as packed_batches
+below does it (whole samples filled
 best-fit decreasing into rows, a sample never spanning two, position_ids restarting per sample, from which
 transformers builds a block-diagonal causal mask), and measures it. docs/PERFORMANCE.md has the H200 run: packed
 was slower (0.86x real tokens/s for 110M, 0.99x for 1.5B with sdpa; flex_attention 0.03x), so the pipeline does
 not pack. Two parts, each failing soft (a broken one prints its error and the rest still run):
 
-1. Speed. The bare bf16 forward (`model(input_ids=, position_ids=).logits`, as the pipeline's Batch holds them)
+1. Speed. The bare bf16 forward (`model(input_ids=, position_ids=).logits`, grid() below builds both)
    over one look-ahead window of the default size (32 batches of batch_tokens) laid out as:
      padded sdpa        one sample a row, length-sorted, right-padded: SDPA's is_causal (flash) kernels
      packed sdpa        rows as long as the longest sample not yet placed (so short samples share short rows):
@@ -38,6 +39,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kd_core.inference import _grid, _Layout, _padded_batches  # noqa: E402
+from kd_core.inference import padded_batches  # noqa: E402
 
 MODELS = {  # name -> (config class, config kwargs)
     "llama-110m": ("LlamaConfig", dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
@@ -59,7 +61,38 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, vocab_size=1000)
 
 
-def packed_batches(lengths: list[int], batch_tokens: int, width: int | None = None) -> Iterator[_Layout]:
+@dataclass
+class Layout:
+    """Where a batch's samples sit in its (height, width) grid: window positions in the order their rows come out,
+    each with its length and its slot (row b, first column t)."""
+
+    samples: list[int]
+    lengths: list[int]
+    slots: list[tuple[int, int]]
+    height: int  # B
+    width: int  # T
+
+
+def padded(lengths: list[int], batch_tokens: int) -> Iterator[Layout]:
+    """The pipeline's batches (kd_core.inference.padded_batches): sample b in row b from column 0."""
+    for batch in padded_batches(lengths, batch_tokens):
+        yield Layout(batch.samples, batch.lengths, [(b, 0) for b in range(batch.height)], batch.height, batch.width)
+
+
+def grid(samples: list[tuple[int, np.ndarray]], layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_index, tokens) pairs laid out as `layout` says -> input_ids (B, T), position_ids (B, T) restarting
+    at 0 for each sample (padding keeps its column), rows (N,): flat indices b*T+t of the real positions."""
+    ids = np.zeros((layout.height, layout.width), dtype=np.int64)  # (B, T), padding 0
+    positions = np.tile(np.arange(layout.width, dtype=np.int64), (layout.height, 1))  # (B, T)
+    rows = []
+    for j, n, (b, t) in zip(layout.samples, layout.lengths, layout.slots):
+        ids[b, t : t + n] = samples[j][1]
+        positions[b, t : t + n] = np.arange(n)
+        rows.append(b * layout.width + t + np.arange(n))
+    return ids, positions, np.concatenate(rows)
+
+
+def packed_batches(lengths: list[int], batch_tokens: int, width: int | None = None) -> Iterator[Layout]:
     """Several whole samples a row, filled best-fit decreasing; a sample never spans two rows.
 
     Rows are `width` long, by default as long as the longest sample not yet placed, so that rows of short samples
@@ -98,7 +131,7 @@ def packed_batches(lengths: list[int], batch_tokens: int, width: int | None = No
                 samples.append(j)
                 slots.append((b, start))
                 start += lengths[j]
-        yield _Layout(samples, [lengths[j] for j in samples], slots, len(rows), row_length)
+        yield Layout(samples, [lengths[j] for j in samples], slots, len(rows), row_length)
 
 
 def lengths_mix(tokens: int, max_length: int, seed: int = 0) -> list[int]:
@@ -141,14 +174,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def grids(lengths: list[int], layouts: list, vocab: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The layouts' (input_ids, position_ids) on the device, with random tokens."""
+def grids(lengths: list[int], layouts: list, vocab: int, device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The layouts' (input_ids, position_ids) on the device, with random tokens. position_ids None for a row per
+    sample (the model's default positions, as the pipeline runs padded batches)."""
     rng = np.random.default_rng(1)
     samples = [(i, rng.integers(0, vocab, size=n)) for i, n in enumerate(lengths)]
     out = []
     for layout in layouts:
-        ids, positions, *_ = _grid(samples, layout)
-        out.append((torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device)))
+        ids, positions, _ = grid(samples, layout)
+        one_a_row = all(t == 0 for _, t in layout.slots) and len(layout.slots) == layout.height
+        out.append((torch.from_numpy(ids).to(device), None if one_a_row else torch.from_numpy(positions).to(device)))
     return out
 
 
@@ -186,7 +221,7 @@ def speed(args, device, deadline: float, attns: tuple[str, ...]) -> None:
     p10, p50, p90 = np.percentile(lengths, [10, 50, 90])
     print(f"window {window:,} tokens (default: 32 batches of batch_tokens {args.batch_tokens:,}), {len(lengths)} "
           f"samples, p10/p50/p90 {p10:.0f}/{p50:.0f}/{p90:.0f}, max_length {args.max_length}")
-    layouts = {"padded": list(_padded_batches(lengths, args.batch_tokens)),
+    layouts = {"padded": list(padded(lengths, args.batch_tokens)),
                "packed": list(packed_batches(lengths, args.batch_tokens)),
                "packed T=max": list(packed_batches(lengths, args.batch_tokens, width=args.max_length))}
     for name, lay in layouts.items():
@@ -240,7 +275,7 @@ def exactness(args, device, attns: tuple[str, ...]) -> None:
                 alone = {j: model(input_ids=torch.tensor(ids[None], device=device)).logits[0]
                          for j, (_, ids) in enumerate(samples)}
                 for layout in layouts:
-                    ids, positions, rows, *_ = (torch.from_numpy(a).to(device) for a in _grid(samples, layout))
+                    ids, positions, rows = (torch.from_numpy(a).to(device) for a in grid(samples, layout))
                     logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
                     flat = logits.flatten(0, 1)[rows]  # (N, V), sample after sample
                     for j, got in zip(layout.samples, flat.split(layout.lengths)):

@@ -52,7 +52,7 @@ _DEMO_SEQ_LEN = 128
 # ---------------------------------------------------------------------------------------------- corpus
 
 
-def _stdlib_docstrings(min_chars: int) -> Iterator[str]:
+def stdlib_docstrings(min_chars: int) -> Iterator[str]:
     """Yield the stdlib's docstrings (modules, classes, functions), cleaned, >= min_chars, first occurrence only."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts))
@@ -83,7 +83,7 @@ def build_corpus(path: Path, max_docs: int | None = None, min_chars: int = 200) 
     of the same Python. Lengths run from min_chars to several thousand characters. Written atomically.
     """
     texts = []
-    for doc in _stdlib_docstrings(min_chars):
+    for doc in stdlib_docstrings(min_chars):
         if max_docs is not None and len(texts) >= max_docs:
             break
         texts.append(doc)

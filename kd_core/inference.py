@@ -19,8 +19,9 @@ starts at a part boundary) batches, and so computes, every part as an uninterrup
 
 Exactness: batches are right-padded. Under a causal mask a real position never sees a pad to its right, so a
 sample's rows do not depend on what it is batched with; no padding mask is passed, which keeps SDPA on its
-fast is_causal kernels. (Packing several samples per row, with position_ids restarting per sample, is exact too
-but was slower on an H200 with the attention transformers offers: docs/PERFORMANCE.md, bench/gpu_packing.py.)
+fast is_causal kernels; positions are the model's defaults (0..T-1 in every row). (Packing several samples per
+row, with position_ids restarting per sample, is exact too but was slower on an H200 with the attention
+transformers offers: docs/PERFORMANCE.md, bench/gpu_packing.py, which builds its packed batches itself.)
 The output layer runs in float32 on the body's hidden states (Float32Head), so the log-probs, logsumexp and
 draws come from the teacher's own logits to float32 precision even for a bf16 teacher; ties at rank k go to
 the lowest id (kd_core.topk: fused Triton kernels on CUDA, one read of each logit). Each row is then either its
@@ -54,7 +55,7 @@ SAMPLED_CHUNK_ELEMENTS = 2**26
 # Config attributes of models that post-process logits after the output layer (soft-capping, scaling):
 # for them the lm_head cannot be applied on its own, so the full forward is used.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-_TOKENIZE_CHUNK = 64  # texts per tokenizer call
+TOKENIZE_CHUNK = 64  # texts per tokenizer call
 _POLL_S = 0.1  # how often a blocked thread checks whether the caller has gone away
 
 
@@ -218,22 +219,20 @@ class Float32Head:
 
 @dataclass
 class Batch:
-    """One forward pass's inputs, on the teacher's input device: built by _DeviceLoop, consumed by _Forward.
+    """One forward pass's inputs, on the teacher's input device: built by _DeviceLoop, consumed by Forward.
 
-    A row of the (B, T) grid holds one right-padded sample: a real position sees exactly its own sample's earlier
-    tokens, so its row equals the sample run alone, and SDPA runs its is_causal kernels. position_ids are each
-    sample's own positions: a layout with several samples a row (bench/gpu_packing.py) restarts them per sample,
-    from which transformers builds a block-diagonal causal mask.
+    Row b of the (B, T) grid holds one right-padded sample from column 0: a real position sees exactly its own
+    sample's earlier tokens at the positions it has alone (the model's default 0..T-1), so its row equals the
+    sample run alone, and SDPA runs its is_causal kernels.
     """
 
     input_ids: torch.Tensor  # (B, T) int64, padding 0
-    position_ids: torch.Tensor  # (B, T) int64, each sample's own positions 0..L-1
     rows: torch.Tensor  # (N,) int64, flat indices b*T+t of the real positions, sample after sample
     sample_index: torch.Tensor  # (N,) int64, each real position's source row (seeds sampled mode's draws)
     position: torch.Tensor  # (N,) int64, each real position's t within its sample
 
 
-class _Forward:
+class Forward:
     """The teacher on a Batch -> the cache's results (row_results) for the real rows only.
 
     When the model is a body plus a plain linear head (most HF causal LMs), the head runs in float32 on the real
@@ -257,7 +256,7 @@ class _Forward:
     def __call__(self, batch: Batch):
         """-> (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32, in the
         order of batch.rows, on self.out_device."""
-        inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+        inputs = {"input_ids": batch.input_ids, "use_cache": False}
         if not self.split:
             hidden, project = self.model(**inputs).logits, (lambda x: x)  # (B, T, V)
         else:
@@ -308,7 +307,7 @@ def _tokenize_loop(teacher, samples, parts: Sequence[int] | None, max_length, ou
         it = iter(samples)
         for number, size in enumerate(parts if parts is not None else [None]):
             part, rows, skipped = itertools.islice(it, size), 0, 0  # size None: every sample
-            while chunk := list(itertools.islice(part, _TOKENIZE_CHUNK)):
+            while chunk := list(itertools.islice(part, TOKENIZE_CHUNK)):
                 kept = [(i, t) for i, t in chunk if isinstance(t, str) and t.strip()]
                 ids = teacher.tokenize_many([t for _, t in kept], max_length) if kept else []
                 tokenized = [(i, np.asarray(x, dtype=np.uint32)) for (i, _), x in zip(kept, ids) if len(x)]
@@ -345,46 +344,47 @@ def _windows(tokenized: queue.Queue, stop, window_tokens: int) -> Iterator[list[
         yield window
 
 
-@dataclass
-class _Layout:
-    """Where a batch's samples sit in its (height, width) grid: window positions in the order their rows come out,
-    each with its length and its slot (row b, first column t)."""
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Which samples of a look-ahead window one batch holds: window positions, longest first; sample b is row b
+    of the (height, width) grid, right-padded."""
 
     samples: list[int]
-    lengths: list[int]
-    slots: list[tuple[int, int]]
-    height: int  # B
-    width: int  # T
+    lengths: list[int]  # lengths[b] of samples[b], descending
+
+    @property
+    def height(self) -> int:  # B
+        return len(self.samples)
+
+    @property
+    def width(self) -> int:  # T: the longest sample
+        return self.lengths[0]
 
 
-def _padded_batches(lengths: list[int], batch_tokens: int) -> Iterator[_Layout]:
-    """One sample per row, longest first, grouped so that len(batch) * longest <= batch_tokens."""
+def padded_batches(lengths: list[int], batch_tokens: int) -> Iterator[PaddedBatch]:
+    """How run_teacher batches a window of samples of these lengths: one sample per row, longest first, grouped
+    so that len(batch) * longest <= batch_tokens (a sample longer than the budget runs alone)."""
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     batch: list[int] = []
     for j in order + [None]:
         if batch and (j is None or (len(batch) + 1) * lengths[batch[0]] > batch_tokens):
-            sizes = [lengths[i] for i in batch]
-            yield _Layout(batch, sizes, [(b, 0) for b in range(len(batch))], len(batch), sizes[0])
+            yield PaddedBatch(batch, [lengths[i] for i in batch])
             batch = []
         if j is not None:
-            batch.append(j)  # a sample longer than the budget runs alone
+            batch.append(j)
 
 
-def _grid(samples: list[tuple[int, np.ndarray]], layout: _Layout) -> tuple[np.ndarray, ...]:
+def _grid(samples: list[tuple[int, np.ndarray]], layout: PaddedBatch) -> tuple[np.ndarray, ...]:
     """(sample_index, tokens) pairs laid out as `layout` says -> Batch's fields as host arrays:
-    input_ids (B, T), position_ids (B, T), rows (N,), sample_index (N,), position (N,), all int64."""
+    input_ids (B, T), rows (N,), sample_index (N,), position (N,), all int64."""
     ids = np.zeros((layout.height, layout.width), dtype=np.int64)  # (B, T), padding 0
-    # Padding keeps its column as position: after a row's last sample, where no real position reads it.
-    positions = np.tile(np.arange(layout.width, dtype=np.int64), (layout.height, 1))  # (B, T)
-    rows = []
-    for j, n, (b, t) in zip(layout.samples, layout.lengths, layout.slots):
-        ids[b, t : t + n] = samples[j][1]
-        positions[b, t : t + n] = np.arange(n)
-        rows.append(b * layout.width + t + np.arange(n))
+    for b, j in enumerate(layout.samples):
+        ids[b, : layout.lengths[b]] = samples[j][1]
+    rows = np.concatenate([b * layout.width + np.arange(n) for b, n in enumerate(layout.lengths)])  # (N,)
     # Each row's source row and position: the seed of its draws in sampled mode, whatever the batch.
     sample_index = np.repeat([samples[j][0] for j in layout.samples], layout.lengths).astype(np.int64)
     position = np.concatenate([np.arange(n) for n in layout.lengths])  # (N,)
-    return ids, positions, np.concatenate(rows), sample_index, position
+    return ids, rows, sample_index, position
 
 
 class _Window:
@@ -400,7 +400,7 @@ class _DeviceLoop:
 
     def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int, timeline: DeviceTimeline | None = None):
         self.device, self.batch_tokens, self.spec, self.timeline = teacher.device, batch_tokens, spec, timeline
-        self.forward = _Forward(teacher.model, spec)
+        self.forward = Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
         out = self.forward.out_device  # device_map: the results may come out on another device than the inputs
         self.copy_stream = torch.cuda.Stream(out) if out.type == "cuda" else None
@@ -417,7 +417,7 @@ class _DeviceLoop:
                             raise _Stopped
                         continue
                     window = _Window(samples)
-                    for layout in _padded_batches([len(ids) for _, ids in samples], self.batch_tokens):
+                    for layout in padded_batches([len(ids) for _, ids in samples], self.batch_tokens):
                         launched = self._launch(window, layout)
                         if in_flight is not None:  # wait for the previous copy only now: it ran behind this
                             self._finish(*in_flight, out, stop)
@@ -436,11 +436,11 @@ class _DeviceLoop:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _batch(self, window: _Window, layout: _Layout) -> Batch:
+    def _batch(self, window: _Window, layout: PaddedBatch) -> Batch:
         """The layout's Batch on the input device."""
         return Batch(*map(self._to_device, _grid(window.samples, layout)))
 
-    def _launch(self, window: _Window, layout: _Layout):
+    def _launch(self, window: _Window, layout: PaddedBatch):
         """Queue one batch's forward and the copy of its results to the host; returns what _finish needs."""
         started = self.timeline.begin() if self.timeline is not None else None
         # (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32
@@ -459,7 +459,7 @@ class _DeviceLoop:
             done.record(self.copy_stream)
         return window, layout, host, done
 
-    def _finish(self, window: _Window, layout: _Layout, host, done, out: queue.Queue, stop) -> None:
+    def _finish(self, window: _Window, layout: PaddedBatch, host, done, out: queue.Queue, stop) -> None:
         """Wait for a batch's copy, split it into samples; hand its window on when that is complete."""
         if done is not None:
             done.synchronize()
@@ -514,7 +514,7 @@ def run_teacher(
     stats = stats if stats is not None else InferenceStats()
     window_tokens = window_tokens or 32 * batch_tokens
     stop = threading.Event()
-    tokenized: queue.Queue = queue.Queue(maxsize=max(2, window_tokens // (_TOKENIZE_CHUNK * 64)))
+    tokenized: queue.Queue = queue.Queue(maxsize=max(2, window_tokens // (TOKENIZE_CHUNK * 64)))
     windows: queue.Queue = queue.Queue(maxsize=1)  # one finished window waits while the caller takes another
     loop = _DeviceLoop(teacher, spec, batch_tokens, timeline)
     threads = [

@@ -52,13 +52,14 @@ TORCH_CHUNK_ELEMENTS = 2**26
 TIE_SLACK = 16
 # The fused kernels keep KP * GROUP keys of a row in registers: k up to this runs fused, larger k the torch way.
 FUSED_MAX_K = 128
-_MAX_GROUP_KEYS = 2048  # GROUP grows until a row has at most this many groups (the first ranking's size)
-_SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
-_SCAN_WARPS = 8
-_SELECT_WARPS = 4  # measured on an H200 at V = 151,936: 4.30 ms per 32k rows, 8 warps 5.12
-_THRESHOLD = True  # select by a threshold (_select_by_threshold); the three rankings only for spilled rows
-_THRESHOLD_WARPS = 4
-_THRESHOLD_CHUNK = 16  # chosen groups read at a time by _select_by_threshold
+# The fused kernels' tile sizes and launch shapes (bench/bench_topk.py --sweep times other values by setting these).
+MAX_GROUP_KEYS = 2048  # GROUP grows until a row has at most this many groups (the first ranking's size)
+SCAN_BLOCK = 4096  # ids per tile of _scan_rows (a multiple of GROUP)
+SCAN_WARPS = 8
+SELECT_WARPS = 4  # measured on an H200 at V = 151,936: 4.30 ms per 32k rows, 8 warps 5.12
+THRESHOLD = True  # select by a threshold (_select_by_threshold); the three rankings only for spilled rows
+THRESHOLD_WARPS = 4
+THRESHOLD_CHUNK = 16  # chosen groups read at a time by _select_by_threshold
 
 
 def topk_logprobs(
@@ -73,7 +74,7 @@ def topk_logprobs(
     """
     while _fused_usable(logits, k):  # at most twice: the threshold selection, then the rankings
         try:
-            check = (logits.device, logits.shape[-1], k, _THRESHOLD)
+            check = (logits.device, logits.shape[-1], k, THRESHOLD)
             if check not in _checked:  # once per device, vocabulary, k and selection
                 self_check(*check[:3])
                 _checked.add(check)
@@ -173,7 +174,7 @@ def _fused_usable(logits: torch.Tensor, k: int) -> bool:
             and 1 <= k <= min(FUSED_MAX_K, logits.shape[-1]) and logits.numel() > 0)
 
 
-_checked: set = set()  # (device, V, k, _THRESHOLD) the fused kernels passed self_check on
+_checked: set = set()  # (device, V, k, THRESHOLD) the fused kernels passed self_check on
 
 
 def check_rows(vocab: int, device) -> torch.Tensor:
@@ -213,9 +214,9 @@ def self_check(device, vocab: int, k: int) -> None:
 def _fused_failed(error: Exception) -> None:
     """Step down and warn: from the threshold selection to the three rankings, from those to the torch path (the
     same ids; the logsumexp to float32 rounding), for the rest of the process."""
-    global _THRESHOLD, _fused_disabled
-    if _THRESHOLD:
-        _THRESHOLD, instead = False, "selecting by the three rankings"
+    global THRESHOLD, _fused_disabled
+    if THRESHOLD:
+        THRESHOLD, instead = False, "selecting by the three rankings"
     else:
         _fused_disabled, instead = True, "using torch.topk"
     warnings.warn(f"fused top-k kernels failed ({type(error).__name__}: {error}); {instead}", stacklevel=3)
@@ -228,16 +229,16 @@ def _next_pow2(n: int) -> int:
 def fused_plan(vocab: int, k: int) -> dict[str, int]:
     """The kernels' sizes for a vocabulary and k (all powers of two but n_groups).
 
-    GROUP grows with V so that at most _MAX_GROUP_KEYS group keys are ranked per row (64 at V = 32k: 500 groups;
+    GROUP grows with V so that at most MAX_GROUP_KEYS group keys are ranked per row (64 at V = 32k: 500 groups;
     128 at 151,936: 1,187 groups); SUB = GROUP / 8 so the second ranking is over KP * 8 sub-groups and the last
     over KP * SUB ids."""
     kp = _next_pow2(k)
     group = 64
-    while -(-vocab // group) > _MAX_GROUP_KEYS:
+    while -(-vocab // group) > MAX_GROUP_KEYS:
         group *= 2
     n_groups = -(-vocab // group)
     return {"KP": kp, "GROUP": group, "SUB": group // 8, "n_groups": n_groups,
-            "GROUPS_P2": max(_next_pow2(n_groups), kp), "BLOCK": max(_SCAN_BLOCK, group)}
+            "GROUPS_P2": max(_next_pow2(n_groups), kp), "BLOCK": max(SCAN_BLOCK, group)}
 
 
 def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,23 +249,39 @@ def fused_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     flat = logits.reshape(-1, vocab)  # (N, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    n, plan = flat.shape[0], fused_plan(vocab, k)
-    device = flat.device
-    lse = torch.empty(n, dtype=torch.float32, device=device)
-    group_max = torch.empty(n, plan["n_groups"], dtype=torch.float32, device=device)  # (N, G)
-    ids = torch.empty(n, k, dtype=torch.int64, device=device)
-    logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else _nothing():
-        # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
-        _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
-                         GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=_SCAN_WARPS)
-        if _THRESHOLD:
-            _threshold_select(flat, group_max, lse, ids, logprobs, k, plan)
-            return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
+    plan = fused_plan(vocab, k)
+    with torch.cuda.device(flat.device) if flat.device.type == "cuda" else _nothing():
+        lse, group_max = fused_scan(flat, plan)
+        ids, logprobs = fused_select(flat, group_max, lse, k, plan)
+    return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
+
+
+def fused_scan(flat: torch.Tensor, plan: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 (_scan_rows): (N, V) logits, last dim contiguous -> logsumexp (N,) float32 and the maximum of each
+    group of plan["GROUP"] ids (N, n_groups) float32. On the logits' device (current CUDA device)."""
+    n, vocab = flat.shape
+    lse = torch.empty(n, dtype=torch.float32, device=flat.device)
+    group_max = torch.empty(n, plan["n_groups"], dtype=torch.float32, device=flat.device)  # (N, G)
+    # The vocabulary is a compile-time constant (one teacher per process): static loop bounds and masks.
+    _scan_rows[(n,)](flat, flat.stride(0), lse, group_max, VOCAB=vocab, N_GROUPS=plan["n_groups"],
+                     GROUP=plan["GROUP"], BLOCK=plan["BLOCK"], num_warps=SCAN_WARPS)
+    return lse, group_max
+
+
+def fused_select(flat: torch.Tensor, group_max: torch.Tensor, lse: torch.Tensor, k: int,
+                 plan: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: fused_scan's results -> ids (N, k) int64 and log-probs (N, k) float32; by a threshold (then the
+    three rankings for the spilled rows) when THRESHOLD, else by the three rankings for every row."""
+    n, vocab = flat.shape
+    ids = torch.empty(n, k, dtype=torch.int64, device=flat.device)
+    logprobs = torch.empty(n, k, dtype=torch.float32, device=flat.device)
+    if THRESHOLD:
+        _threshold_select(flat, group_max, lse, ids, logprobs, k, plan)
+    else:
         _select_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, VOCAB=vocab,
                            N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
-                           GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
-    return ids.view(*lead, k), logprobs.view(*lead, k), lse.view(lead)
+                           GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=SELECT_WARPS)
+    return ids, logprobs
 
 
 def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan) -> None:
@@ -278,11 +295,11 @@ def _threshold_select(flat, group_max, lse, ids, logprobs, k, plan) -> None:
     spilled = torch.empty(n, dtype=torch.int32, device=flat.device)
     args = (flat, flat.stride(0), group_max, lse, ids, logprobs, k, group_slots, value_slots, id_slots, spilled)
     sizes = dict(VOCAB=vocab, N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], GROUPS_P2=plan["GROUPS_P2"],
-                 KP=plan["KP"], R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=_THRESHOLD_CHUNK)
-    _select_by_threshold[(n,)](*args, **sizes, num_warps=_THRESHOLD_WARPS)
+                 KP=plan["KP"], R=min(4, plan["GROUPS_P2"] // plan["KP"]), CAP=cap, CHUNK=THRESHOLD_CHUNK)
+    _select_by_threshold[(n,)](*args, **sizes, num_warps=THRESHOLD_WARPS)
     _select_spilled_rows[(n,)](flat, flat.stride(0), group_max, lse, ids, logprobs, k, spilled, VOCAB=vocab,
                                N_GROUPS=plan["n_groups"], GROUP=plan["GROUP"], SUB=plan["SUB"],
-                               GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=_SELECT_WARPS)
+                               GROUPS_P2=plan["GROUPS_P2"], KP=plan["KP"], num_warps=SELECT_WARPS)
 
 
 class _nothing:

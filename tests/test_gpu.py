@@ -87,13 +87,13 @@ def test_fused_topk_equals_the_torch_path_and_a_float64_sort(vocab):
     ref_lse = x64.logsumexp(-1)
     ref_logprobs = ref.values[:, :k] - ref_lse[:, None]
     ulp = torch.finfo(torch.float32).eps * ref_lse.abs().clamp_min(1.0)  # one float32 step at the lse's size
-    failures, default = [], topk._THRESHOLD
+    failures, default = [], topk.THRESHOLD
     for threshold in (True, False):
-        topk._THRESHOLD = threshold
+        topk.THRESHOLD = threshold
         try:
             ids, logprobs, lse = topk.fused_topk_logprobs(x, k)
         finally:
-            topk._THRESHOLD = default
+            topk.THRESHOLD = default
         lse_error = ((lse.double() - ref_lse).abs() / ulp).max().item()
         logprob_error = (logprobs.double() - ref_logprobs).abs().max().item()
         vs_torch = max((lse - torch_lse).abs().max().item(), (logprobs - torch_logprobs).abs().max().item())

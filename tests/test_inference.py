@@ -45,7 +45,7 @@ def right_padded(samples: list[list[int]]) -> Batch:
     ids = torch.tensor([s + [0] * (width - len(s)) for s in samples])  # (B, T)
     rows = torch.cat([b * width + torch.arange(len(s)) for b, s in enumerate(samples)])
     position = torch.cat([torch.arange(len(s)) for s in samples])
-    return Batch(ids, torch.arange(width).expand_as(ids), rows, torch.zeros_like(rows), position)
+    return Batch(ids, rows, torch.zeros_like(rows), position)
 
 
 def run(teacher, texts, **kw) -> list[SampleRows]:
@@ -145,10 +145,10 @@ def test_topk_logprobs_chunked_equals_unchunked_reference(dtype):
 
 def test_head_on_real_rows_equals_full_forward(teachers, texts):
     """The lm_head-on-real-rows path gives the rows the full logits give."""
-    from kd_core.inference import RowSpec, _Forward
+    from kd_core.inference import RowSpec, Forward
 
     model = teachers["small"].model
-    forward = _Forward(model, RowSpec(top_k=TOP_K))
+    forward = Forward(model, RowSpec(top_k=TOP_K))
     assert forward.split
     batch = right_padded([[5, 6, 7, 8], [9, 10]])
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_core.inference import Batch, Float32Head, RowSpec, _Forward, run_teacher
+from kd_core.inference import Batch, Float32Head, RowSpec, Forward, run_teacher
 from kd_core.topk import topk_by_key, topk_lowest_id
 from kd_core.sampling import FitAccumulator, distinct_counts, random_bits, sample_ids, sample_rows
 
@@ -183,10 +183,9 @@ def test_forward_sampled_equals_rows_from_full_logits(small_teacher_dir):
     from kd_core.teacher import load_teacher
 
     model = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu")).model
-    forward = _Forward(model, RowSpec(mode="sampled", draws=N))
+    forward = Forward(model, RowSpec(mode="sampled", draws=N))
     batch = Batch(
         input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),  # (B, T) right-padded
-        position_ids=torch.arange(4).expand(2, 4),
         rows=torch.tensor([0, 1, 2, 3, 4, 5]),
         sample_index=torch.tensor([3, 3, 3, 3, 8, 8]),
         position=torch.tensor([0, 1, 2, 3, 0, 1]),

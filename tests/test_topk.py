@@ -84,8 +84,8 @@ for case in sys.argv[1:]:
     if case == "self_check":
         continue
     vocab, k, dtype, max_group_keys, variant = (case + ",2048,").split(",")[:5]
-    topk._MAX_GROUP_KEYS = int(max_group_keys)  # a small value: the larger groups of large vocabularies
-    topk._THRESHOLD = variant != "rankings"  # the default: by a threshold, tie-heavy rows by the rankings
+    topk.MAX_GROUP_KEYS = int(max_group_keys)  # a small value: the larger groups of large vocabularies
+    topk.THRESHOLD = variant != "rankings"  # the default: by a threshold, tie-heavy rows by the rankings
     x = hard_logits(int(vocab), seed=int(vocab)).to(getattr(torch, dtype))
     fused, torch_path = fused_topk_logprobs(x, int(k)), torch_topk_logprobs(x, int(k))
     assert torch.equal(fused[0], torch_path[0]), case
@@ -128,11 +128,11 @@ def test_fused_kernels_equal_the_torch_path_in_the_interpreter_at_k64():
 
 
 def test_a_failing_fused_path_steps_down_to_the_rankings_then_to_torch(monkeypatch):
-    monkeypatch.setattr(topk, "_THRESHOLD", True)
+    monkeypatch.setattr(topk, "THRESHOLD", True)
     monkeypatch.setattr(topk, "_fused_disabled", False)
     with pytest.warns(UserWarning, match="selecting by the three rankings"):
         topk._fused_failed(RuntimeError("no"))
-    assert not topk._THRESHOLD and not topk._fused_disabled
+    assert not topk.THRESHOLD and not topk._fused_disabled
     with pytest.warns(UserWarning, match="using torch.topk"):
         topk._fused_failed(RuntimeError("no"))
     assert topk._fused_disabled

@@ -15,6 +15,9 @@ of it (each docstring says exactly which), and share these conventions:
   sampled counts all 0) holds none, so it counts for nothing even when the caller forgets the mask. Positions
   that do not count may hold any values (garbage ids, NaN, huge logits); they contribute exactly 0 to the loss
   and to the gradient.
+* The other mode's fields are refused (ValueError naming the right loss): top-k log-probs are floats <= 0 and
+  draw counts are >= 0, so a sampled batch given to :func:`topk_kd_loss` (integer or positive "log-probs") or a
+  top-k batch given to :func:`sampled_kd_loss` (negative "counts") is caught where a position counts.
 * ``reduction``: "mean" is the sum over counted positions divided by their count (0 when there are none), "sum"
   is the plain sum, "none" returns (B, T) with zeros where a position does not count.
 * Memory: the cached losses work through the rows in chunks of about CHUNK_BYTES of float32 logits and recompute
@@ -139,6 +142,7 @@ def topk_kd_loss(
         )
     has_teacher = (topk_logprobs > float("-inf")).any(-1)  # (B, T): False on padding
     counted = _full_mask(student_logits, mask) & has_teacher  # (B, T)
+    _refuse_counts(topk_logprobs, counted)
     _check_vocab(V, vocab_size, topk_indices, counted.unsqueeze(-1))
     row_loss = _topk_row_loss(k < V, temperature, tail)
     loss = _chunked(row_loss, student_logits, counted, chunk_rows, topk_indices, topk_logprobs)  # (B, T)
@@ -213,6 +217,7 @@ def sampled_kd_loss(
             f"sampled_ids and sampled_counts must both be (B, T, m) with B, T = {B}, {T}, "
             f"got {tuple(sampled_ids.shape)} and {tuple(sampled_counts.shape)}"
         )
+    _refuse_logprobs(sampled_counts, _full_mask(student_logits, mask))
     has_teacher = (sampled_counts > 0).any(-1)  # (B, T): False on padding
     counted = _full_mask(student_logits, mask) & has_teacher  # (B, T)
     _check_vocab(V, vocab_size, sampled_ids, counted.unsqueeze(-1) & (sampled_counts > 0))
@@ -396,6 +401,31 @@ def _check_vocab(V: int, vocab_size: int | None, ids: torch.Tensor, real: torch.
     if used.numel() and (top := int(used.max())) >= V:
         raise ValueError(f"student_logits has {V} columns, but the cache holds teacher id {top}: the student's "
                          "vocabulary is narrower than the teacher's (a wider, padded vocabulary is fine)")
+
+
+# A log-probability is <= 0 (fp16 rounding keeps it so); a draw count that is not padding is >= 1.
+_MAX_LOGPROB = 1e-3
+
+
+def _refuse_counts(topk_logprobs: torch.Tensor, counted: torch.Tensor) -> None:
+    """ValueError when (B, T, k) `topk_logprobs` are a sampled cache's counts: integers, or floats above 0 where a
+    position counts. One host sync (a sampled batch would otherwise train on garbage without a word)."""
+    if topk_logprobs.is_floating_point() and not bool(((topk_logprobs > _MAX_LOGPROB) & counted.unsqueeze(-1)).any()):
+        return
+    seen = topk_logprobs.dtype if not topk_logprobs.is_floating_point() else "values above 0"
+    raise ValueError(f"topk_kd_loss: topk_logprobs must be log-probabilities (floats <= 0), got {seen}: this looks "
+                     "like a sampled cache's sampled_ids / sampled_counts; use sampled_kd_loss(student_logits, "
+                     "batch['sampled_ids'], batch['sampled_counts'], mask=...) for a cache made with cache.mode=sampled")
+
+
+def _refuse_logprobs(sampled_counts: torch.Tensor, keep: torch.Tensor) -> None:
+    """ValueError when (B, T, m) `sampled_counts` are a top-k cache's log-probs: negative where a position counts
+    (every row would read as padding and the loss be a silent 0). One host sync."""
+    if not bool(((sampled_counts < 0) & keep.unsqueeze(-1)).any()):
+        return
+    raise ValueError("sampled_kd_loss: sampled_counts must be draw counts (>= 0), got negative values: this looks "
+                     "like a top-k cache's topk_indices / topk_logprobs; use topk_kd_loss(student_logits, "
+                     "batch['topk_indices'], batch['topk_logprobs'], mask=...) for a cache made with cache.mode=topk")
 
 
 def _check(student_logits: torch.Tensor, mask: torch.Tensor | None, temperature: float, reduction: str) -> None:

@@ -569,3 +569,36 @@ def test_narrower_student_is_refused_with_one_line():
         topk_kd_loss(student[..., :30], indices, logprobs, mask=mask)
     with pytest.raises(ValueError, match="narrower than the teacher's"):
         sampled_kd_loss(student[..., :30], ids, counts, mask=mask)
+
+
+# ------------------------------------------------------------------------------------ the other mode's fields
+
+
+def test_topk_loss_refuses_a_sampled_batch():
+    """sampled_ids / sampled_counts given to the top-k loss (integer counts, or counts cast to float: >= 1, which
+    no log-probability is) are one clear error, not a loss computed on garbage."""
+    student, teacher, mask = make(V=12)
+    ids, counts = draw(teacher, 8, seed=5)
+    ids = ids.clamp(max=11)
+    for fed in (counts, counts.float(), counts.half()):
+        with pytest.raises(ValueError, match=r"topk_logprobs.*sampled_counts.*sampled_kd_loss"):
+            topk_kd_loss(student, ids, fed, mask=mask)
+
+
+def test_sampled_loss_refuses_a_topk_batch():
+    """topk_indices / topk_logprobs given to the sampled loss: log-probs are floats <= 0, never counts; today every
+    row reads as padding and the loss is silently 0."""
+    student, teacher, mask = make(V=12)
+    indices, logprobs = cache(teacher, 4)
+    for fed in (logprobs, logprobs.half()):
+        with pytest.raises(ValueError, match=r"sampled_counts.*topk_logprobs.*topk_kd_loss"):
+            sampled_kd_loss(student, indices, fed, mask=mask)
+
+
+def test_the_mode_checks_ignore_positions_that_do_not_count():
+    """Garbage where the mask is off stays allowed (the module's convention), and pad_collate's padding passes."""
+    student, teacher, mask = make(V=12)
+    indices, logprobs = cache(teacher, 4)
+    topk_kd_loss(student, indices, logprobs.masked_fill(~mask.unsqueeze(-1), 7.0), mask=mask)
+    ids, counts = draw(teacher, 8, seed=5)
+    sampled_kd_loss(student, ids, counts.float().masked_fill(~mask.unsqueeze(-1), -3.0), mask=mask)

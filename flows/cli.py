@@ -61,11 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print {"method", "source_rows", "rows_read", "shards": '
                                                         '[{"index", "start", "stop", "rows_read"}, ...]}')
     uri_help = "an output.uri (its latest version), a version directory or a cache.h5; a local path or any fsspec URL"
+
+    def storage_option(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--storage-option", dest="storage_options", action="append", default=[],
+                            metavar="KEY=VALUE", help="an fsspec option for a remote URI, parsed like an override "
+                            "(repeatable), e.g. endpoint_url=http://127.0.0.1:9000 or client_kwargs.region_name=eu; "
+                            "never credentials: those come from the environment or ~/.aws")
     p = sub.add_parser("inspect", help="summarise a cache: counts, size, provenance, its part files and index")
     p.add_argument("uri", help=uri_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--deep", action="store_true",
                    help="read every file whole and check its size and sha256 against the manifest (exit 2 if damaged)")
+    storage_option(p)
     p = sub.add_parser("verify", help="recompute the teacher on random samples of a cache and compare")
     p.add_argument("uri", help=uri_help)
     p.add_argument("--samples", type=_positive_int, default=8, help="how many random samples to check (default: 8)")
@@ -77,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--float32", action="store_true",
                    help="compare with the teacher in float32 at fp16-rounding tolerances even when the cache was "
                         "made in bf16/fp16 (by default such a cache is compared with the teacher in its own dtype)")
+    storage_option(p)
     p = sub.add_parser("export", help="write a cache as one self-contained HDF5 file (compressed chunks copied)")
     p.add_argument("uri", help=uri_help)
     p.add_argument("out", help="the file to write, e.g. one.h5")
+    storage_option(p)
     return parser
 
 
@@ -201,13 +210,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _options(args) -> dict | None:
+    """--storage-option KEY=VALUE ... as fsspec options (None when none were given)."""
+    from kd_core.config import parse_storage_options
+
+    return parse_storage_options(args.storage_options) or None
+
+
 def cmd_inspect(args) -> int:
     from kd_core.h5cache import CacheReader
     from kd_core.storage import human_bytes
 
     from kd_core.errors import CacheFileError
 
-    with CacheReader(args.uri) as reader:
+    with CacheReader(args.uri, _options(args)) as reader:
         info, manifest = reader.info(), reader.source.manifest
         reader[len(reader) - 1]  # reads data, not only metadata: a damaged last part shows here
         damage = reader.damage(deep=args.deep)  # sizes from a listing; --deep: every byte against its sha256
@@ -247,7 +263,7 @@ def cmd_export(args) -> int:
     from kd_core.h5cache import export_cache
     from kd_core.storage import human_bytes
 
-    done = export_cache(args.uri, args.out)
+    done = export_cache(args.uri, args.out, _options(args))
     print(f"wrote {args.out}: {done['num_samples']:,} samples, {done['num_tokens']:,} tokens; "
           f"{human_bytes(done['bytes'])} copied in {done['seconds']:.1f} s ({done['bytes'] / 1e6 / done['seconds']:.0f} MB/s)")
     return 0
@@ -278,7 +294,7 @@ def cmd_verify(args) -> int:
     from kd_core.teacher import load_teacher
     from kd_core.verify import teacher_to_verify, verify_rows
 
-    with CacheReader(args.uri) as reader:
+    with CacheReader(args.uri, _options(args)) as reader:
         # A cache is someone else's data: it may name a teacher, never whether that teacher's code may run.
         teacher_cfg = teacher_to_verify(reader.attrs, model=args.teacher, trust_remote_code=args.trust_remote_code)
         made_in = reader.attrs.get("teacher_dtype", "float32")

@@ -107,6 +107,17 @@ class OutputConfig(_Section):
         None, description="Name of a Prefect Secret block holding the target's credentials as a JSON object of "
                           "fsspec options (key, secret, token). Each worker reads it at run time; never recorded.",
     )
+
+    @field_validator("credentials")
+    @classmethod
+    def _a_block_name(cls, name: str | None) -> str | None:
+        # The name is recorded and quoted in messages: a secret pasted here instead of a block's name would leak.
+        # Prefect's own rule for block names, which no AWS key or secret (upper case, '/', '+') passes.
+        if name is not None and not BLOCK_NAME.fullmatch(name):
+            raise ConfigError("output.credentials: not the name of a Prefect Secret block (lowercase letters, digits "
+                              "and dashes, e.g. kd-s3); it names the block that holds the credentials, never the "
+                              "credentials themselves. The value is not shown.")
+        return name
     max_bytes: StrictInt | None = Field(None, description="Refuse a run whose expected cache is larger than this.")
     max_object_bytes: StrictInt = Field(
         4 * 2**30, ge=1 << 16, le=5 * 2**40,
@@ -123,6 +134,10 @@ class OutputConfig(_Section):
     def _one_form(cls, uri: str) -> str:
         # Normalised once, here: the layout, locks, clean-up and messages all derive from this value.
         return io.normalise_uri(uri)
+
+
+# Prefect's rule for block document names (prefect.types.names): lowercase letters, digits and dashes.
+BLOCK_NAME = re.compile(r"[a-z0-9-]+")
 
 
 class RunConfig(_Section):
@@ -161,6 +176,11 @@ class Config(_Section):
                 raise ConfigError(f"{where}: credentials are not accepted in the config: it is recorded (Prefect's "
                                   f"database and UI, manifests, cache attributes); the value is not shown. "
                                   f"{CREDENTIALS_GO_HERE}")
+        return self
+
+    @model_validator(mode="after")
+    def _snake_case_options(self) -> "Config":
+        check_option_keys(self.output.storage_options)  # after _no_credentials: a camelCase secret is refused as one
         return self
 
     def public_dict(self) -> dict[str, Any]:
@@ -210,7 +230,23 @@ _PUBLIC_OPTIONS = frozenset({
     "use_listings_cache", "listings_expiry_time", "s3", "addressing_style", "signature_version",
     "max_pool_connections", "project", "account_name", "consistency",
 })
-_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# user:password@ (the password may hold '/': up to the token's last '@'), or user@.
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)(?:[^/@\s:]*:\S*@|[^/@\s:]+@)", re.IGNORECASE)
+
+
+def check_option_keys(options: dict[str, Any], where: str = "output.storage_options", sep: str = ".") -> None:
+    """ConfigError naming the first camelCase key of fsspec's own options (top level and client_kwargs /
+    config_kwargs) and its snake_case spelling. fsspec hands an unknown option on to the client, which ignores it:
+    `endpointUrl` sends every request to AWS, which reads as "bucket does not exist". Options meant for a server
+    (s3_additional_kwargs' ACL, headers) keep their spelling."""
+    for key, value in options.items():
+        if isinstance(value, dict) and key in ("client_kwargs", "config_kwargs"):
+            check_option_keys(value, f"{where}{sep}{key}", ".")
+        elif re.search(r"[a-z0-9][A-Z]", str(key)):
+            snake = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", key)).lower()
+            raise ConfigError(f"{where}{sep}{key}: fsspec options are snake_case; did you mean {where}{sep}{snake}? "
+                              "(an option it does not know is passed to the client and ignored, so the endpoint, "
+                              "region or profile you meant would not be used)")
 
 
 def mask_options(options: Any) -> Any:
@@ -281,13 +317,39 @@ def parse_override(item: str) -> tuple[str, Any]:
         shown = f" (key {key!r})" if sep and re.fullmatch(r"[\w.\- ]{1,80}", key) else ""
         raise ConfigError(f"override{shown} is not KEY=VALUE with a dotted key; write it like "
                           "dataset.max_samples=1000 (the value is not shown, in case it is a secret).")
-    try:
-        value = _YAML.load(raw) if raw.strip() else ""
-    except YAMLError:
-        value = raw  # not YAML (e.g. an unbalanced bracket): take it as the literal string
+    value = _yaml_value(raw)
     key = canonical_key(key)
     _refuse_credentials(key, value)
     return key, value
+
+
+def _yaml_value(raw: str) -> Any:
+    try:
+        return _YAML.load(raw) if raw.strip() else ""
+    except YAMLError:
+        return raw  # not YAML (e.g. an unbalanced bracket): take it as the literal string
+
+
+def parse_storage_options(items: list[str] | None, where: str = "--storage-option") -> dict[str, Any]:
+    """Storage options for reading a cache from the command line: ['endpoint_url=http://x',
+    'client_kwargs.region_name=eu'] -> a nested dict, VALUEs parsed like overrides. Credentials are refused (a
+    shell's history and the process list keep them) and camelCase keys named with their spelling; no message
+    shows a value."""
+    nested: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[\w-]+)*", key):
+            raise ConfigError(f"{where}: expected KEY=VALUE, e.g. {where} endpoint_url=http://127.0.0.1:9000 "
+                              "(the value is not shown, in case it is a secret).")
+        value = _yaml_value(raw)
+        if find_credentials(f"output.storage_options.{key}", value):
+            raise ConfigError(f"{where} {key}: credentials are not accepted on the command line (a shell's history "
+                              "and the process list keep them); the value is not shown. Reading takes them from the "
+                              "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or ~/.aws.")
+        _set_dotted(nested, key, value)
+    check_option_keys(nested, where, " ")
+    return nested
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -314,7 +376,7 @@ def override_strings(nested: dict[str, Any], prefix: str = "") -> list[str]:
 # Keys of output.storage_options (split on _ . -) that hold credentials.
 _CREDENTIAL_PARTS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "connection",
                      "sas", "auth", "authorization"}
-_URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
+_URL_WITH_PASSWORD = io.URL_WITH_PASSWORD
 
 
 def _any_case(word: str) -> str:
@@ -325,12 +387,13 @@ def _any_case(word: str) -> str:
 # The same rule as find_credentials, as a JSON-schema `pattern` for one KEY=VALUE override of a flow run: Prefect's
 # server checks run parameters against the deployment's schema before it stores them (409 otherwise), so a REST
 # or UI run that carries credentials is refused before they reach its database. An item is refused when it sets
-# output.storage_options with a credential word anywhere in it, or holds a URL with a password.
+# output.storage_options with a credential word anywhere in it (words split at non-letters and camelCase humps:
+# secretAccessKey), or holds a URL with a password.
 _WORDS = "|".join(_any_case(w) for w in sorted(_CREDENTIAL_PARTS, key=len, reverse=True))
 OVERRIDE_WITHOUT_CREDENTIALS = (
     r"^(?!\s*(distillation\.)?output\.storage_options[^a-zA-Z]"
-    rf"(.*[^a-zA-Z])?({_WORDS})([^a-zA-Z]|$))"
-    r"(?!.*[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:[^/@\s]+@)"
+    rf"(.*([^a-zA-Z]|[a-z0-9](?=[A-Z])))?({_WORDS})([^a-z]|$))"
+    r"(?!.*[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:[^@\s]+@)"
 )
 
 
@@ -338,7 +401,8 @@ def find_credentials(key: str, value: Any) -> str | None:
     """The dotted key of the first credential under `key`: a credential-like storage option, or a URL with a
     password in it; None when there is none."""
     for where, leaf in _walk(key, value):
-        words = set(re.split(r"[_.\-]", where.lower().removeprefix("output.storage_options")))
+        humps = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", where.removeprefix("output.storage_options"))
+        words = set(re.split(r"[_.\-]", humps.lower()))
         named = where.startswith("output.storage_options") and words & _CREDENTIAL_PARTS
         if named or (isinstance(leaf, str) and _URL_WITH_PASSWORD.search(leaf)):
             return where
@@ -430,17 +494,33 @@ def describe_validation_error(error: ValidationError) -> str:
     lines = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
+        if err["loc"][:2] == ("dataset", "data_files"):  # one line, not one per member of its union type
+            line = ("dataset.data_files: must be a path or URL, a list of them, or a mapping {split: paths} "
+                    f"(got {_shown(err['input'] if len(err['loc']) == 3 else None)}).")
+            if len(err["loc"]) == 3 and line not in lines:
+                lines.append(line)
+        elif err["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key.{_did_you_mean(err['loc'])}")
         elif err["type"] == "missing":
             lines.append(f"{key}: required, set it in the profile or as {key}=VALUE.")
         elif key.startswith("output.storage_options") or key == "output.credentials":
             lines.append(f"{key}: {err['msg']}.")  # never quote what may be a secret
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r}).")
+            lines.append(f"{key}: {err['msg']} (got {_shown(err.get('input'))}).")
     if len(lines) == 1:  # the usual case: one line that names the key
         return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A wrong value as an error quotes it: a scalar with any URL's user:password removed; a list or mapping only
+    by its kind (an item of a data_files list may be a URL with a password, or a token)."""
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"a mapping with keys {sorted(map(str, value))[:5]}" if all(
+            not find_credentials(str(k), None) for k in value) else "a mapping"
+    return repr(strip_url_credentials(value))
 
 
 def _did_you_mean(loc: tuple) -> str:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -134,6 +135,10 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+# user:password@ in a URL; the password may hold '/' (unescaped), so anything up to an '@' after 'user:' counts.
+URL_WITH_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^@\s]+@", re.IGNORECASE)
+
+
 def normalise_uri(uri: str, key: str = "output.uri") -> str:
     """The one form of a location that every path under it derives from: an absolute local path, or
     PROTOCOL://BUCKET/PREFIX without a trailing slash. ConfigError (naming `key`) for a value that would write
@@ -151,7 +156,7 @@ def normalise_uri(uri: str, key: str = "output.uri") -> str:
         bucket = rest.split("/")[0]
         if not bucket:
             raise ConfigError(f"{key}: {uri!r} names no bucket. Fix: {key}={protocol}://BUCKET/PREFIX.")
-        if "@" in bucket:
+        if "@" in bucket or URL_WITH_PASSWORD.match(text):
             raise ConfigError(f"{key}: credentials inside the URL are not accepted (they would be recorded). Put "
                               "them in the worker's environment or a Prefect Secret block (docs/DEPLOYMENT.md).")
         return f"{protocol}://{rest}"

@@ -85,6 +85,10 @@ CREDENTIAL_OVERRIDES = [
     ("output.storage_options.token=Zq9pw0rd", "output.storage_options.token"),
     ("output.uri=s3://user:Zq9pw0rd@host/bucket", "output.uri"),
     ("distillation.dataset.data_files=https://bob:Zq9pw0rd@example.com/a.parquet", "dataset.data_files"),
+    # A password with a '/' in it (unescaped): the userinfo pattern once stopped at the '/'.
+    ("output.uri=s3://user:Zq9/pw0rd@bucket/x", "output.uri"),
+    ("dataset.data_files=[s3://user:Zq9/pw0rd@bucket/a.parquet]", "dataset.data_files"),
+    ("output.storage_options.secretAccessKey=Zq9pw0rd", "output.storage_options.secretAccessKey"),
 ]
 
 
@@ -312,3 +316,46 @@ def test_the_flows_parameter_schema_refuses_credentials_before_a_run_is_stored()
                  "output.storage_options={endpoint_url: 'http://monkey.local:9000', region_name: eu-west-1}",
                  "dataset.data_files=https://example.com/a.parquet", "teacher.model=Qwen/Qwen2.5-0.5B"]:
         assert accepted(fine), fine
+
+
+def test_a_password_with_a_slash_is_never_echoed():
+    """`s3://user:pa/ss@bucket`: refused from a profile too, and stripped wherever a URL is recorded or shown."""
+    from kd_core.config import strip_url_credentials
+
+    with pytest.raises(ConfigError, match="output.uri: credentials") as e:
+        load_config("testing", {"output": {"uri": "s3://user:Zq9/pw0rd@bucket/x"}})
+    assert "Zq9" not in str(e.value) and "pw0rd" not in str(e.value)
+    assert strip_url_credentials("s3://user:Zq9/pw0rd@bucket/x") == "s3://***@bucket/x"
+    assert strip_url_credentials("see s3://u:p@ss/w@b/k and s3://c@d/e") == "see s3://***@b/k and s3://***@d/e"
+    assert strip_url_credentials("s3://bucket/key@v2.parquet") == "s3://bucket/key@v2.parquet"  # no userinfo
+
+
+@pytest.mark.parametrize("data_files", [["s3://u:Zq9/pw0rd@b/x.parquet", 5], [{"token": "Zq9pw0rd"}],
+                                        [["Zq9pw0rd"]], 7])
+def test_a_bad_data_files_list_never_echoes_its_items(data_files):
+    with pytest.raises(ConfigError, match=r"dataset\.data_files") as e:
+        load_config("testing", {"dataset": {"data_files": data_files}})
+    assert "Zq9" not in str(e.value) and "pw0rd" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("value", ["wJalrXUtnFEMI/K7MDENG+Zq9pw0rd", "AKIAZQ9PW0RD", '{"key": "Zq9pw0rd"}'])
+def test_output_credentials_holds_a_block_name_never_a_secret(value):
+    """A secret pasted where the Secret block's name goes is refused without being echoed (the name is recorded
+    and quoted in messages; Prefect block names are lowercase letters, digits and dashes)."""
+    with pytest.raises(ConfigError, match=r"output\.credentials: ") as e:
+        load_config("testing", [f"output.credentials={value}"])
+    assert "Zq9" not in str(e.value) and "pw0rd" not in str(e.value) and "AKIA" not in str(e.value)
+    assert load_config("testing", ["output.credentials=kd-s3-prod"]).output.credentials == "kd-s3-prod"
+
+
+@pytest.mark.parametrize("key, right", [("endpointUrl", "endpoint_url"), ("regionName", "region_name"),
+                                        ("client_kwargs.endpointURL", "client_kwargs.endpoint_url")])
+def test_camel_case_storage_options_name_the_key_and_its_spelling(key, right):
+    """fsspec passes an unknown option on to the client, which ignores it: `endpointUrl` sent requests to AWS and
+    read as "bucket does not exist"."""
+    with pytest.raises(ConfigError) as e:
+        load_config("testing", [f"output.storage_options.{key}=http://127.0.0.1:9"])
+    assert str(e.value).startswith(f"output.storage_options.{key}: ") and f"output.storage_options.{right}" in str(e.value)
+    assert "127.0.0.1" not in str(e.value)
+    # Options that are not fsspec's own keep their spelling (headers, S3 request arguments).
+    load_config("testing", {"output": {"storage_options": {"s3_additional_kwargs": {"ACL": "private"}}}})

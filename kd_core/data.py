@@ -265,7 +265,12 @@ def iter_texts(cfg: DatasetConfig, shard: ShardSpec, start: int, stop: int) -> I
         rows = (row[cfg.text_column] for row in load_source(cfg).skip(start).take(stop - start))
     else:
         rows = (row[cfg.text_column] for row in load_source(cfg).select(range(start, stop)))
-    for row_number, text in zip(range(start, stop), rows):
+    with _column_errors(cfg):
+        yield from _checked(cfg, zip(range(start, stop), rows))
+
+
+def _checked(cfg: DatasetConfig, rows: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    for row_number, text in rows:
         if not isinstance(text, (str, type(None))):  # a stream whose schema was not known up front
             raise ConfigError(f"dataset.text_column: row {row_number} of column {cfg.text_column!r} holds "
                               f"{type(text).__name__}, not text. Fix: dataset.text_column=<a column of strings>.")
@@ -283,7 +288,10 @@ def _parquet_rows(cfg: DatasetConfig, segments: list[Segment], start: int, stop:
         last = min(bisect.bisect_left(starts, stop), len(seg.group_rows)) - 1
         skip = row - starts[first]  # rows of the first group before ours: decoded and dropped
         groups = list(range(seg.first_group + first, seg.first_group + last + 1))
-        batches = _parquet_file(seg.path, cfg.name, cfg.split).iter_batches(
+        file = _parquet_file(seg.path, cfg.name, cfg.split)
+        if cfg.text_column not in file.schema_arrow.names:  # pyarrow would return no column at all
+            raise _missing_column(cfg, seg.path, f"its columns: {file.schema_arrow.names}")
+        batches = file.iter_batches(
             batch_size=BATCH_ROWS, row_groups=groups, columns=[cfg.text_column])
         for batch in batches:
             texts = batch.column(0).to_pylist()[skip:]
@@ -329,10 +337,39 @@ def _parquet_file(path: str, name: str, split: str) -> pq.ParquetFile:
                           "A missing, empty or damaged data file reads like this: fix dataset.data_files.") from None
 
 
+def _missing_column(cfg: DatasetConfig, where: str, columns: str) -> ConfigError:
+    return ConfigError(f"dataset.text_column: {where} has no column {cfg.text_column!r} ({columns}): renamed since "
+                       "the run was validated, or files with different columns. Fix the file, dataset.text_column or "
+                       "dataset.data_files.")
+
+
+class _column_errors:
+    """A text column missing from a later file (or renamed since validation) as one line naming it: pyarrow gives
+    an empty batch (IndexError), `datasets` a KeyError per row or a CastError over the file's columns."""
+
+    def __init__(self, cfg: DatasetConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, e, tb):
+        import datasets
+
+        if exc_type is None:
+            return False
+        cast = e if isinstance(e, datasets.table.CastError) else e.__cause__
+        if isinstance(cast, datasets.table.CastError):
+            raise _missing_column(self.cfg, "a data file", f"against the first file, {cast.details()}") from None
+        if issubclass(exc_type, KeyError) and e.args == (self.cfg.text_column,):
+            raise _missing_column(self.cfg, "a row of the dataset", "a stream without that column") from None
+        return False
+
+
 def load_source(cfg: DatasetConfig):
     """The split as a `datasets` Dataset, or an IterableDataset when streaming."""
     import datasets
 
-    with dataset_errors(cfg):
+    with dataset_errors(cfg), _column_errors(cfg):  # files without the text column: one line naming it
         return datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, data_files=cfg.data_files,
                                      revision=cfg.revision, streaming=cfg.streaming)

@@ -118,3 +118,26 @@ def test_five_shards_make_the_same_cache_as_one(tmp_path, small_teacher_dir, cor
         arrays.append(read_arrays(uri))
     assert_same_arrays(*arrays)
     assert list(arrays[0]["sample_index"]) == [i for i in range(60) if i not in (3, 7)]
+
+
+@pytest.mark.parametrize("builder", ["parquet", "json"])
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_text_column_renamed_in_one_file_is_one_clear_line(tmp_path, builder, streaming):
+    """The text column is checked in the first file at validate time; a later file (or one rewritten since) whose
+    column was renamed was an IndexError (parquet) or a KeyError (json) in the middle of a shard's work."""
+    paths = []
+    for i, column in enumerate(["text", "body"]):
+        rows = [{column: f"row {i}.{j}"} for j in range(5)]
+        path = tmp_path / f"f{i}.{builder}"
+        if builder == "parquet":
+            pq.write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(path))
+    cfg = DatasetConfig(name=builder, data_files=paths, streaming=streaming, max_samples=10)
+    with pytest.raises(ConfigError) as e:  # at planning (a split datasets loads whole) or at reading
+        shard = data.plan(cfg, 1).shards[0]
+        list(data.iter_texts(cfg, shard, 0, 10))
+    message = str(e.value)
+    assert len(message.splitlines()) == 1 and message.startswith("dataset.text_column: "), message
+    assert "'text'" in message and "body" in message, message

@@ -19,6 +19,7 @@ mass at a 152k vocabulary; ids under 2**-40 are never drawn).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -60,15 +61,34 @@ def random_bits(sample_index: torch.Tensor, position: torch.Tensor, draws: int) 
     return (halves[0] << 30) | (halves[1] >> 2)
 
 
-def sample_ids(logits: torch.Tensor, lse: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor,
-               draws: int) -> torch.Tensor:
-    """(n, V) float32 logits, (n,) their logsumexp and keys -> (n, draws) int64 ids drawn from softmax(logits)."""
+def _cdf_and_targets(logits: torch.Tensor, lse: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor,
+                     draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer CDF (n, V) of softmax(logits) and each draw's target (n, draws) in [0, total)."""
     cdf = (torch.exp(logits - lse[:, None]) * CDF_SCALE).to(torch.int64)  # (n, V) q_i = floor(p_i * 2**40)
     cdf = cdf.cumsum_(-1)  # exact: integers
     total = cdf[:, -1:]  # (n, 1); >= 2**40 / V > 0, the largest p being >= 1/V
     u = (random_bits(sample_index, position, draws) >> 9).double() * 2.0**-53  # (n, N) exact, uniform in [0, 1)
-    target = (u * total.double()).floor().to(torch.int64)  # (n, N) uniform in [0, total)
+    return cdf, (u * total.double()).floor().to(torch.int64)  # targets (n, N) uniform in [0, total)
+
+
+def sample_ids(logits: torch.Tensor, lse: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor,
+               draws: int) -> torch.Tensor:
+    """(n, V) float32 logits, (n,) their logsumexp and keys -> (n, draws) int64 ids drawn from softmax(logits)."""
+    cdf, target = _cdf_and_targets(logits, lse, sample_index, position, draws)
     return torch.searchsorted(cdf, target, right=True)  # first i with cdf[i] > target
+
+
+def draw_ranges(logits: torch.Tensor, lse: torch.Tensor, sample_index: torch.Tensor, position: torch.Tensor,
+                draws: int, slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seeded draws from these logits, and the ids each can have been when made from logits that differ from
+    these by a CDF shift of at most `slack` (n,) (probability mass: what another dtype or kernel moves):
+    (ids, lo, hi), each (n, draws) int64, ids as sample_ids draws them, lo <= ids <= hi."""
+    cdf, target = _cdf_and_targets(logits, lse, sample_index, position, draws)
+    shift = (slack.double()[:, None] * CDF_SCALE).ceil().to(torch.int64)  # (n, 1) in CDF units
+    ids = torch.searchsorted(cdf, target, right=True)
+    lo = torch.searchsorted(cdf, (target - shift).clamp_min(0), right=True)
+    hi = torch.searchsorted(cdf, target + shift, right=True).clamp_max(cdf.shape[-1] - 1)
+    return ids, lo, hi
 
 
 def distinct_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +112,40 @@ def sample_rows(logits: torch.Tensor, lse: torch.Tensor, sample_index: torch.Ten
 
 
 # -- checking draws against the teacher ------------------------------------------------------------------------
+
+def explained(ids: torch.Tensor, counts: torch.Tensor, drawn: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor) -> torch.Tensor:
+    """Whether each row's stored draws, distinct ids (n, m) with counts (n, m) (0 = padding), can be the seeded
+    draws (n, N) `drawn`, each of which may have been any id in [lo, hi] (draw_ranges): (n,) bool. Rows equal to
+    `drawn` are found at once; a row that differs is matched draw by draw (stored draws to ranges, greedily by the
+    ranges' right ends, which is exact for intervals)."""
+    want_ids, want_counts = distinct_counts(drawn)  # (n, N)
+    width = max(ids.shape[-1], want_ids.shape[-1])
+    same = (_padded(ids * (counts > 0), width) == _padded(want_ids * (want_counts > 0), width)).all(-1)
+    same &= (_padded(counts, width) == _padded(want_counts, width)).all(-1)
+    result = same.clone()
+    for r in torch.nonzero(~same).flatten().tolist():
+        result[r] = _matches(ids[r], counts[r], lo[r], hi[r])
+    return result
+
+
+def _matches(ids: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """One row: can the stored draws (ids repeated by counts) be given one to each range [lo_j, hi_j]?"""
+    stored = sorted(torch.repeat_interleave(ids.long(), counts.long().clamp_min(0)).tolist())
+    if len(stored) != len(lo):
+        return False
+    for a, b in sorted(zip(lo.tolist(), hi.tolist()), key=lambda r: r[1]):  # by right end: the greedy is exact
+        i = bisect.bisect_left(stored, a)
+        if i == len(stored) or stored[i] > b:
+            return False
+        del stored[i]
+    return True
+
+
+def _padded(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, m) -> (n, width) int64, zeros on the right."""
+    return torch.nn.functional.pad(x.long(), (0, width - x.shape[-1]))
+
 
 # Buckets of the teacher's rank of a drawn id (0 = its most likely id): few enough to be well filled, fine enough
 # at the head and into the tail to see any distortion that matters for a loss.

@@ -12,14 +12,21 @@ check such a cache with dtype=teacher.dtype and tolerances that fit that dtype (
 
 Sampled rows (sampled_ids, sampled_counts) are checked for their layout (counts sum to N, ids distinct and
 ascending, padding only at the end), for draws the sampler can never make (an id the reference gives
-probability < IMPOSSIBLE), and by a chi-square test of all draws against the reference probabilities
-(kd_core.sampling.FitAccumulator): `ok` needs its p-value above `alpha` (a correct cache fails with probability
-at most alpha).
+probability < IMPOSSIBLE), draw by draw, and by a chi-square test of all draws against the reference
+probabilities (kd_core.sampling.FitAccumulator): `ok` needs its p-value above `alpha` (a correct cache fails with
+probability at most alpha). Draw by draw: the draws are seeded by (sample_index, position, draw), so they are
+drawn again from the reference and compared; a stored draw may differ from its redraw only where the reference's
+CDF, moved by what the dtype explains (log-probs off by at most `draw_tol` move it by at most
+expm1(draw_tol) of mass), crosses the draw's target (kd_core.sampling.draw_ranges). The draws come from float32
+logits, not from fp16 storage, so draw_tol is the logits' own tolerance: 1e-3 for float32 (the body's kernels
+vary by far less), 5e-2 for a bf16 body (kd-cache verify's half-precision tolerances). A count moved from one id to another is caught unless that one
+draw sat within the tolerance of the boundary between the two ids.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +36,7 @@ import torch
 
 from kd_core.config import TeacherConfig
 from kd_core.errors import CacheFileError
-from kd_core.sampling import CDF_SCALE, FitAccumulator, FitReport
+from kd_core.sampling import CDF_SCALE, FitAccumulator, FitReport, draw_ranges, explained
 from kd_core.inference import has_plain_head
 from kd_core.teacher import Teacher
 
@@ -55,13 +62,16 @@ class VerifyReport:
     # Sampled rows only:
     layout_errors: int = 0  # rows whose counts do not sum to N, or ids not distinct ascending / padding misplaced
     impossible_draws: int = 0  # drawn ids the reference gives probability < IMPOSSIBLE
+    draw_mismatches: int = 0  # rows whose draws are not the seeded redraw, beyond the flips the tolerance explains
     fit: FitReport | None = None  # chi-square of all draws against the reference probabilities
     alpha: float = 1e-6
+    draw_tol: float = 1e-3  # log-prob error of the logits the draws were made from (see the module docstring)
 
     @property
     def ok(self) -> bool:
         sampled_ok = self.fit is None or (
-            self.layout_errors == 0 and self.impossible_draws == 0 and self.fit.p_value > self.alpha
+            self.layout_errors == 0 and self.impossible_draws == 0 and self.draw_mismatches == 0
+            and self.fit.p_value > self.alpha
         )
         return (
             self.logprob_outliers == 0
@@ -111,6 +121,7 @@ def verify_rows(
     lse_tol: float = 1e-2,
     draws: int | None = None,
     alpha: float = 1e-6,
+    draw_tol: float = 1e-3,
 ) -> VerifyReport:
     """Recompute each sample alone and compare. rows: SampleRows, or the reader's dicts of arrays.
 
@@ -119,7 +130,7 @@ def verify_rows(
     is stored twice. Sampled rows (draws given): see the module docstring.
     """
     model = teacher.model if teacher.dtype == dtype else copy.deepcopy(teacher.model).to(dtype)
-    report = VerifyReport(rtol=rtol, atol=atol, lse_tol=lse_tol, alpha=alpha)
+    report = VerifyReport(rtol=rtol, atol=atol, lse_tol=lse_tol, alpha=alpha, draw_tol=draw_tol)
     fit = FitAccumulator() if draws is not None else None
     with torch.inference_mode():
         for row in rows:
@@ -174,3 +185,11 @@ def _check_sampled(report: VerifyReport, fit: FitAccumulator, row: Any, ref: tor
     at_drawn = probs.gather(1, ids.clamp(max=ref.shape[-1] - 1))  # (L, m)
     report.impossible_draws += int(((at_drawn < IMPOSSIBLE) & real).sum())
     fit.add(probs, ids.clamp(max=ref.shape[-1] - 1), counts)
+    # The seeded draws again, from the reference. Log-probs off by at most draw_tol move each p by at most
+    # p * expm1(draw_tol), so the CDF anywhere by at most expm1(draw_tol).
+    slack = torch.full((len(ref),), math.expm1(report.draw_tol), dtype=torch.float64, device=ref.device)  # (L,)
+    position = torch.arange(len(ref), device=ref.device)
+    sample_index = torch.full_like(position, int(_get(row, "sample_index")))
+    # exp(ref - 0) is the sampler's exp(logits - lse): ref is that same difference, in float32.
+    drawn, lo, hi = draw_ranges(ref, torch.zeros_like(slack), sample_index, position, draws, slack)
+    report.draw_mismatches += int((~explained(ids, counts, drawn, lo, hi)).sum())

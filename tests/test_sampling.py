@@ -330,7 +330,7 @@ def test_verify_redraws_the_seeded_draws_and_catches_small_count_edits(sampled_c
     """A count moved from one drawn id to another of the same row keeps the layout valid and the chi-square happy
     (a total variation of 1/N on a few rows passed verify); the draws are seeded, so verify draws them again from
     the recomputed teacher and compares, allowing only the flips the dtype's tolerance explains."""
-    from kd_core.cachefile import CacheReader
+    from kd_core.h5cache import CacheReader
     from kd_core.config import TeacherConfig
     from kd_core.teacher import load_teacher
     from kd_core.verify import verify_rows

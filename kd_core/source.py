@@ -249,6 +249,7 @@ def _infos(paths: list[str]) -> dict[str, dict[str, Any]]:
             out.update((p, _local_info(p)) for p in members)
             continue
         fs, _ = url_to_fs(members[0])
+        fs.invalidate_cache()  # fsspec caches listings per instance: a file rewritten since must be seen as it is now
         try:
             listing = {posixpath.normpath(e["name"]): e for e in fs.ls(url_to_fs(directory)[1], detail=True)}
         except (FileNotFoundError, OSError):

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from huggingface_hub import constants
+from s3helpers import bucket, moto_endpoint  # noqa: F401
 
 from kd_core import source
 from kd_core.config import DatasetConfig, TeacherConfig
@@ -110,3 +111,27 @@ def test_the_digest_covers_what_was_resolved_not_the_revision_asked_for(files):
     same = source.ResolvedSource(teacher=teacher.model_copy(update={"revision": "a" * 40}), dataset=ds)
     moved = source.ResolvedSource(teacher=teacher.model_copy(update={"sha": "b" * 40}), dataset=ds)
     assert source.ResolvedSource(teacher=teacher, dataset=ds).digest() == same.digest() != moved.digest()
+
+
+def test_an_object_is_fingerprinted_by_its_etag_from_one_listing(bucket, moto_endpoint, tmp_path, monkeypatch):
+    """On S3 the fingerprint is what the store says about the content (ETag), from one listing: no data read."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)  # data_files take their options from the environment
+    s3fs.S3FileSystem.clear_instance_cache()
+    local = tmp_path / "a.parquet"
+    write(local, [f"doc {i}" for i in range(30)])
+    fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
+    fs.put_file(str(local), f"{bucket}/data/a.parquet")
+    fs.put_file(str(local), f"{bucket}/data/b.parquet")
+    paths = [f"s3://{bucket}/data/a.parquet", f"s3://{bucket}/data/b.parquet"]
+    before = source.fingerprint_files(paths)
+    assert [f.bytes for f in before] == [local.stat().st_size] * 2
+    assert all(f.fingerprint.startswith("etag=") and "footer" not in f.fingerprint for f in before)
+    write(local, [f"DOC {i}" for i in range(30)])  # rewritten in place with other documents
+    fs.put_file(str(local), f"{bucket}/data/a.parquet")
+    after = source.fingerprint_files(paths)
+    assert after[0] != before[0] and after[1] == before[1]
+    with pytest.raises(source.SourceChanged, match="a.parquet changed while this build was running"):
+        source.check_unchanged(before, "shard-00000-of-00001")
+    s3fs.S3FileSystem.clear_instance_cache()

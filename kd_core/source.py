@@ -104,13 +104,13 @@ def resolve(config: Config) -> ResolvedSource:
     return ResolvedSource(teacher=resolve_teacher(config.teacher), dataset=resolve_dataset(config.dataset))
 
 
-def pin(config: Config, source: ResolvedSource) -> None:
-    """Make the config load exactly what was resolved: hub revisions become the commit shas they name now (so a
-    branch that moves during a long build cannot change what a later shard loads)."""
-    if source.teacher.sha is not None:
-        config.teacher.revision = source.teacher.sha
-    if source.dataset.sha is not None:
-        config.dataset.revision = source.dataset.sha
+def pinned(config: Config, source: ResolvedSource) -> Config:
+    """A copy of the config that loads exactly what was resolved: hub revisions become the commit shas they name
+    now, so a branch that moves during a long build cannot change what a later shard loads (the revisions asked
+    for stay in `source`)."""
+    teacher = config.teacher.model_copy(update={"revision": source.teacher.sha or config.teacher.revision})
+    dataset = config.dataset.model_copy(update={"revision": source.dataset.sha or config.dataset.revision})
+    return config.model_copy(deep=True, update={"teacher": teacher, "dataset": dataset})
 
 
 # -- the teacher -----------------------------------------------------------------------------------------------
@@ -119,6 +119,11 @@ def resolve_teacher(cfg: TeacherConfig) -> ResolvedTeacher:
     path = os.path.expanduser(cfg.model)
     if os.path.isdir(path):
         return ResolvedTeacher(model=cfg.model, revision=cfg.revision, sha=None, fingerprint=directory_fingerprint(path))
+    if os.path.isfile(path):
+        raise ConfigError(f"teacher.model: {cfg.model!r} is a file; a local teacher is a directory holding config.json, "
+                          "the weights and the tokenizer (as save_pretrained writes it). Point it at that directory.")
+    if os.path.isabs(path) or cfg.model.startswith((".", "~")) or cfg.model.count("/") > 1:  # meant as a local path
+        raise ConfigError(f"teacher.model: local path {cfg.model!r} does not exist. Point it at a model directory.")
     sha = hub_sha(cfg.model, cfg.revision, "model", key="teacher.revision")
     return ResolvedTeacher(model=cfg.model, revision=cfg.revision, sha=sha, fingerprint=None)
 
@@ -141,11 +146,21 @@ def directory_fingerprint(path: str) -> str:
 def hub_sha(repo_id: str, revision: str | None, repo_type: str, key: str) -> str:
     """The commit `revision` (None: the default branch) names now: asked of the hub, or offline, read from the local
     Hugging Face cache (the snapshot a `from_pretrained` would load). ConfigError naming `key` when neither knows."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HFValidationError
 
     if revision is not None and _SHA.fullmatch(revision):
         return revision
+    try:
+        return _hub_sha(repo_id, revision, repo_type, key)
+    except HFValidationError as e:
+        raise ConfigError(f"{key.split('.')[0]}.model: {repo_id!r} is neither a local directory nor a hub id ({e}). "
+                          "Fix the name or the path.") from None
+
+
+def _hub_sha(repo_id: str, revision: str | None, repo_type: str, key: str) -> str:
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     if not constants.is_offline_mode():
         try:
             return HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type).sha

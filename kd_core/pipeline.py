@@ -227,7 +227,9 @@ def estimate(config: Config, check: bool = True) -> storage.StorageEstimate:
                            probe_lengths=lengths,
                            max_bytes=config.output.max_bytes, free_bytes=free,
                            teacher_parameters=teacher_num_parameters(config.teacher),
-                           num_shards=min(config.run.num_shards, total))
+                           num_shards=min(config.run.num_shards, total), part_samples=config.run.part_samples,
+                           max_object_bytes=config.output.max_object_bytes,
+                           metadata_bytes=max(storage.METADATA_BYTES, 2 * len(json.dumps(config.public_dict()))))
     est.reason = storage.does_not_fit(est)
     est.fits = est.reason is None
     if check:

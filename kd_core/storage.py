@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd_core import h5cache
+from kd_core.h5cache.format import CHUNK_BYTES, CHUNK_INDEX_BYTES
+from kd_core.h5cache.format import METADATA_BYTES as HDF5_METADATA_BYTES
 
 # Stored bytes per value after shuffle+gzip, measured on real caches (docs/FORMAT.md, "Size"):
 #  - ids carry at most log2(vocab) bits; shuffle groups their always-zero high bytes, which then cost nothing.
@@ -31,6 +33,18 @@ TOPK_ID_ENTROPY_FRACTION = 0.58
 LOGPROB_STORED_BYTES = 1.1
 LOGSUMEXP_STORED_BYTES = 2.8
 FILE_OVERHEAD_BYTES = 32 * 1024  # HDF5 superblock, object headers, chunk index, attributes (~25 KB measured)
+
+# Fixed costs of a version beyond its token data, for the upper bound (tested against real files from 1 sample up,
+# tests/test_estimate.py): attributes (the config as JSON; callers with a larger config pass its size), a
+# virtual-dataset mapping of the index per part file and row dataset (file name, dataset name, two selections:
+# ~150 B measured), manifest.json (the config and the source's resolution, then a line per file), latest.json.
+METADATA_BYTES = 8 * 1024
+VDS_MAPPING_BYTES = 512
+MANIFEST_BYTES = 4 * 1024
+MANIFEST_FILE_BYTES = 512
+LATEST_BYTES = 1024
+SAMPLE_CHUNK_ROWS = 1 << 16  # the per-sample datasets' chunks (h5cache's writer and index)
+FILE_PADDING_BYTES = 64 * 1024  # every dataset's last-chunk padding in one file, at most (1% of 1 MiB chunks)
 
 # Peak dense bf16 tensor throughput (FLOP/s, no sparsity) from the vendors' datasheets: H100 SXM, A100 SXM/PCIe,
 # L4. GPU hours = teacher FLOPs / (peak x MFU).
@@ -58,12 +72,67 @@ SAMPLED_LENGTH_STORED_BYTES = 0.7
 
 
 def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int,
-                      samples: int | None = None) -> int:
-    """Every sample at max_length, uncompressed (sampled: every draw a distinct id)."""
+                      samples: int | None = None, num_files: int = 1, metadata_bytes: int = METADATA_BYTES) -> int:
+    """Every sample at max_length (sampled: every draw a distinct id): the published version's bytes at most,
+    whatever the data: its num_files part files, the index, manifest.json and latest.json.
+
+    Per HDF5 file: h5cache's own metadata allowance and the attributes (the config as JSON: `metadata_bytes`);
+    per dataset the raw bytes, zlib's worst case (compressBound: +0.1% and a few bytes per chunk), the chunk
+    index, and the zero padding of each file's last chunk (stored whole; compressed at least 100:1, the bound
+    h5cache's writer itself uses for output.max_object_bytes). The index adds a virtual-dataset mapping per part
+    file and row dataset and its own /offsets and /sample_index; the manifest a line per file.
+    """
     tokens = num_samples * max_length
-    per_sample = h5cache.BYTES_PER_SAMPLE + (8 if samples is not None else 0)  # + /sampled_offsets
-    return (tokens * h5cache.bytes_per_token(top_k, vocab_size, samples) + num_samples * per_sample + 16
-            + FILE_OVERHEAD_BYTES)
+    entries = tokens * min(samples, vocab_size) if samples is not None else 0
+    per_file = HDF5_METADATA_BYTES + metadata_bytes + 1024
+    parts = num_files * per_file
+    for _, row, chunk_rows, kind in _datasets(top_k, vocab_size, samples):
+        rows = {"token": tokens, "entry": entries, "sample": num_samples + num_files}[kind]
+        parts += _column_bound(rows, row, chunk_rows, num_files)
+    row_datasets = len(h5cache.row_layout(top_k, vocab_size, samples)) + len(h5cache.entry_layout(vocab_size, samples))
+    index = per_file + num_files * row_datasets * VDS_MAPPING_BYTES + sum(
+        _column_bound(num_samples + 1, 8, SAMPLE_CHUNK_ROWS, 1) for _, _, _, kind in _datasets(top_k, vocab_size, samples)
+        if kind == "sample")
+    manifest = MANIFEST_BYTES + metadata_bytes + num_files * MANIFEST_FILE_BYTES
+    return parts + index + manifest + LATEST_BYTES
+
+
+def part_files(*, num_samples: int, num_shards: int = 1, part_samples: int | None = None,
+               max_object_bytes: int | None = None, sample_bytes: int = 0,
+               metadata_bytes: int = METADATA_BYTES) -> int:
+    """At most how many part files a run writes: each shard's samples in parts of part_samples, and a part split
+    into more files when the next sample (at most sample_bytes) would pass output.max_object_bytes."""
+    shards = max(1, min(num_shards, num_samples))
+    per_shard = -(-num_samples // shards)
+    parts = -(-per_shard // part_samples) if part_samples else 1
+    per_part = min(per_shard, part_samples or per_shard)
+    room = (max_object_bytes or 0) - HDF5_METADATA_BYTES - metadata_bytes - 1024 - FILE_PADDING_BYTES
+    per_file = max(1, room // max(sample_bytes, 1)) if max_object_bytes else per_part
+    return shards * parts * -(-per_part // per_file)
+
+
+def _datasets(top_k: int, vocab_size: int, samples: int | None) -> list[tuple[str, int, int, str]]:
+    """(name, bytes per row, rows per chunk, what a row is: token | entry | sample) of a part file's datasets."""
+    out = []
+    for kind, layout in (("token", h5cache.row_layout(top_k, vocab_size, samples)),
+                         ("entry", h5cache.entry_layout(vocab_size, samples))):
+        for name, (tail, dtype) in layout.items():
+            row = max(1, math.prod(tail)) * dtype.itemsize
+            out.append((name, row, max(1024, CHUNK_BYTES // row), kind))
+    per_sample = ("offsets", "sample_index") + ((h5cache.ENTRY_OFFSETS,) if samples is not None else ())
+    return out + [(name, 8, SAMPLE_CHUNK_ROWS, "sample") for name in per_sample]
+
+
+def _deflate_bound(n: int) -> int:
+    """zlib's worst case for n input bytes (compressBound), rounded up, as h5cache's writer counts it."""
+    return n + n // 1000 + 64
+
+
+def _column_bound(rows: int, row_bytes: int, chunk_rows: int, files: int) -> int:
+    """One dataset over `files` files holding `rows` rows in all: stored bytes at most."""
+    raw = rows * row_bytes
+    chunks = -(-rows // chunk_rows) + files  # each file's last chunk may be partial
+    return raw + raw // 1000 + chunks * (64 + CHUNK_INDEX_BYTES) + files * (chunk_rows * row_bytes // 100 + 1)
 
 
 def human_bytes(n: float) -> str:
@@ -175,9 +244,11 @@ def human_hours(hours: float) -> str:
 
 def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, probe_lengths: list[int],
              max_bytes: int | None = None, free_bytes: int | None = None, teacher_parameters: int | None = None,
-             num_shards: int = 1, samples: int | None = None) -> StorageEstimate:
+             num_shards: int = 1, samples: int | None = None, part_samples: int | None = None,
+             max_object_bytes: int | None = None, metadata_bytes: int = METADATA_BYTES) -> StorageEstimate:
     """probe_lengths: token counts (already truncated to max_length) of real samples from the dataset.
-    samples=N: a sampled cache (top_k ignored)."""
+    samples=N: a sampled cache (top_k ignored). part_samples, max_object_bytes: how the run splits its part files
+    (run.part_samples, output.max_object_bytes); metadata_bytes: the config's size as JSON, if over METADATA_BYTES."""
     mean_tokens = sum(probe_lengths) / len(probe_lengths) if probe_lengths else float(max_length)
     per_token = h5cache.bytes_per_token(top_k, vocab_size, samples)
     expected_tokens = round(mean_tokens * num_samples)
@@ -186,8 +257,12 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
     return StorageEstimate(
         num_samples=num_samples, max_length=max_length, top_k=top_k if samples is None else None,
         vocab_size=vocab_size, bytes_per_token=per_token, upper_bound_tokens=num_samples * max_length,
-        upper_bound_bytes=upper_bound_bytes(num_samples=num_samples, max_length=max_length, top_k=top_k,
-                                            vocab_size=vocab_size, samples=samples),
+        upper_bound_bytes=upper_bound_bytes(
+            num_samples=num_samples, max_length=max_length, top_k=top_k, vocab_size=vocab_size, samples=samples,
+            metadata_bytes=metadata_bytes,
+            num_files=part_files(num_samples=num_samples, num_shards=num_shards, part_samples=part_samples,
+                                 max_object_bytes=max_object_bytes, metadata_bytes=metadata_bytes,
+                                 sample_bytes=_deflate_bound(max_length * per_token + h5cache.BYTES_PER_SAMPLE + 8))),
         probe_samples=len(probe_lengths), mean_tokens_per_sample=mean_tokens, expected_tokens=expected_tokens,
         expected_bytes=expected, stored_bytes_per_token=stored, max_bytes=max_bytes, free_bytes=free_bytes,
         teacher_parameters=teacher_parameters, num_shards=num_shards, samples=samples,

@@ -108,11 +108,13 @@ class ShardProgress:
 
     def __init__(self, shards: list[ShardSpec], estimate: StorageEstimate):
         self.shards, self.estimate, self.records, self.started = shards, estimate, [], time.perf_counter()
+        self.finished: dict[int, float] = {}  # shard index -> seconds after the shards started that it finished
         self.bar = create_progress_artifact(progress=0.0, key="shard-progress", description=self._description())
         self.table = create_table_artifact(key="shard-throughput", table=self._rows(), description=THROUGHPUT_HELP)
 
     def done(self, record: ShardRecord) -> None:
         self.records.append(record)
+        self.finished[record.shard.index] = time.perf_counter() - self.started
         update_progress_artifact(self.bar, 100.0 * len(self.records) / len(self.shards), self._description())
         # A keyed table artifact created again would be a new version (a new card per shard): update this one.
         with get_client(sync_client=True) as client:
@@ -129,25 +131,25 @@ class ShardProgress:
         return text + "."
 
     def _rows(self) -> list[dict[str, str]]:
-        rows = [_row(f"shard {r.shard.index:,}", r.num_samples, r.num_tokens, r.seconds)
+        rows = [_row(f"shard {r.shard.index:,}", r.num_samples, r.num_tokens, r.seconds, self.finished[r.shard.index])
                 for r in sorted(self.records, key=lambda r: r.shard.index)]
         total = _row(f"all finished ({len(self.records):,} of {len(self.shards):,})",
                      sum(r.num_samples for r in self.records), sum(r.num_tokens for r in self.records),
-                     sum(r.seconds for r in self.records))
-        total["wall-clock seconds since the shards started"] = f"{time.perf_counter() - self.started:,.1f}"
+                     sum(r.seconds for r in self.records), time.perf_counter() - self.started)
         return [*rows, total]
 
 
 THROUGHPUT_HELP = ("Finished shards. Teacher seconds: the time a shard spent loading data, running the teacher and "
                    "writing its parts (summed over shards in the total row). Tokens per teacher-second: tokens / "
-                   "teacher seconds, the speed of one worker; wall-clock seconds show how long the shards took "
-                   "side by side.")
+                   "teacher seconds, the speed of one worker. Wall-clock seconds: when the shard finished, counted from the "
+                   "start of the shards (the total row: now), so they show how long the shards took side by side.")
 
 
-def _row(shard: str, samples: int, tokens: int, seconds: float) -> dict[str, str]:
+def _row(shard: str, samples: int, tokens: int, seconds: float, wall: float) -> dict[str, str]:
+    """wall: when the shard finished (the total row: now), in seconds after the shards started."""
     return {"shard": shard, "samples": f"{samples:,}", "tokens": f"{tokens:,}", "teacher seconds": f"{seconds:,.1f}",
             "tokens per teacher-second": f"{tokens / max(seconds, 1e-9):,.0f}",
-            "wall-clock seconds since the shards started": ""}
+            "wall-clock seconds since the shards started": f"{wall:,.1f}"}
 
 
 def _summary(manifest: Manifest, records: list[ShardRecord], wall: float) -> str:

@@ -90,6 +90,9 @@ def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack,
     throughput = json.loads(artifacts["shard-throughput"]["data"])
     assert [row["shard"] for row in throughput] == ["shard 0", "shard 1", "all finished (2 of 2)"]
     assert all(set(row) == set(throughput[0]) for row in throughput)  # every figure under a labelled column
+    assert all(value != "" for row in throughput for value in row.values())  # every cell filled
+    walls = [float(row["wall-clock seconds since the shards started"].replace(",", "")) for row in throughput]
+    assert 0 < max(walls[:-1]) <= walls[-1]  # a shard finished after the shards started, before the total's "now"
     assert "| tokens |" in artifacts["cache-summary"]["data"]
 
     # The published cache: every sample, and it agrees with the teacher recomputed in float32.

@@ -6,14 +6,18 @@ Config errors are one clear message and exit code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
-from kd_core.errors import KDCacheError
+from kd_core import guards, hub
+from kd_core.config import available_profiles, load_config
+from kd_core.errors import ConfigError, KDCacheError
+
+log = logging.getLogger("kd_cache.cli")
 
 EXAMPLES = """\
 examples:
@@ -30,6 +34,11 @@ the seed's form distillation.KEY=VALUE works too. Credentials never go here: set
 """
 
 
+DEFAULT_PROFILE = "demo"
+# The seed's users pick a config the Hydra way, `distillation=medium`: that override names the profile.
+PROFILE_OVERRIDE = "distillation"
+
+
 def _profile(value: str) -> str:
     """A profile name as is; a YAML file as an absolute path, so the flow finds it whatever its directory."""
     path = Path(value).expanduser()
@@ -37,7 +46,9 @@ def _profile(value: str) -> str:
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", default="demo", type=_profile, help="profile name in profiles/ or a path to a YAML file (default: demo)")
+    parser.add_argument("--profile", default=None, type=_profile,
+                        help=f"profile name in profiles/ or a path to a YAML file (default: {DEFAULT_PROFILE}; "
+                             "the seed's distillation=NAME works too)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. dataset.max_samples=1000")
 
 
@@ -102,29 +113,62 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _pick_profile(args) -> None:
+    """args.profile from --profile or the seed's `distillation=NAME` (taken out of the overrides), else the default."""
+    picks = [o for o in args.overrides if o.partition("=")[0].strip() == PROFILE_OVERRIDE]
+    args.overrides = [o for o in args.overrides if o not in picks]
+    names = {_profile(o.partition("=")[2].strip()) for o in picks}
+    if len(names) > 1 or (names and args.profile is not None and names != {args.profile}):
+        given = ", ".join(sorted(names | ({args.profile} if args.profile else set())))
+        raise ConfigError(f"{PROFILE_OVERRIDE}=NAME picks the profile, like --profile NAME; this command names "
+                          f"several ({given}). Fix: give one profile, e.g. --profile {sorted(names)[0]}.")
+    if names:
+        (name,) = names
+        if name not in available_profiles() and not Path(name).is_file():
+            raise ConfigError(f"{PROFILE_OVERRIDE}={name}: no profile named {name!r}. Fix: --profile NAME with one of "
+                              f"{', '.join(available_profiles())}, or a path to a .yaml file.")
+        args.profile = name
+    args.profile = args.profile or DEFAULT_PROFILE
+
+
+def _checked_config(args, teacher: bool = True):
+    """The command's config, checked in this process before anything slow starts (a Prefect server, a download):
+    the profile, unknown keys and the max_samples guard (instant), then one question to the hub per hub id it names
+    (offline, a missing or a gated repository is one line, in seconds)."""
+    _pick_profile(args)
+    config = load_config(args.profile, args.overrides)
+    guards.check_config(config)
+    hub.check_reachable(config, teacher=teacher)
+    return config
+
+
 def _read_secret(name: str):
     """output.credentials: the Prefect Secret block, read through Prefect (imported only when a config names one)."""
     from tasks.validate_config import read_secret_block
+
+    if _SERVER is not None:
+        _SERVER.wait_ready()
 
     return read_secret_block(name)
 
 
 def cmd_run(args) -> int:
-    from kd_core import guards, pipeline
-    from kd_core.config import load_config
+    from kd_core import pipeline
 
-    # Check before the flow starts, so a bad config is one clean message (and credentials passed as overrides are
-    # refused before any flow run records them); the flow's first task checks again.
-    guards.check_config(load_config(args.profile, args.overrides))  # instant: unknown keys, the guard
-    server = _start_embedded_server()
-    try:  # the target, the teacher's config: seconds, beside the server's start
+    # Checked before the server starts, so a bad config is one clean message in about a second (and credentials
+    # passed as overrides are refused before any flow run records them); the flow's first task checks again.
+    _checked_config(args)
+    with contextlib.ExitStack() as stack:
+        server = _start_local_server(stack)
+        # The target, the teacher's config, the imports of the flow: seconds, beside the server's start.
         config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
-    finally:
-        if server is not None:  # Prefect stops the server at exit only once its start has registered it
-            server.join()
-    from flows.build_teacher_cache import build_teacher_cache
+        from flows.build_teacher_cache import build_teacher_cache
 
-    result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
+        if server is not None:
+            _warm_imports(config)
+            server.wait_ready()
+            log.info("temporary Prefect server ready %.1f s after its start", server.ready_after)
+        result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
     root = config.output.uri
     if result.get("up_to_date"):
         print(f"up to date: {root} already holds this cache (key {result['key']}); no teacher work was done.")
@@ -136,32 +180,60 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _start_embedded_server() -> threading.Thread | None:
-    """With no Prefect server configured, a local run talks to a temporary one that takes seconds to start:
-    start it now, beside the config checks, instead of after them. Prefect's client finds it running."""
+_SERVER = None  # the temporary server this command started, if any
+
+
+def _warm_imports(config) -> None:
+    """Import now, while the server starts in its own process, what the flow's tasks would import after it: the
+    datasets library and the teacher's model class (seconds each; docs/PERFORMANCE.md, "Fixed cost")."""
+    import datasets  # noqa: F401 - imported for the side effect of having it loaded
+
+    from kd_core.teacher import teacher_num_parameters
+
+    teacher_num_parameters(config.teacher)  # imports the model's module (transformers' Llama: torch._dynamo, 5 s)
+
+
+def _start_local_server(stack: contextlib.ExitStack):
+    """With no Prefect server configured, a local run talks to a temporary one (flows/local_server.py), started
+    before Prefect is even imported, so that its start-up overlaps the rest of the checks; it is stopped when
+    `stack` closes. None when the settings name a server (the environment, profiles.toml, .env, prefect.toml)."""
+    global _SERVER
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # it would log "Failed to send telemetry"
-    from prefect.settings import PREFECT_API_URL
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from flows.local_server import TemporaryServer
+
+    server = TemporaryServer()
+    stack.callback(server.stop)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
+        server.stop()
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    # Prefect read its settings at import: this process's client gets the address through them, subprocesses
+    # through the environment.
+    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    stack.callback(_drain_prefect_workers)  # before the server stops (the stack unwinds last in, first out)
+    _SERVER = server
+    return server
 
-    def start() -> None:
-        server = SubprocessASGIServer()
-        try:
-            server.start()
-        except Exception:  # e.g. not healthy within Prefect's 20 s on a busy machine: stop this process, or it
-            server.stop()  # would outlive the command; the flow starts a fresh one, and reports its own failure
 
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
+def _drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues, while the server is up: once it is gone, each would be retried
+    against a closed port (a minute of "Error logging to API" at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)
 
 
 def cmd_estimate(args) -> int:
     """The numbers, always (a cache that would not fit included: `fits` says so and why); exit 0."""
     from kd_core import pipeline
 
+    _checked_config(args)
     est = pipeline.estimate(pipeline.validate(args.profile, args.overrides, check_target=False,
                                               read_secret=_read_secret), check=False)
     if args.json:
@@ -175,6 +247,7 @@ def cmd_validate(args) -> int:
     """Every check `run` makes before the teacher loads, the size limits included."""
     from kd_core import pipeline
 
+    _checked_config(args)
     config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
     est = pipeline.estimate(config, check=False)
     print(json.dumps(config.public_dict(), indent=2))
@@ -191,11 +264,9 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 def cmd_plan(args) -> int:
-    from kd_core import guards, pipeline
-    from kd_core.config import load_config
+    from kd_core import pipeline
 
-    config = load_config(args.profile, args.overrides)
-    guards.check_config(config)  # the dataset is all a plan needs: no output target, no teacher
+    config = _checked_config(args, teacher=False)  # the dataset is all a plan needs: no output target, no teacher
     summary = pipeline.plan(config).summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -338,13 +409,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    for name in ("httpx", "httpx2"):  # one line per Prefect API or hub call otherwise (huggingface_hub uses httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except KDCacheError as e:
         print(f"kd-cache {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `kd-cache inspect --json | head`: the reader has what it wanted
+        # Python flushes stdout again at exit and would print a second BrokenPipeError: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command stopped by SIGPIPE (`yes | head`)
+
+
+def entry() -> None:
+    """The `kd-cache` command. After `run` the process ends at once: its work is closed and published, the logs are
+    sent and the server stopped, and the interpreter's own teardown of torch, transformers and Prefect would add
+    2-3 s to every run (docs/PERFORMANCE.md). Other commands exit normally."""
+    code = main()
+    if sys.argv[1:2] == ["run"]:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

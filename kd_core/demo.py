@@ -20,16 +20,19 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from kd_core.config import DEMO_PREFIX
 from kd_core.errors import ConfigError
 
-# tokenizers and transformers are imported inside the builders: resolve_path on a built cache (config
-# validation) should not pay their seconds of import time.
+# torch, tokenizers and transformers are imported inside the builders: resolve_path on built assets (config
+# validation, the first thing `kd-cache run` does) should not pay their seconds of import time (torch: 5 s of
+# a busy 2-core machine's, before the temporary Prefect server could start).
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("kd_core.demo")
 
@@ -146,11 +149,15 @@ def _token_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     n = len(stream) // seq_len
     if n == 0:
         raise ValueError(f"train_texts hold {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
+    import torch
+
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 
 
 def _train(model, blocks: torch.Tensor, steps: int, seed: int, batch_size: int = 8, lr: float = 3e-3) -> None:
     """A short AdamW run (linear warmup, then linear decay) so the teacher's predictions carry signal."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     probe = blocks[torch.randperm(len(blocks), generator=gen)[:batch_size]]  # (B, L): a fixed batch for the log
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -204,6 +211,7 @@ def build_teacher(
     tokenizer (as many hub models do), and above 65536 one whose top-k ids need uint32.
     The result loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained(out_dir). Deterministic per seed.
     """
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

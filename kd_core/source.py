@@ -340,6 +340,10 @@ class dataset_errors:
         cfg = self.cfg
         if exc_type is None:
             return False
+        if issubclass(exc_type, ConnectionError):  # offline and not in the local cache, or the hub unreachable
+            raise ConfigError(f"dataset.name: cannot read {cfg.name!r}: {' '.join(str(e).split())}. Fix: network "
+                              "access, or HF_HUB_OFFLINE=1 with the dataset in the Hugging Face cache, or local files "
+                              "(dataset.name=parquet dataset.data_files=/path/*.parquet).") from None
         if issubclass(exc_type, FileNotFoundError):
             raise ConfigError(f"dataset.name / dataset.data_files: dataset not found ({e}). "
                               "Fix the name or the file paths.") from None

@@ -72,9 +72,11 @@ def _load(what: str, cfg: TeacherConfig, fn, **kwargs):
         else:
             hint = (
                 f"{path!r} is not a local path, so it is read as a hub id: it needs network access "
-                f"(or the Hugging Face cache), the right name/revision, and a token if it is gated"
+                f"(or HF_HUB_OFFLINE=1 with the model in the Hugging Face cache), the right name/revision, and a "
+                f"token (HF_TOKEN) if it is gated. Fix: one of those, or a local directory"
             )
-        raise ConfigError(f"teacher.model: cannot load the {what}: {hint}. ({type(e).__name__}: {e})") from None
+        cause = " ".join(str(e).split())  # transformers' messages span lines; ours is one
+        raise ConfigError(f"teacher.model: cannot load the {what}: {hint}. ({type(e).__name__}: {cause})") from None
 
 
 def teacher_vocab_size(cfg: TeacherConfig) -> int:

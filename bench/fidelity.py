@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +51,8 @@ from kd_core.errors import ConfigError  # noqa: E402
 from kd_core.dataset import CacheDataset, pad_collate  # noqa: E402
 from kd_core.demo import build_corpus, build_teacher, train_tokenizer  # noqa: E402
 from kd_core.loss import full_kd_loss, sampled_kd_loss, topk_kd_loss  # noqa: E402
+from kd_core.sampling import sample_rows  # noqa: E402
+from kd_core.topk import topk_lowest_id  # noqa: E402
 
 ECE_BINS = 15
 
@@ -267,6 +269,56 @@ def evaluate(model, held: HeldOut) -> dict[str, float]:
     return {"ce": ce_sum / n, "kl": kl_sum / n, "ece": ece(torch.cat(conf), torch.cat(correct))}
 
 
+@dataclass(frozen=True)
+class GradientCheck:
+    """How a cache form's loss gradient compares with full-vocabulary KD's (the RS-KD measure), over batches."""
+
+    angle: list[float]  # degrees between the two gradients w.r.t. every student parameter, per batch
+    norm_ratio: list[float]  # |gradient of the form| / |gradient of full KD|, per batch
+
+
+def cache_rows(arm: Arm, teacher_logprobs: torch.Tensor, sample_keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What arm's cache would hold for these rows, computed from the teacher's (B, T, V) float32 log-probs as the
+    pipeline does: top-K ids (ties to the lowest id) with float16-rounded log-probs, or N draws keyed by
+    (sample_keys (B,), position). Returns topk_indices/topk_logprobs or sampled_ids/sampled_counts, (B, T, *)."""
+    B, T, V = teacher_logprobs.shape
+    flat = teacher_logprobs.reshape(B * T, V)  # log-probs: their logsumexp is 0
+    if arm.kd == "topk":
+        values, ids = topk_lowest_id(flat, int(arm.cache[3:]))  # (B*T, K)
+        return {"topk_indices": ids.view(B, T, -1), "topk_logprobs": values.half().float().view(B, T, -1)}
+    keys = sample_keys.repeat_interleave(T)  # (B*T,)
+    position = torch.arange(T).repeat(B)  # (B*T,)
+    ids, counts = sample_rows(flat, torch.zeros(B * T), keys, position, int(arm.cache[7:]))  # (B*T, N)
+    m = int((counts > 0).sum(-1).max())
+    return {"sampled_ids": ids[:, :m].reshape(B, T, m), "sampled_counts": counts[:, :m].reshape(B, T, m)}
+
+
+def gradient_check(student, held: HeldOut, arms: list[Arm], batch_size: int) -> dict[str, GradientCheck]:
+    """Per arm (pure KD arms on a cache): angle and norm ratio between the gradient, w.r.t. all of the student's
+    parameters, of the arm's loss and of full_kd_loss, on held-out batches of batch_size samples. The cache rows
+    are made from the teacher's held-out logits as the pipeline makes them (cache_rows), keyed by the held-out
+    sample's number, so sampled forms show their noise at this batch size."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    out: dict[str, GradientCheck] = {a.name: GradientCheck([], []) for a in arms}
+    for i in range(0, len(held.input_ids) - batch_size + 1, batch_size):
+        ids, real = held.input_ids[i: i + batch_size], held.real[i: i + batch_size]
+        t_logprobs = held.teacher_logprobs[i: i + batch_size]  # (b, T, V)
+        logits = student(input_ids=ids, attention_mask=real).logits  # (b, T, V)
+
+        def flat_grad(loss: torch.Tensor) -> torch.Tensor:
+            return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+        full = flat_grad(full_kd_loss(logits, t_logprobs, mask=real))
+        for arm in arms:
+            rows = cache_rows(arm, t_logprobs, torch.arange(i, i + batch_size) + 10**9)
+            batch = {"attention_mask": real, **rows}
+            g = flat_grad(kd_loss(arm, logits, batch, None))
+            cos = float(torch.dot(g, full) / (g.norm() * full.norm()))
+            out[arm.name].angle.append(float(torch.rad2deg(torch.arccos(torch.tensor(cos).clamp(-1, 1)))))
+            out[arm.name].norm_ratio.append(float(g.norm() / full.norm()))
+    return out
+
+
 def ece(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Expected calibration error: sum over equal-width confidence bins of |bin| / n * |accuracy - confidence|."""
     which = (confidence * bins).long().clamp_max(bins - 1)
@@ -340,10 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
     parser.add_argument("--json", help="also write the per-seed results here")
     parser.add_argument("--build-only", action="store_true", help="build the teacher and caches, then stop")
+    parser.add_argument("--vocab", type=int, default=Setup.vocab, help="the teacher's (and its tokenizer's) vocabulary")
+    parser.add_argument("--teacher-steps", type=int, default=Setup.teacher_steps)
+    parser.add_argument("--grad-steps", type=int, default=100,
+                        help="gradient check: online-KD steps that train the student it is measured on (0: at init)")
+    parser.add_argument("--grad-only", action="store_true", help="only the gradient check (seconds), no training arms")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # tiny matrices; the machine is shared (see kd_core.demo._train)
-    setup = Setup(steps=args.steps)
+    setup = Setup(steps=args.steps, vocab=args.vocab, teacher_steps=args.teacher_steps)
     arms = all_arms()
     if args.arms:
         wanted = args.arms.split(",")
@@ -366,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     teacher_scores = evaluate(teacher, held)
     print(f"assets ready in {time.perf_counter() - started:.0f} s; held-out: {int(held.mask.sum())} tokens; "
           f"teacher CE {teacher_scores['ce']:.3f}, ECE {teacher_scores['ece']:.3f}", flush=True)
+    distinct = {name: distinct_ids_per_row(uri) for name, (uri, _) in caches.items() if name.startswith("sampled")}
+    grads = print_gradient_check(arms, caches, distinct, teacher, held, setup, args.grad_steps)
+    if args.grad_only:
+        return 0
 
     uris = {name: uri for name, (uri, _) in caches.items()}
     tasks = [(arm, seed, setup, str(work), uris) for seed in range(args.seeds) for arm in arms]
@@ -384,20 +445,54 @@ def main(argv: list[str] | None = None) -> int:
           f"parameters; {setup.steps} steps x {setup.batch_size} samples of <= {setup.max_length} tokens; "
           f"{args.seeds} seed(s); {len(tasks)} runs, {cpu_total / 60:.1f} CPU-min, "
           f"{(time.perf_counter() - started) / 60:.1f} min wall with {args.jobs} job(s)\n")
-    print("| student trained with | held-out CE | KL(teacher, student) | ECE | cache B/token |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| (teacher) | {teacher_scores['ce']:.3f} | 0 | {teacher_scores['ece']:.3f} | - |")
+    print("| student trained with | held-out CE | KL(teacher, student) | ECE | cache B/token | distinct ids per row |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| (teacher) | {teacher_scores['ce']:.3f} | 0 | {teacher_scores['ece']:.3f} | - | - |")
     for arm in arms:
         r = results[arm.name]
         bpt = f"{caches[arm.cache][1]:.1f}" if arm.cache else "-"
+        m = f"{distinct[arm.cache]:.1f}" if arm.cache in distinct else "-"
         print(f"| {arm.name} | {fmt([x['ce'] for x in r])} | {fmt([x['kl'] for x in r])} | "
-              f"{fmt([x['ece'] for x in r])} | {bpt} |")
+              f"{fmt([x['ece'] for x in r])} | {bpt} | {m} |")
     print_goal(arms, results, caches)
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": setup.__dict__, "teacher": teacher_scores,
                                                "bytes_per_token": {k: v[1] for k, v in caches.items()},
+                                               "distinct_ids_per_row": distinct,
+                                               "gradient": {k: v.__dict__ for k, v in grads.items()},
                                                "results": results}, indent=2))
     return 0
+
+
+def distinct_ids_per_row(uri: str) -> float:
+    """Mean distinct ids per row m of a sampled cache (its size follows m)."""
+    ds = CacheDataset(uri)
+    rows = [ds[i]["sampled_counts"] for i in range(len(ds))]  # (L, m) each
+    return sum(int((c > 0).sum()) for c in rows) / sum(len(c) for c in rows)
+
+
+def print_gradient_check(arms: list[Arm], caches: dict[str, tuple[str, float]], distinct: dict[str, float], teacher,
+                         held: HeldOut, setup: Setup, steps: int) -> dict[str, GradientCheck]:
+    """The gradient check's table: a student trained `steps` online-KD steps (seed 0), every pure cache arm."""
+    forms = [a for a in arms if a.kd in ("topk", "sampled") and a.ce_weight == 0]
+    if not forms:
+        return {}
+    cpu = time.process_time()
+    dataset = CacheDataset(caches["top64"][0])
+    student = build_student(teacher.config.vocab_size, setup, 0)
+    if steps:
+        student = train_arm(Arm("online", "online"), dataset, teacher.config.vocab_size, teacher,
+                            replace(setup, steps=steps), 0)
+    grads = gradient_check(student, held, forms, setup.batch_size)
+    print(f"\ngradient check: student after {steps} online-KD steps, {len(grads[forms[0].name].angle)} held-out "
+          f"batches of {setup.batch_size} samples, {time.process_time() - cpu:.0f} s CPU")
+    print("| cache form | B/token | distinct ids per row | angle to full KD's gradient (deg) | norm ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for arm in forms:
+        g = grads[arm.name]
+        m = f"{distinct[arm.cache]:.1f}" if arm.cache in distinct else "-"
+        print(f"| {arm.name} | {caches[arm.cache][1]:.1f} | {m} | {fmt(g.angle, 1)} | {fmt(g.norm_ratio, 2)} |")
+    return grads
 
 
 def print_goal(arms: list[Arm], results: dict[str, list[dict[str, float]]], caches: dict[str, tuple[str, float]]) -> None:

@@ -383,8 +383,8 @@ def cmd_verify(args) -> int:
                          **tolerances)
     print(f"checked {report.samples} samples ({report.positions:,} positions) of a cache made in {made_in} "
           f"against the teacher recomputed alone in {dtype} (output layer in float64)")
-    print(f"  max logsumexp error    {report.max_logsumexp_error:.2e}  (tolerance {report.lse_tol:g})")
     if report.fit is None:
+        print(f"  max logsumexp error    {report.max_logsumexp_error:.2e}  (tolerance {report.lse_tol:g})")
         print(f"  max log-prob error     {report.max_logprob_error:.2e}  ({report.logprob_outliers} beyond "
               f"{report.rtol:g}*|x| + {report.atol:g})")
         print(f"  top-k set mismatches   {report.topk_mismatches}")

@@ -29,6 +29,7 @@ from ruamel.yaml.error import YAMLError
 import kd_core
 from kd_core import io
 from kd_core.h5cache import FORMAT_VERSION
+from kd_core.h5cache.format import SAMPLED_LAYOUT
 from kd_core.errors import ConfigError
 
 # The shipped profiles: profiles/ in a checkout, kd_core/profiles/ in an installed copy (pyproject.toml maps one to
@@ -206,6 +207,7 @@ class Config(_Section):
         else:
             del data["cache"]["top_k"]
             data["cache"]["sampler"] = SAMPLER_VERSION
+            data["cache"]["layout"] = SAMPLED_LAYOUT
         data["teacher"]["dtype"] = self.resolved_dtype()
         data["format_version"], data["producer"] = FORMAT_VERSION, kd_core.__version__
         blob = json.dumps(data, sort_keys=True).encode()

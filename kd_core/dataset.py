@@ -27,9 +27,9 @@ from kd_core.h5cache import CacheReader, as_read, iter_samples
 
 
 class CacheDataset(Dataset):
-    """Sample i of a cache as tensors: input_ids (L,), logsumexp (L,), sample_index, and per row either
-    topk_indices (L, k) and topk_logprobs (L, k) (top-k caches) or sampled_ids (L, m) and sampled_counts (L, m)
-    (sampled caches: count 0 marks padding, each row's counts sum to N).
+    """Sample i of a cache as tensors: input_ids (L,), sample_index, and per row either topk_indices (L, k),
+    topk_logprobs (L, k) and logsumexp (L,) (top-k caches) or sampled_ids (L, m) and sampled_counts (L, m)
+    (sampled caches: count 0 marks padding, each row's counts sum to N; no logsumexp).
 
     Files are opened lazily in each process, so the dataset is safe with DataLoader workers; a remote cache is
     read through its manifest (see CacheReader).
@@ -73,7 +73,8 @@ class CacheDataset(Dataset):
 
 
 def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample. attention_mask (B, T) is True on real tokens.
+    """Right-pad to the longest sample. attention_mask (B, T) is True on real tokens; logsumexp (B, T) in top-k
+    caches (0 on padding).
 
     Top-k caches: padded rows hold topk_indices 0 and topk_logprobs -inf (no mass), so a loss that forgets the
     mask still cannot learn from them; masked losses ignore them anyway. Sampled caches: sampled_ids and
@@ -85,7 +86,6 @@ def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -
     batch = {
         "input_ids": torch.full((B, T), pad_token_id, dtype=torch.long),
         "attention_mask": torch.zeros((B, T), dtype=torch.bool),
-        "logsumexp": torch.zeros((B, T), dtype=torch.float32),
         "sample_index": torch.tensor([int(s["sample_index"]) for s in samples], dtype=torch.long),
     }
     # Per-row fields of either mode: (name, padding value, dtype)
@@ -95,10 +95,13 @@ def pad_collate(samples: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -
     for name, fill, dtype in fields:
         width = max(s[name].shape[-1] for s in samples)  # k, or the batch's widest sampled row
         batch[name] = torch.full((B, T, width), fill, dtype=dtype)
+    if "logsumexp" in samples[0]:  # top-k caches
+        batch["logsumexp"] = torch.zeros((B, T), dtype=torch.float32)
     for b, (s, L) in enumerate(zip(samples, lengths)):
         batch["input_ids"][b, :L] = s["input_ids"]
         batch["attention_mask"][b, :L] = True
-        batch["logsumexp"][b, :L] = s["logsumexp"]
+        if "logsumexp" in batch:
+            batch["logsumexp"][b, :L] = s["logsumexp"]
         for name, _, _ in fields:
             batch[name][b, :L, : s[name].shape[-1]] = s[name]
     return batch

@@ -206,12 +206,13 @@ def test_verify_rows_accepts_sampled_rows_and_flags_wrong_ones(small_teacher_dir
     teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
     texts = [(i, t) for i, t in enumerate(corpus_texts[:30]) if t.strip()]
     rows = list(run_teacher(teacher, texts, mode="sampled", draws=N, max_length=64, batch_tokens=256))
-    good = verify_rows(teacher, rows, draws=N)
+    stored = [{k: v for k, v in vars(r).items() if k != "logsumexp"} for r in rows]  # what a sampled cache holds
+    good = verify_rows(teacher, stored, draws=N)
     assert good.ok and good.layout_errors == 0 and good.impossible_draws == 0 and good.fit.p_value > 1e-6
-    assert good.max_logsumexp_error < 1e-4
+    assert good.draw_mismatches == 0  # verify redraws the rows: no logsumexp needed to tie them to the teacher
 
     def edited(fn):
-        out = [dict(vars(r)) for r in rows]
+        out = [dict(r) for r in stored]
         for d in out:
             d["sampled_ids"], d["sampled_counts"] = fn(d["sampled_ids"].copy(), d["sampled_counts"].copy())
         return verify_rows(teacher, out, draws=N)
@@ -250,7 +251,7 @@ def random_sampled(n, draws, vocab, seed=0, max_len=40):
         ids, counts = (t.numpy() for t in distinct_counts(torch.from_numpy(drawn)))
         width = int((counts > 0).sum(-1).max())
         out.append(SimpleNamespace(sample_index=5 * i + 2, input_ids=rng.integers(0, vocab, L).astype(np.uint32),
-                                   logsumexp=rng.normal(size=L).astype(np.float32), topk_indices=None,
+                                   logsumexp=rng.normal(size=L).astype(np.float32), topk_indices=None,  # not stored
                                    topk_logprobs=None, sampled_ids=ids[:, :width].astype(np.uint32),
                                    sampled_counts=counts[:, :width].astype(np.uint16)))
     return out
@@ -279,22 +280,25 @@ def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
     h5cache.write_index(tmp_path / "v" / "cache.h5", entries, attrs={"mode": "sampled", "samples": draws,
                                                                        "vocab_size": vocab})
     with h5py.File(tmp_path / "v" / "cache.h5") as index:  # stock h5py: the whole cache, entries included
-        lengths, offsets = index["sampled_lengths"][:], index["sampled_offsets"][:]
+        assert set(index) == {"input_ids", "offsets", "sample_index", "sampled_offsets", "sampled_id_gaps",
+                              "sampled_counts"}  # no logsumexp, no row lengths: rows follow from the counts
+        offsets, entry_offsets = index["offsets"][:], index["sampled_offsets"][:]
         assert index["sampled_id_gaps"].is_virtual and index["sampled_id_gaps"].dtype == h5cache.index_dtype(vocab)
         assert index["sampled_counts"].dtype == h5cache.count_dtype(draws)
-        assert offsets[-1] == lengths.sum() == index["sampled_counts"].shape[0]
-        assert np.all(np.add.reduceat(index["sampled_counts"][:].astype(np.int64), (np.cumsum(lengths) - lengths).astype(np.int64)) == draws)
+        assert entry_offsets[-1] == index["sampled_counts"].shape[0]
+        counts = index["sampled_counts"][:].astype(np.int64)
+        per_sample = np.add.reduceat(counts, entry_offsets[:-1])  # every sample has rows, so entries
+        np.testing.assert_array_equal(per_sample, np.diff(offsets) * draws)
         whole = {name: index[name][:] for name in ("sample_index", "input_ids")}
     np.testing.assert_array_equal(whole["sample_index"], [s.sample_index for s in samples])
     with CacheReader(tmp_path / "v" / "cache.h5") as reader:  # one file: the index, through its VDS
         assert reader.samples == draws and reader.top_k is None and reader.info().mode == "sampled"
         for i in (0, 37, len(samples) - 1):
             got, want = reader[i], samples[i]
-            assert set(got) == {"sample_index", "input_ids", "logsumexp", "sampled_ids", "sampled_counts"}
+            assert set(got) == {"sample_index", "input_ids", "sampled_ids", "sampled_counts"}
             np.testing.assert_array_equal(got["sampled_ids"], want.sampled_ids)
             np.testing.assert_array_equal(got["sampled_counts"], want.sampled_counts)
-            np.testing.assert_array_equal(got["logsumexp"], want.logsumexp)
-        assert reader.read_all()["sampled_offsets"][-1] == offsets[-1]
+        assert reader.read_all()["sampled_offsets"][-1] == entry_offsets[-1]
     ds = CacheDataset(str(tmp_path / "v" / "cache.h5"))
     batch = pad_collate([ds[0], ds[1], ds[2]])
     assert batch["sampled_counts"].shape == batch["sampled_ids"].shape
@@ -353,3 +357,25 @@ def test_verify_redraws_the_seeded_draws_and_catches_small_count_edits(sampled_c
     report = verify_rows(teacher, edited, draws=N)
     assert report.layout_errors == 0 and report.impossible_draws == 0 and report.fit.p_value > report.alpha, report
     assert report.draw_mismatches == 3 and not report.ok, report
+
+
+def test_rows_follow_from_the_counts_and_damage_is_refused():
+    """Row lengths are not stored: entry e is in row (draws before e) // N. Counts whose rows do not each sum to N
+    (a damaged or foreign file) are an error, never rows read out of place."""
+    from kd_core.h5cache.format import pack_sampled, unpack_sampled
+
+    ids = np.array([[2, 7, 0], [1, 3, 9], [5, 0, 0]])
+    counts = np.array([[3, 1, 0], [1, 1, 2], [4, 0, 0]])
+    packed = pack_sampled(ids, counts, samples=4, vocab_size=10)
+    assert set(packed) == {"sampled_id_gaps", "sampled_counts"}
+    assert packed["sampled_id_gaps"].tolist() == [2, 5, 1, 2, 6, 5]
+    got_ids, got_counts = unpack_sampled(packed["sampled_id_gaps"], packed["sampled_counts"], rows=3, samples=4)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_counts, counts)
+    gaps = packed["sampled_id_gaps"]
+    for bad, rows in (([3, 2, 1, 1, 1, 4], 3),  # same total, but row 0 would hold 5 draws
+                      ([3, 1, 1, 1, 2, 4], 4),  # one row short
+                      ([3, 1, 1, 1, 2, 3], 3),  # one draw short
+                      ([4, 0, 1, 1, 2, 4], 3)):  # a zero count
+        with pytest.raises(ValueError, match="sum to 4"):
+            unpack_sampled(gaps, np.array(bad), rows=rows, samples=4)

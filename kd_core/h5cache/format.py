@@ -11,17 +11,18 @@ One HDF5 file per cache, samples concatenated CSR-style (no padding stored):
     /topk_logprobs  (T, k)  float16  log p_teacher(id) at temperature 1
     /logsumexp      (T,)    float32  logsumexp of the raw logits (raw logit = logprob + logsumexp)
 
-A sampled cache (cache.mode=sampled, N draws per row) has, instead of the two top-k datasets, a second level of
-CSR over "entries" (one per distinct id drawn in a row):
+A sampled cache (cache.mode=sampled, N draws per row) has /input_ids, /offsets, /sample_index and, instead of the
+top-k datasets and /logsumexp, a second level of CSR over "entries" (one per distinct id drawn in a row):
 
-    /sampled_lengths  (T,)    uint8 if N <= 255 else uint16   m_t: distinct ids drawn in row t
     /sampled_offsets  (S+1,)  int64    sample s's entries are sampled_offsets[s]:sampled_offsets[s+1]
     /sampled_id_gaps  (E,)    like topk_indices   row's ids ascending, each as its gap to the previous one
     /sampled_counts   (E,)    uint8 if N <= 255 else uint16   times drawn; a row's counts sum to N
 
+Rows are not stored: a row's counts sum to N, so entry e of a sample belongs to row (counts before e) // N.
+
 Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t. Root attributes record
-provenance (see docs/FORMAT.md). Datasets are chunked with gzip (and shuffle, but for the top-k ids): lossless,
-and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
+provenance (see docs/FORMAT.md). Datasets are chunked with gzip (deflate streams coded per dataset, see CODECS)
+and shuffle (but for uint16 top-k ids): lossless, and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
 structure checks out, so a file with the final name is always complete. A published version is part files of
 this format plus an index (kd_core.h5cache.index): the same datasets as virtual datasets over the parts
 (docs/FORMAT.md).
@@ -30,6 +31,8 @@ this format plus an index (kd_core.h5cache.index): the same datasets as virtual 
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +49,33 @@ ENTRY_OFFSETS = "sampled_offsets"
 PER_SAMPLE_DATASETS = ("offsets", "sample_index", ENTRY_OFFSETS)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
 COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
-# Shuffle helps every dataset but the top-k ids, whose bytes are all informative (measured: 5.0-5.5 B/token
-# smaller without it at k=64 on the H100 benchmark, docs/PERFORMANCE.md).
-UNSHUFFLED = {"topk_indices"}
+# Sampled caches' layout: part of their version key (a resume never mixes layouts). 2: no /sampled_lengths and no
+# /logsumexp (layout 1 had both).
+SAMPLED_LAYOUT = 2
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How a dataset's chunks are coded: HDF5's shuffle filter or not, and the zlib strategy of the deflate stream
+    (any strategy gives a standard stream that HDF5's gzip filter reads: the strategy is the writer's choice)."""
+
+    shuffle: bool = True
+    strategy: int = zlib.Z_DEFAULT_STRATEGY
+
+
+def codec(name: str, dtype: np.dtype) -> Codec:
+    """Per dataset, the cheapest coding measured (bench/bench_bytes.py; docs/FORMAT.md "Storage layout"):
+    - uint16 top-k ids unshuffled: both bytes are informative at a 32k vocabulary, and whole-id repeats across
+      rows make LZ matches (5.0-5.5 B/token smaller at k=64 on the H100 benchmark, docs/PERFORMANCE.md); uint32
+      ids (vocab > 65536) shuffled: their high bytes are nearly constant (-15% on the 70k test teacher);
+    - a sampled cache's id gaps and counts: run-length deflate (matches at distance 1 only), against the default
+      strategy at level 1: gaps -5 to -9%, counts -25 to -34% (mostly 1s: deflate's general matching costs more
+      than it finds), and faster."""
+    if name == "topk_indices":
+        return Codec(shuffle=dtype.itemsize > 2)
+    if name in ("sampled_id_gaps", "sampled_counts"):
+        return Codec(strategy=zlib.Z_RLE)
+    return Codec()
 # What a virtual dataset of the index reads where no source maps (kd_core.h5cache.index).
 FILL_VALUE = 0
 
@@ -64,12 +91,8 @@ def count_dtype(samples: int) -> np.dtype:
 
 def row_layout(top_k: int, vocab_size: int, samples: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-token datasets: name -> (shape after the row axis, dtype). samples=N: a sampled cache's."""
-    if samples is not None:
-        return {
-            "input_ids": ((), np.dtype(np.uint32)),
-            "sampled_lengths": ((), count_dtype(samples)),
-            "logsumexp": ((), np.dtype(np.float32)),
-        }
+    if samples is not None:  # no logsumexp: the sampled loss needs none (docs/FORMAT.md, "Sampled mode")
+        return {"input_ids": ((), np.dtype(np.uint32))}
     return {
         "input_ids": ((), np.dtype(np.uint32)),
         "topk_indices": ((top_k,), index_dtype(vocab_size)),
@@ -87,31 +110,39 @@ def entry_layout(vocab_size: int, samples: int | None) -> dict[str, tuple[tuple[
 
 def pack_sampled(ids: np.ndarray, counts: np.ndarray, samples: int, vocab_size: int) -> dict[str, np.ndarray]:
     """One sample's (L, m) ids ascending + counts (count 0 = padding, at the end of a row) -> the stored arrays:
-    sampled_lengths (L,), sampled_id_gaps (E,), sampled_counts (E,).
+    sampled_id_gaps (E,), sampled_counts (E,), rows one after the other.
 
     An id is stored as its gap to the previous id of its row (the first as itself): the gaps between sorted ids
     are small numbers whose high bytes shuffle + gzip remove (15% fewer bytes than the ids on the demo teacher).
+    Row lengths are not stored: each row's counts sum to N (unpack_sampled).
     """
     real = counts > 0  # (L, m)
     gaps = np.diff(ids.astype(np.int64), axis=1, prepend=0)  # (L, m)
-    return {
-        "sampled_lengths": real.sum(-1).astype(count_dtype(samples)),
-        "sampled_id_gaps": gaps[real].astype(index_dtype(vocab_size)),
-        "sampled_counts": counts[real].astype(count_dtype(samples)),
-    }
+    return {"sampled_id_gaps": gaps[real].astype(index_dtype(vocab_size)),
+            "sampled_counts": counts[real].astype(count_dtype(samples))}
 
 
-def unpack_sampled(lengths: np.ndarray, gaps: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """pack_sampled's inverse: (L,), (E,), (E,) -> ids (L, m) int64 and counts (L, m) int64, m the longest row."""
-    lengths = lengths.astype(np.int64)
-    row_of = np.repeat(np.arange(len(lengths)), lengths)  # (E,) the row of each entry
+def unpack_sampled(gaps: np.ndarray, counts: np.ndarray, rows: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """pack_sampled's inverse for a sample of `rows` rows of N = `samples` draws: (E,), (E,) -> ids (L, m) int64
+    and counts (L, m) int64, m the longest row. Entry e is in row (sum of the counts before e) // N; ValueError
+    when the counts do not add up to rows x N (a damaged or foreign file)."""
+    counts = counts.astype(np.int64)
+    before = np.cumsum(counts) - counts  # (E,) draws of the sample before entry e
+    row_of = before // samples  # (E,) row t's entries have draws-before in [t N, (t+1) N)
+    first = np.ones(len(counts), bool)
+    first[1:] = row_of[1:] != row_of[:-1]  # (E,) the first entry of its row
+    lengths = np.bincount(row_of, minlength=rows) if len(counts) else np.zeros(rows, np.int64)  # (L,)
+    # Every row starts at a multiple of N, none is empty, the last ends at rows x N: each sums to N.
+    if (counts.sum() != rows * samples or len(lengths) != rows or (counts < 1).any() or (lengths < 1).any()
+            or (before[first] % samples).any()):
+        raise ValueError(f"sampled_counts: the rows' counts do not each sum to {samples} over {rows} rows")
     starts = np.cumsum(lengths) - lengths  # (L,) each row's first entry
     running = np.cumsum(gaps.astype(np.int64))  # (E,)
-    before = np.concatenate([[0], running])[starts]  # (L,) running sum up to the row's start
+    offset = np.concatenate([[0], running])[starts]  # (L,) running sum up to the row's start
     column = np.arange(len(gaps)) - starts[row_of]  # (E,)
-    width = int(lengths.max()) if len(lengths) else 0
-    ids, out = np.zeros((len(lengths), width), np.int64), np.zeros((len(lengths), width), np.int64)
-    ids[row_of, column] = running - before[row_of]
+    width = int(lengths.max()) if rows else 0
+    ids, out = np.zeros((rows, width), np.int64), np.zeros((rows, width), np.int64)
+    ids[row_of, column] = running - offset[row_of]
     out[row_of, column] = counts
     return ids, out
 

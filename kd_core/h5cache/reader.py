@@ -31,7 +31,8 @@ def read_sample(file: h5py.File, j: int) -> dict[str, Any]:
     if ENTRY_OFFSETS in file:  # a sampled cache: its entries, back to (L, m)
         first, last = (int(x) for x in file[ENTRY_OFFSETS][j:j + 2])
         gaps, counts = (file[name][first:last] for name in ENTRY_DATASETS)
-        sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(sample.pop("sampled_lengths"), gaps, counts)
+        samples = int(file.attrs["samples"])
+        sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(gaps, counts, hi - lo, samples)
     return sample
 
 
@@ -96,8 +97,8 @@ class CacheReader:
     """Random access to a cache by sample: a published version (its output root, its directory or its cache.h5;
     local or any fsspec URL, always through its manifest) or a single format-v1 file.
 
-    `reader[i]` returns numpy arrays input_ids (L,) int64, logsumexp (L,) float32, sample_index, and either
-    topk_indices (L, k) int64 and topk_logprobs (L, k) float32 (a top-k cache) or sampled_ids (L, m) int64 and
+    `reader[i]` returns numpy arrays input_ids (L,) int64, sample_index, and either topk_indices (L, k) int64,
+    topk_logprobs (L, k) float32 and logsumexp (L,) float32 (a top-k cache) or sampled_ids (L, m) int64 and
     sampled_counts (L, m) int64 (a sampled cache: ids ascending, count 0 = padding, m = the sample's most
     distinct ids in a row); any other row dataset as stored. One sample costs O(1)
     reads: its part file is found by a bisect over the manifest's per-file sample counts (one entry per file),

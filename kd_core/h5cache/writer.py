@@ -17,7 +17,8 @@ import numpy as np
 
 from kd_core.errors import ConfigError
 from kd_core.h5cache.format import (BYTES_PER_SAMPLE, CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION, ENTRY_OFFSETS,
-                                    FORMAT_VERSION, METADATA_BYTES, SAMPLE_DATASETS, UNSHUFFLED, bytes_per_token,
+                                    FORMAT_VERSION, METADATA_BYTES, SAMPLE_DATASETS, SAMPLED_LAYOUT, Codec,
+                                    bytes_per_token, codec,
                                     entry_layout, pack_sampled, row_layout, temporary_path, write_attrs)
 from kd_core.h5cache.verify import verify_file
 
@@ -27,21 +28,22 @@ def _deflate_bound(n: int) -> int:
     return n + n // 1000 + 64
 
 
-def encode_chunk(chunk: np.ndarray, shuffle: bool, level: int = COMPRESSION["compression_opts"]) -> bytes:
+def encode_chunk(chunk: np.ndarray, coding: Codec, level: int = COMPRESSION["compression_opts"]) -> bytes:
     """What HDF5's shuffle + deflate filters would store for this chunk (run on a worker thread: zlib releases
     the GIL, so chunks compress on several cores at once)."""
     raw = chunk.reshape(-1).view(np.uint8)
-    if shuffle:  # byte k of every element together: the high bytes of small ids and similar floats compress well
+    if coding.shuffle:  # byte k of every element together: the high bytes of small ids and similar floats compress well
         raw = raw.reshape(-1, chunk.dtype.itemsize).T
-    return zlib.compress(np.ascontiguousarray(raw).tobytes(), level)
+    deflate = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, coding.strategy)
+    return deflate.compress(np.ascontiguousarray(raw).tobytes()) + deflate.flush()
 
 
 class _Column:
     """One dataset filled chunk by chunk. Full chunks are hashed (in order, on one thread) and compressed (on the
     pool), then written with write_direct_chunk in order; at most `max_pending` chunks wait, so memory stays flat."""
 
-    def __init__(self, dataset: h5py.Dataset, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, shuffle: bool):
-        self.dataset, self.pool, self.hasher, self.shuffle = dataset, pool, hasher, shuffle
+    def __init__(self, dataset: h5py.Dataset, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, coding: Codec):
+        self.dataset, self.pool, self.hasher, self.coding = dataset, pool, hasher, coding
         self.chunk_rows, self.tail = dataset.chunks[0], dataset.shape[1:]
         self.hash = hashlib.sha256()
         self.rows = 0  # rows appended so far
@@ -69,7 +71,7 @@ class _Column:
     def _submit(self) -> None:
         chunk = self.buffer
         self.hasher.submit(self.hash.update, chunk[:self.fill])  # one hashing thread: updates stay in order
-        self._pending.append((self._chunks, self.pool.submit(encode_chunk, chunk, self.shuffle)))
+        self._pending.append((self._chunks, self.pool.submit(encode_chunk, chunk, self.coding)))
         self._chunks += 1
         self._new_buffer()
         while len(self._pending) > self.max_pending or (self._pending and self._pending[0][1].done()):
@@ -78,8 +80,12 @@ class _Column:
     def _write_next(self) -> None:
         number, future = self._pending.popleft()
         start = number * self.chunk_rows
-        if self.dataset.shape[0] < start + self.chunk_rows:
-            self.dataset.resize((start + self.chunk_rows, *self.tail))
+        # The last chunk (close) sets the final extent before it is written: shrinking the extent afterwards would
+        # make HDF5 rewrite that edge chunk through its own filters (default zlib strategy, the old bytes left
+        # unused in the file).
+        end = min(start + self.chunk_rows, self.rows)
+        if self.dataset.shape[0] < end:
+            self.dataset.resize((end, *self.tail))
         data = future.result()
         self.stored += len(data)
         self.dataset.id.write_direct_chunk((start, *(0 for _ in self.tail)), data)
@@ -137,7 +143,7 @@ class CacheWriter:
         self.columns["offsets"].append(np.zeros(1, dtype=np.int64))
         if samples is not None:
             self.columns[ENTRY_OFFSETS].append(np.zeros(1, dtype=np.int64))
-            mode = {"mode": "sampled", "samples": samples}
+            mode = {"mode": "sampled", "samples": samples, "sampled_layout": SAMPLED_LAYOUT}
         else:
             mode = {"mode": "topk", "top_k": top_k}
         attrs = {**attrs, "format_version": FORMAT_VERSION, **mode, "vocab_size": vocab_size}
@@ -155,22 +161,24 @@ class CacheWriter:
         return _deflate_bound(raw) + len(self.columns) * CHUNK_INDEX_BYTES
 
     def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
-        shuffle = name not in UNSHUFFLED
+        coding = codec(name, dtype)
         dataset = self.file.create_dataset(
             name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail),
-            compression=COMPRESSION["compression"], compression_opts=COMPRESSION["compression_opts"], shuffle=shuffle,
+            compression=COMPRESSION["compression"], compression_opts=COMPRESSION["compression_opts"],
+            shuffle=coding.shuffle,
         )
-        self.columns[name] = _Column(dataset, self._pool, self._hasher, shuffle)
+        self.columns[name] = _Column(dataset, self._pool, self._hasher, coding)
 
     def append(self, sample_index: int, input_ids: np.ndarray, topk_indices: np.ndarray | None = None,
                topk_logprobs: np.ndarray | None = None, logsumexp: np.ndarray | None = None, *,
                sampled_ids: np.ndarray | None = None, sampled_counts: np.ndarray | None = None) -> None:
-        """One sample's rows: input_ids (L,), logsumexp (L,), and topk_indices (L, k) + topk_logprobs (L, k) in a
-        top-k cache, or sampled_ids (L, m) ascending + sampled_counts (L, m) (0 = padding) in a sampled one."""
+        """One sample's rows: input_ids (L,), and topk_indices (L, k) + topk_logprobs (L, k) + logsumexp (L,) in a
+        top-k cache, or sampled_ids (L, m) ascending + sampled_counts (L, m) (0 = padding) in a sampled one (which
+        stores no logsumexp: the argument is ignored)."""
         length = len(input_ids)
-        arrays = {"input_ids": input_ids, "logsumexp": logsumexp}
+        arrays = {"input_ids": input_ids}
         if self.samples is None:
-            arrays |= {"topk_indices": topk_indices, "topk_logprobs": topk_logprobs}
+            arrays |= {"topk_indices": topk_indices, "topk_logprobs": topk_logprobs, "logsumexp": logsumexp}
         else:
             if sampled_counts is None or len(sampled_counts) != length or not np.all(sampled_counts.sum(-1) == self.samples):
                 raise ValueError(f"sampled_counts: every row's counts must sum to {self.samples}")
@@ -194,7 +202,7 @@ class CacheWriter:
         if self.samples is None:
             self.append(rows.sample_index, rows.input_ids, rows.topk_indices, rows.topk_logprobs, rows.logsumexp)
         else:
-            self.append(rows.sample_index, rows.input_ids, logsumexp=rows.logsumexp, sampled_ids=rows.sampled_ids,
+            self.append(rows.sample_index, rows.input_ids, sampled_ids=rows.sampled_ids,
                         sampled_counts=rows.sampled_counts)
 
     def checksums(self) -> dict[str, str]:

@@ -65,10 +65,14 @@ MEASURED_MFU = 0.22
 SAMPLED_DISTINCT_AT_64 = 46.0
 SAMPLED_DISTINCT_EXPONENT = 0.8
 #  - an id stored as the gap to the previous id of its row: a random m-subset of V costs about log2(e V / m)
-#    bits per id, and gzip gets close to it (1.0 B measured at V = 4096, m = 46; the formula says 0.99);
-#  - counts (mostly 1): 0.22 B each; per-row lengths: 0.7 B measured.
-SAMPLED_COUNT_STORED_BYTES = 0.22
-SAMPLED_LENGTH_STORED_BYTES = 0.7
+#    bits per id, and run-length deflate gets close to it (0.80 B measured at V = 1024, m = 26, the formula says
+#    0.85; 0.68 at V = 1000, m = 58, the formula 0.69);
+#  - counts (most are 1): 0.10-0.28 B each measured, the more peaked the teacher the more;
+#  - no logsumexp and no row lengths (docs/FORMAT.md, "Sampled mode"); 8 B more per sample (/sampled_offsets).
+SAMPLED_COUNT_STORED_BYTES = 0.2
+SAMPLED_PER_SAMPLE_BYTES = 8
+# A top-k cache's size is compared with the sampled mode's at this N (docs/FIDELITY.md recommends it).
+SAMPLED_DEFAULT_DRAWS = 64
 
 
 def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_size: int,
@@ -154,8 +158,7 @@ def stored_bytes_per_token(top_k: int, vocab_size: int, samples: int | None = No
     if samples is not None:
         m = expected_distinct(samples, vocab_size)
         gap_bytes = math.log2(math.e * max(vocab_size, 2) / m) / 8
-        return (id_bytes + LOGSUMEXP_STORED_BYTES + SAMPLED_LENGTH_STORED_BYTES
-                + m * (gap_bytes + SAMPLED_COUNT_STORED_BYTES))
+        return id_bytes + m * (gap_bytes + SAMPLED_COUNT_STORED_BYTES)
     topk_id_bytes = id_bytes * TOPK_ID_ENTROPY_FRACTION
     return id_bytes + top_k * (topk_id_bytes + LOGPROB_STORED_BYTES) + LOGSUMEXP_STORED_BYTES
 
@@ -181,6 +184,7 @@ class StorageEstimate:
     fits: bool = True
     reason: str | None = None     # why it does not fit, and the fix
     samples: int | None = None    # N draws per row in sampled mode
+    sampled_expected_bytes: int = 0  # the same samples as a sampled cache (N = samples, else SAMPLED_DEFAULT_DRAWS)
 
     @property
     def teacher_flops(self) -> float | None:
@@ -217,11 +221,24 @@ class StorageEstimate:
             ("upper bound (every sample at max_length)", f"{human_bytes(self.upper_bound_bytes)} ({self.upper_bound_tokens:,} tokens)"),
             (f"mean tokens per sample ({self.probe_samples} probed)", f"{self.mean_tokens_per_sample:.1f}"),
             (f"expected ({self.stored_bytes_per_token:.0f} B/token compressed)", f"{human_bytes(self.expected_bytes)} ({self.expected_tokens:,} tokens)"),
+            self._sampled_row(),
             ("output.max_bytes", human_bytes(self.max_bytes) if self.max_bytes else "no limit"),
             ("free space at the target", human_bytes(self.free_bytes) if self.free_bytes is not None else "unknown (remote)"),
             *self._compute_rows(),
             ("fits", "yes" if self.fits else f"NO: {self.reason}"),
         ]
+
+    def _sampled_row(self) -> tuple[str, str]:
+        """Sampled mode: the distinct ids per row the estimate assumes. Top-k mode: what the sampled mode would take."""
+        n = self.samples or SAMPLED_DEFAULT_DRAWS
+        m = expected_distinct(n, self.vocab_size)
+        if self.samples is not None:
+            return ("distinct ids per row assumed", f"{m:.0f} of {n} draws (a confident teacher draws fewer: the "
+                                                    "estimate errs high; docs/FIDELITY.md)")
+        per_token = stored_bytes_per_token(0, self.vocab_size, n)
+        return (f"sampled mode instead (cache.mode=sampled cache.samples={n})",
+                f"{human_bytes(self.sampled_expected_bytes)} expected ({per_token:.0f} B/token, {m:.0f} distinct ids "
+                "per row assumed; unbiased, docs/FIDELITY.md)")
 
     def _compute_rows(self) -> list[tuple[str, str]]:
         if self.teacher_flops is None:
@@ -253,7 +270,7 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
     per_token = h5cache.bytes_per_token(top_k, vocab_size, samples)
     expected_tokens = round(mean_tokens * num_samples)
     stored = stored_bytes_per_token(top_k, vocab_size, samples)
-    expected = round(expected_tokens * stored) + num_samples * h5cache.BYTES_PER_SAMPLE + FILE_OVERHEAD_BYTES
+    expected = expected_bytes(expected_tokens, num_samples, top_k, vocab_size, samples)
     return StorageEstimate(
         num_samples=num_samples, max_length=max_length, top_k=top_k if samples is None else None,
         vocab_size=vocab_size, bytes_per_token=per_token, upper_bound_tokens=num_samples * max_length,
@@ -266,7 +283,16 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
         probe_samples=len(probe_lengths), mean_tokens_per_sample=mean_tokens, expected_tokens=expected_tokens,
         expected_bytes=expected, stored_bytes_per_token=stored, max_bytes=max_bytes, free_bytes=free_bytes,
         teacher_parameters=teacher_parameters, num_shards=num_shards, samples=samples,
+        sampled_expected_bytes=expected_bytes(expected_tokens, num_samples, top_k, vocab_size,
+                                              samples or SAMPLED_DEFAULT_DRAWS),
     )
+
+
+def expected_bytes(tokens: int, num_samples: int, top_k: int, vocab_size: int, samples: int | None) -> int:
+    """Expected stored bytes of a cache of these tokens and samples (samples=N: a sampled one)."""
+    per_sample = h5cache.BYTES_PER_SAMPLE + (SAMPLED_PER_SAMPLE_BYTES if samples is not None else 0)
+    return (round(tokens * stored_bytes_per_token(top_k, vocab_size, samples)) + num_samples * per_sample
+            + FILE_OVERHEAD_BYTES)
 
 
 def does_not_fit(est: StorageEstimate) -> str | None:

@@ -41,19 +41,22 @@ MODES = ("file", "random", "loader1", "loader2", "loader4", "stream", "s3random"
 
 def build_cache(work: Path, samples: int, top_k: int, max_length: int) -> str:
     """The cache under work/local (built once per settings); its output.uri."""
-    from kd_core import pipeline
+    from kd_core.build import validate
+    from kd_core.estimate import estimate
+    from kd_core.merge import merge
+    from kd_core.shard import plan, run_shard
 
     uri = str(work / f"local-{samples}-{top_k}-{max_length}")
     if (Path(uri) / "latest.json").exists():
         return uri
-    config = pipeline.validate("demo", {
+    config = validate("demo", {
         "dataset": {"max_samples": samples}, "cache": {"top_k": top_k, "max_length": max_length},
         "output": {"uri": uri}, "run": {"num_shards": 2, "part_samples": max(1, samples // 8)},
         "teacher": {"device": "cpu"},
     })
-    pipeline.estimate(config)
-    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
-    pipeline.merge(config, records)
+    estimate(config)
+    records = [run_shard(config, shard) for shard in plan(config).shards]
+    merge(config, records)
     return uri
 
 

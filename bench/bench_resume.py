@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_resume.py [--samples 600] [--parts 20] [--kill-at 0.6]
 
-Every run is a fresh `python` process calling kd_core.pipeline (validate, estimate, plan, run_shard, merge),
-as a worker would; its wall time includes imports and the teacher load. The teacher is a CPU-sized Llama
+Every run is a fresh `python` process calling kd_core's steps (validate, estimate, plan, run_shard, merge), as
+a worker would; its wall time includes imports and the teacher load. The teacher is a CPU-sized Llama
 (hidden 256, 4 layers, vocab 8000, untrained) over the stdlib-docstring corpus, written to a local directory.
 Prints a table; the last column is the re-run's time as a fraction of the clean run's.
 """
@@ -25,10 +25,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 DRIVER = """
 import json, sys
-from kd_core import pipeline
-config = pipeline.validate("demo", json.loads(sys.argv[1]))
-pipeline.estimate(config)
-pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
+from kd_core.build import validate
+from kd_core.estimate import estimate
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
+config = validate("demo", json.loads(sys.argv[1]))
+estimate(config)
+merge(config, [run_shard(config, s) for s in plan(config).shards])
 """
 
 

@@ -28,17 +28,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_core import pipeline  # noqa: E402
+from kd_core.build import validate  # noqa: E402
+from kd_core.estimate import estimate  # noqa: E402
+from kd_core.merge import merge  # noqa: E402
+from kd_core.shard import plan, run_shard  # noqa: E402
 from kd_core.dataset import CacheDataset  # noqa: E402
 from kd_core.demo import ensure_demo_assets  # noqa: E402
 
 
 def build(teacher: str, corpus: Path, out: Path, samples: int, cache: list[str]) -> dict:
-    config = pipeline.validate("demo", [f"teacher.model={teacher}", f"dataset.data_files={corpus}",
+    config = validate("demo", [f"teacher.model={teacher}", f"dataset.data_files={corpus}",
                                         f"dataset.max_samples={samples}", f"output.uri={out}", "run.num_shards=1",
                                         *cache])
-    est = pipeline.estimate(config)
-    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
+    est = estimate(config)
+    manifest = merge(config, [run_shard(config, s) for s in plan(config).shards])
     return {"manifest": manifest, "estimate": est}
 
 

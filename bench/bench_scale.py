@@ -4,7 +4,7 @@ student's reader gets samples from a local disk and from S3 (moto's server on lo
     .venv/bin/python bench/bench_scale.py [--samples 4000 16000 64000] [--reader-samples 4000]
 
 Versions are synthetic (random top-k rows, no teacher): parts are written and published exactly as run_shard
-publishes them (SplitWriter, io.publish_file, typed records), then timed through pipeline.merge. Prints two tables.
+publishes them (SplitWriter, io.publish_file, typed records), then timed through kd_core.merge. Prints two tables.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_core import h5cache, io, pipeline, records
+from kd_core import h5cache, io
+from kd_core.build import Build
+from kd_core.merge import merge
+from kd_core.shard import plan_parts
 from kd_core.config import load_config
 from kd_core.data import ShardSpec, split_rows
 from kd_core.records import FileRecord, PartRecord, Provenance, ShardRecord
@@ -37,11 +40,12 @@ class Rows:
 
 
 def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, opts: dict | None = None):
-    """A config whose shards are written as run_shard writes them; its shard records."""
+    """A Build whose shards are written as run_shard writes them; its shard records."""
     config = load_config("testing", {"output": {"uri": uri, "storage_options": opts or {}, "max_bytes": None},
                                      "dataset": {"max_samples": samples}, "cache": {"top_k": TOP_K},
                                      "run": {"num_shards": SHARDS, "part_samples": part_samples}})
-    layout, rng = pipeline.Layout(config), np.random.default_rng(0)
+    build, rng = Build.of(config), np.random.default_rng(0)
+    store, key = build.store, build.key
     provenance = Provenance(format_version=1, vocab_size=VOCAB, top_k=TOP_K, tokenizer="synthetic",
                             teacher_dtype="float32")
     scratch = Path(tempfile.mkdtemp(prefix="kd-bench-"))
@@ -49,16 +53,16 @@ def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, op
     for index, (start, stop) in enumerate(split_rows(samples, SHARDS)):
         shard = ShardSpec(index=index, world_size=SHARDS, start=start, stop=stop, rows_read=stop - start)
         parts = []
-        for p, (a, b) in enumerate(pipeline.plan_parts(shard, part_samples)):
+        for p, (a, b) in enumerate(plan_parts(shard, part_samples)):
             files: list[FileRecord] = []
 
             def publish(path, summary, p=p, files=files):
-                name, size = layout.part_name(shard, p, len(files)), Path(path).stat().st_size
-                stamp = io.publish_file(path, io.join(layout.version_dir, name), opts)
+                name, size = store.part_name(shard, p, len(files)), Path(path).stat().st_size
+                stamp = store.publish_file(path, store.version_file(key, name))
                 files.append(FileRecord(name=name, bytes=size, num_samples=summary["num_samples"], num_tokens=summary["num_tokens"],
                                         checksums=summary["checksums"], **stamp))
 
-            local = (lambda f, p=p: io.local_path(layout.part_file(shard, p, f))) if io.is_local(uri) else \
+            local = (lambda f, p=p: io.local_path(store.part_file(key, shard, p, f))) if io.is_local(uri) else \
                 (lambda f, p=p: scratch / f"{shard.name}-{p}-{f}.h5")
             with h5cache.SplitWriter(local, config.output.max_object_bytes, publish, top_k=TOP_K,
                                        vocab_size=VOCAB, attrs={}) as writer:
@@ -68,9 +72,9 @@ def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, op
                                     num_tokens=sum(f.num_tokens for f in files),
                                     skipped_empty=0, seconds=0.0, provenance=provenance, files=files))
         record = ShardRecord.from_parts(shard, parts)
-        records.write(layout.shard_record(shard), record, opts)
+        store.write_record(store.shard_record(key, shard), record)
         shards.append(record)
-    return config, shards
+    return build, shards
 
 
 def counted_s3_calls():
@@ -117,7 +121,7 @@ def merge_table(sample_counts: list[int], endpoint_opts: dict) -> None:
         config, shards = synthetic_version(root, n, tokens, part_samples=part_samples, opts=opts)
         calls.clear()
         started = time.perf_counter()
-        manifest = pipeline.merge(config, shards)
+        manifest = merge(config, shards)
         seconds = time.perf_counter() - started
         requests = len(calls) if target == "moto" else "-"
         print(f"| {target} | {n:,} | {tokens} | {len(manifest.parts)} | {seconds:.2f} | {requests} | "
@@ -134,7 +138,7 @@ def reader_table(samples: int, endpoint_opts: dict) -> None:
         root = tempfile.mkdtemp(prefix="kd-bench-read-") if target == "local" else "s3://bench/reader"
         opts = None if target == "local" else endpoint_opts
         config, shards = synthetic_version(root, samples, 256, part_samples=samples // 16, opts=opts)
-        manifest = pipeline.merge(config, shards)
+        manifest = merge(config, shards)
         picks = np.random.default_rng(1).permutation(samples)[:300]
         ds = CacheDataset(root, opts)
         started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Benchmark: how long the device idles while a shard's files go to S3 (moto's server on loopback).
 
-The real shard path, pipeline.run_shard, over one shard of several parts, writing to s3://bench/... on a moto
+The real shard path, kd_core.shard.run_shard, over one shard of several parts, writing to s3://bench/... on a moto
 ThreadedMotoServer started here (no network), once per publishing mode:
 
   per-part    what run_shard did before the background publisher (replayed here by per_part_run_parts): one
@@ -68,7 +68,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from kd_core import data, h5cache, io, pipeline  # noqa: E402
+import kd_core.shard  # noqa: E402
+from kd_core import data, h5cache, io  # noqa: E402
+from kd_core.build import validate  # noqa: E402
 from kd_core.demo import stdlib_docstrings, train_tokenizer  # noqa: E402
 from kd_core.inference import DeviceTimeline, InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import load_teacher  # noqa: E402
@@ -133,7 +135,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def config_for(args, teacher: Path, corpus: Path, endpoint: str, prefix: str, samples: int):
-    return pipeline.validate("demo", {
+    return validate("demo", {
         "teacher": {"model": str(teacher), "device": args.device, "dtype": str(dtype_of(args)).removeprefix("torch."),
                     "batch_tokens": args.batch_tokens},
         "dataset": {"name": "parquet", "data_files": str(corpus), "split": "train", "text_column": "text",
@@ -159,18 +161,19 @@ class Throttle:
         return stamp
 
 
-def per_part_run_parts(config, layout, shard, todo, done, lock, progress, background_files, timeline):
-    """pipeline._run_parts as it was before the one-pass, background version (the baseline): a run_teacher call
+def per_part_run_parts(build, shard, todo, done, lock, progress, background_files, timeline):
+    """kd_core.shard.run_parts as it was before the one-pass, background version (the baseline): a run_teacher call
     per part, then its files closed and uploaded and its record written, all on the caller's thread."""
+    config = build.config
     teacher = load_teacher(config.teacher)
-    provenance = pipeline.part_provenance(config, layout, shard, teacher, done)
+    provenance = kd_core.shard.part_provenance(build, shard, teacher, done)
     texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
     stats, out = InferenceStats(), []
-    staging = pipeline.staging_dir(config) / shard.name
+    staging = build.store.staging_dir(build.key) / shard.name
     for index, (start, stop) in enumerate(todo, start=len(done)):
         started, skipped = time.perf_counter(), stats.skipped_empty
-        part = pipeline._Part(config, layout, shard, lock, provenance, index, start, stop, staging,
-                              projects=index == len(done), parts=len(done) + len(todo))
+        part = kd_core.shard.Part(build, shard, lock, provenance, index, start, stop, staging,
+                                  projects=index == len(done), parts=len(done) + len(todo))
         with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                    top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs={}) as writer:
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
@@ -183,19 +186,19 @@ def per_part_run_parts(config, layout, shard, todo, done, lock, progress, backgr
 
 def run_mode(args, mode: str, teacher: Path, corpus: Path, endpoint: str, throttle: Throttle) -> dict:
     config = config_for(args, teacher, corpus, endpoint, f"{mode}-{uuid.uuid4().hex[:6]}", args.samples)
-    shard = pipeline.plan(config).shards[0]
+    shard = kd_core.shard.plan(config).shards[0]
     timeline = DeviceTimeline(cuda=args.device == "cuda")
     throttle.seconds = []
     if args.device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    real_run_parts = pipeline._run_parts
+    real_run_parts = kd_core.shard.run_parts
     if mode == "per-part":
-        pipeline._run_parts = per_part_run_parts
+        kd_core.shard.run_parts = per_part_run_parts
     try:
-        record = pipeline.run_shard(config, shard, background_files=MODES[mode], timeline=timeline)
+        record = kd_core.shard.run_shard(config, shard, background_files=MODES[mode], timeline=timeline)
     finally:
-        pipeline._run_parts = real_run_parts
+        kd_core.shard.run_parts = real_run_parts
     wall = time.perf_counter() - started
     busy, span, longest = timeline.seconds()
     before = timeline.first_launch - started
@@ -242,14 +245,14 @@ def main() -> int:
     build_teacher(args, texts, teacher)
     server, endpoint = start_moto()
     throttle = Throttle(args.throttle_mbps)
-    io.publish_file = throttle  # pipeline publishes through the module attribute
+    io.publish_file = throttle  # the store publishes through the module attribute
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
           f"model {args.model_size} {str(dtype_of(args)).removeprefix('torch.')}, {args.samples} samples in parts of "
           f"{args.part_samples}, max_length {args.max_length}, batch_tokens {args.batch_tokens}, k {args.top_k}, "
           f"upload throttle {args.throttle_mbps or 'off'} MB/s, moto at {endpoint}; setup {time.perf_counter() - started:.1f} s")
     # Warm-up (not reported): CUDA context, kernels, the compiled logsumexp, moto's first requests.
     warm = config_for(args, teacher, corpus, endpoint, "warmup", min(args.samples, args.part_samples, 256))
-    pipeline.run_shard(warm, pipeline.plan(warm).shards[0])
+    kd_core.shard.run_shard(warm, kd_core.shard.plan(warm).shards[0])
     rows = []
     for mode in args.modes.split(","):
         elapsed = time.perf_counter() - started

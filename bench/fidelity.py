@@ -46,7 +46,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kd_core import pipeline  # noqa: E402
+from kd_core.build import validate  # noqa: E402
+from kd_core.estimate import estimate  # noqa: E402
+from kd_core.merge import merge, published  # noqa: E402
+from kd_core.shard import plan, run_shard  # noqa: E402
 from kd_core.errors import ConfigError  # noqa: E402
 from kd_core.dataset import CacheDataset, pad_collate  # noqa: E402
 from kd_core.demo import build_corpus, build_teacher, train_tokenizer  # noqa: E402
@@ -143,13 +146,13 @@ def build_cache(work: Path, teacher: Path, setup: Setup, name: str) -> tuple[str
         "output": {"uri": str(uri)},
         "run": {"num_shards": 1},
     }
-    config = pipeline.validate("testing", over)
-    manifest = pipeline.published(config)
+    config = validate("testing", over)
+    manifest = published(config)
     if manifest is None:
         start = time.perf_counter()
-        pipeline.estimate(config)
-        records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
-        manifest = pipeline.merge(config, records)
+        estimate(config)
+        records = [run_shard(config, shard) for shard in plan(config).shards]
+        manifest = merge(config, records)
         print(f"cache {name}: {manifest.bytes_per_token:.1f} B/token, {time.perf_counter() - start:.0f} s",
               flush=True)
     return str(uri), float(manifest.bytes_per_token)

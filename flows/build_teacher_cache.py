@@ -18,16 +18,18 @@ from prefect.runtime import deployment
 from prefect.states import Failed, State
 from pydantic import Field
 
-from kd_core import pipeline
-from kd_core.config import OVERRIDE_WITHOUT_CREDENTIALS, Config
+from flows.fan_out import fan_out
+from kd_core.build import Build
+from kd_core.config import OVERRIDE_WITHOUT_CREDENTIALS
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
+from kd_core.merge import published
 from kd_core.records import Manifest, ShardRecord
 from kd_core.storage import StorageEstimate, human_bytes
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
 from tasks.shard_dataset import shard_dataset
-from tasks.teacher_inference import fan_out, teacher_inference
+from tasks.teacher_inference import teacher_inference
 from tasks.validate_config import validate_config
 
 # The two fields of the UI's run form (and of the REST API's `parameters`).
@@ -66,8 +68,8 @@ def build_teacher_cache(profile: Profile = "demo", overrides: Overrides = None) 
 def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    config = validate_config(profile, overrides)
-    if (manifest := pipeline.published(config)) is not None:
+    build = validate_config(profile, overrides)
+    if (manifest := published(build)) is not None:
         logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest.uri, manifest.key)
         create_markdown_artifact(key="cache-summary", description="Cache build summary",
                                  markdown=f"Up to date: `{manifest.uri}` already holds this cache (key "
@@ -75,26 +77,26 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
         return {**manifest.model_dump(mode="json"), "up_to_date": True}
 
     try:
-        return _run(profile, overrides, config, started)
+        return _run(build, started)
     except KDCacheError:
-        if (manifest := pipeline.published(config)) is None:
+        if (manifest := published(build)) is None:
             raise
         # A same-config run published this version while ours ran (its shards then refuse to redo the work).
         logger.info("up to date: another run published %s (key %s) meanwhile", manifest.uri, manifest.key)
         return {**manifest.model_dump(mode="json"), "up_to_date": True}
 
 
-def _run(profile: str, overrides: list[str], config: Config, started: float) -> dict[str, Any]:
-    estimate = estimate_storage(config)
-    shards = shard_dataset(config)
+def _run(build: Build, started: float) -> dict[str, Any]:
+    estimate = estimate_storage(build)
+    shards = shard_dataset(build)
     progress = ShardProgress(shards, estimate)
     if deployment.id is None:  # a local run: shards one after another in this process
         for shard in shards:
-            progress.done(teacher_inference(config, shard))
+            progress.done(teacher_inference(build, shard))
     else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all scheduled at once
-        fan_out(config, shards, progress.done)
+        fan_out(build, shards, progress.done)
 
-    manifest = merge_to_hdf5(config, progress.records)
+    manifest = merge_to_hdf5(build, progress.records)
     wall = time.perf_counter() - started
     create_markdown_artifact(key="cache-summary", description="Cache build summary",
                              markdown=_summary(manifest, progress.records, wall))

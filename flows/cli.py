@@ -153,7 +153,7 @@ def _read_secret(name: str):
 
 
 def cmd_run(args) -> int:
-    from kd_core import pipeline
+    from kd_core.build import validate
 
     # Checked before the server starts, so a bad config is one clean message in about a second (and credentials
     # passed as overrides are refused before any flow run records them); the flow's first task checks again.
@@ -161,15 +161,15 @@ def cmd_run(args) -> int:
     with contextlib.ExitStack() as stack:
         server = _start_local_server(stack)
         # The target, the teacher's config, the imports of the flow: seconds, beside the server's start.
-        config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
+        build = validate(args.profile, args.overrides, read_secret=_read_secret)
         from flows.build_teacher_cache import build_teacher_cache
 
         if server is not None:
-            _warm_imports(config)
+            _warm_imports(build.config)
             server.wait_ready()
             log.info("temporary Prefect server ready %.1f s after its start", server.ready_after)
         result = build_teacher_cache(profile=args.profile, overrides=args.overrides)
-    root = config.output.uri
+    root = build.store.root
     if result.get("up_to_date"):
         print(f"up to date: {root} already holds this cache (key {result['key']}); no teacher work was done.")
     else:
@@ -231,11 +231,11 @@ def _drain_prefect_workers() -> None:
 
 def cmd_estimate(args) -> int:
     """The numbers, always (a cache that would not fit included: `fits` says so and why); exit 0."""
-    from kd_core import pipeline
+    from kd_core.build import validate
+    from kd_core.estimate import estimate
 
     _checked_config(args)
-    est = pipeline.estimate(pipeline.validate(args.profile, args.overrides, check_target=False,
-                                              read_secret=_read_secret), check=False)
+    est = estimate(validate(args.profile, args.overrides, check_target=False, read_secret=_read_secret), check=False)
     if args.json:
         print(json.dumps(est.as_dict(), indent=2))
     else:
@@ -245,15 +245,16 @@ def cmd_estimate(args) -> int:
 
 def cmd_validate(args) -> int:
     """Every check `run` makes before the teacher loads, the size limits included."""
-    from kd_core import pipeline
+    from kd_core.build import validate
+    from kd_core.estimate import check_space, estimate
 
     _checked_config(args)
-    config = pipeline.validate(args.profile, args.overrides, read_secret=_read_secret)
-    est = pipeline.estimate(config, check=False)
-    print(json.dumps(config.public_dict(), indent=2))
+    build = validate(args.profile, args.overrides, read_secret=_read_secret)
+    est = estimate(build, check=False)
+    print(json.dumps(build.config.public_dict(), indent=2))
     _print_rows(est.rows())
-    pipeline.check_space(config, est)
-    print(f"config OK (cache key {config.content_key()})")
+    check_space(build, est)
+    print(f"config OK (cache key {build.key})")
     return 0
 
 
@@ -264,10 +265,10 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 def cmd_plan(args) -> int:
-    from kd_core import pipeline
+    from kd_core import data
 
     config = _checked_config(args, teacher=False)  # the dataset is all a plan needs: no output target, no teacher
-    summary = pipeline.plan(config).summary()
+    summary = data.plan(config.dataset, config.run.num_shards).summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

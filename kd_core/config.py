@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,10 +25,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-import kd_core
 from kd_core import io
-from kd_core.h5cache import FORMAT_VERSION
-from kd_core.h5cache.format import SAMPLED_LAYOUT
 from kd_core.errors import ConfigError
 
 # The shipped profiles: profiles/ in a checkout, kd_core/profiles/ in an installed copy (pyproject.toml maps one to
@@ -190,28 +186,6 @@ class Config(_Section):
         data = self.model_dump(mode="json")
         data["output"]["storage_options"] = mask_options(data["output"]["storage_options"])
         return strip_url_credentials(data)
-
-    def content_key(self) -> str:
-        """A short hash of everything that determines the cache's bytes (not where it is written): the teacher,
-        its revision and resolved dtype, the dataset, the cache settings, the format and the producer's version.
-
-        teacher.dtype=auto is resolved here as on this machine; pipeline.validate stores the resolved dtype in the
-        config, and a deployed parent hands it to its shards, so every worker of one build computes one key.
-        """
-        data = self.model_dump(mode="json")
-        del data["output"], data["run"]
-        data["teacher"] = {k: data["teacher"][k] for k in ("model", "revision")}
-        # Only the keys that change the bytes: a top-k cache's key is what it was before sampled mode existed.
-        if data["cache"]["mode"] == "topk":
-            del data["cache"]["mode"], data["cache"]["samples"]
-        else:
-            del data["cache"]["top_k"]
-            data["cache"]["sampler"] = SAMPLER_VERSION
-            data["cache"]["layout"] = SAMPLED_LAYOUT
-        data["teacher"]["dtype"] = self.resolved_dtype()
-        data["format_version"], data["producer"] = FORMAT_VERSION, kd_core.__version__
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def resolved_dtype(self) -> str:
         """teacher.dtype with auto resolved: bfloat16 where the teacher runs on CUDA, float32 on CPU."""

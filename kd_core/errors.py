@@ -15,3 +15,7 @@ class StorageError(KDCacheError):
 
 class CacheFileError(KDCacheError):
     """A cache or shard file is missing, truncated or fails verification."""
+
+
+class AlreadyPublished(KDCacheError):
+    """Another run published this version while this one was running: there is nothing left to do."""

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -117,22 +118,40 @@ def _usage(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def retrying(what: str, fn: Callable[[], T]) -> T:
-    """fn() with backoff on transient errors; then a StorageError saying what failed and why."""
-    for attempt, delay in enumerate((*RETRY_DELAYS, None), start=1):
+def retrying(what: str, fn: Callable[[], T], *, transient: Callable[[BaseException], bool] | None = None,
+             delays: Iterable[float] | None = None, error: type[Exception] | None = StorageError) -> T:
+    """fn(), tried again after each of `delays` (seconds) while it fails with an error `transient` accepts.
+
+    The one retry loop of kd-cache. Storage (the defaults): transient errors are network errors and timeouts (not
+    a missing bucket, denied access or a full disk), retried after RETRY_DELAYS; what still fails becomes a
+    StorageError that names `what` and the cause. error=None re-raises the last error as it is (callers with
+    errors of their own, e.g. the Prefect API's in flows/fan_out.py). Sync: an async caller runs it in a thread.
+    """
+    transient = transient or _transient
+    for attempt, delay in enumerate((*(RETRY_DELAYS if delays is None else delays), None), start=1):
         try:
             return fn()
         except Exception as e:
-            if not _transient(e):
-                raise StorageError(f"{what}: {type(e).__name__}: {e}") from None
-            if delay is None:
-                raise StorageError(
-                    f"{what}: still failing after {attempt} attempts ({type(e).__name__}: {e}). Check the endpoint, "
-                    "network and credentials, then run again: completed parts are kept and nothing was published."
-                ) from None
-            log.warning("%s: %s (attempt %d), retrying in %.1f s", what, type(e).__name__, attempt, delay)
-            time.sleep(delay)
+            retry = transient(e)
+            if retry and delay is not None:
+                log.warning("%s: %s: %s (attempt %d), retrying in %.1f s", what, type(e).__name__, e, attempt, delay)
+                time.sleep(delay)
+                continue
+            if error is None:
+                raise
+            if not retry:
+                raise error(f"{what}: {type(e).__name__}: {e}") from None
+            raise error(
+                f"{what}: still failing after {attempt} attempts ({type(e).__name__}: {e}). Check the endpoint, "
+                "network and credentials, then run again: completed parts are kept and nothing was published."
+            ) from None
     raise AssertionError("unreachable")
+
+
+def jittered_backoff(tries: int, cap: float = 60.0) -> list[float]:
+    """Delays for `tries` attempts: exponential (1, 2, 4, ... s, at most `cap`) with full jitter, so that many
+    callers failing together do not retry in step."""
+    return [random.uniform(0, min(cap, 2.0 ** attempt)) for attempt in range(tries - 1)]
 
 
 # user:password@ in a URL; the password may hold '/' (unescaped), so anything up to an '@' after 'user:' counts.

@@ -1,4 +1,4 @@
-"""Typed records of a build, read and written here only.
+"""Typed records of a build (kd_core.store reads and writes them).
 
     FileRecord    one part file as published: its name in the version, size, sha256, counts, per-dataset checksums
     PartRecord    one planned part of a shard (run.part_samples rows, one teacher pass): the files it was split
@@ -8,21 +8,16 @@
 
 Every record carries the Provenance of what produced its rows; merge refuses records whose provenance differs
 (check_consistent), so parts made by different teachers, tokenizers, dtypes or formats never end up in one cache.
-Records that do not parse (written by an older version) read as absent: that part is simply redone.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from kd_core import io
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError
-
-log = logging.getLogger("kd_core.records")
 
 
 class _Record(BaseModel):
@@ -126,31 +121,3 @@ def check_consistent(provenances: list[Provenance], what: str) -> None:
             f"{sorted(str(p) for p in distinct)}), so they cannot form one cache. Fix: delete the work/ directory "
             "of this version and run again with one setting."
         )
-
-
-def _read(model: type[BaseModel], uri: str, opts: dict[str, Any] | None):
-    if not io.exists(uri, opts):
-        return None
-    try:
-        return model.model_validate(io.read_json(uri, opts))
-    except (ValidationError, ValueError) as e:  # an older format or a damaged file: treated as absent
-        log.warning("ignoring %s: not a valid %s (%s)", uri, model.__name__, str(e).splitlines()[0])
-        return None
-
-
-def write(uri: str, record: BaseModel, opts: dict[str, Any] | None = None) -> None:
-    """Any record, as JSON, in one atomic write."""
-    io.write_json_atomic(uri, record.model_dump(mode="json"), opts)
-
-
-def read_part(uri: str, opts: dict[str, Any] | None = None) -> PartRecord | None:
-    return _read(PartRecord, uri, opts)
-
-
-def read_shard(uri: str, opts: dict[str, Any] | None = None) -> ShardRecord | None:
-    return _read(ShardRecord, uri, opts)
-
-
-def read_manifest(uri: str, opts: dict[str, Any] | None = None) -> Manifest | None:
-    return _read(Manifest, uri, opts)
-

@@ -4,17 +4,17 @@
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from kd_core import pipeline
-from kd_core.config import Config
+from kd_core.build import Build
+from kd_core.estimate import check_space, estimate
 from kd_core.storage import StorageEstimate, human_bytes
 
 
 @task(name="estimate-storage")
-def estimate_storage(config: Config) -> StorageEstimate:
-    est = pipeline.estimate(config, check=False)
+def estimate_storage(build: Build) -> StorageEstimate:
+    est = estimate(build, check=False)
     get_run_logger().info("expected cache size %s (upper bound %s) for %s samples", human_bytes(est.expected_bytes),
                           human_bytes(est.upper_bound_bytes), f"{est.num_samples:,}")
     create_table_artifact(key="storage-estimate", table=[{"what": k, "value": v} for k, v in est.rows()],
                           description="Storage and GPU-time estimate for this cache build")
-    pipeline.check_space(config, est)
+    check_space(build, est)
     return est

@@ -2,14 +2,14 @@
 
 from prefect import get_run_logger, task
 
-from kd_core import pipeline
-from kd_core.config import Config
+from kd_core.build import Build
 from kd_core.data import ShardSpec
+from kd_core.shard import plan as plan_shards
 
 
 @task(name="shard-dataset")
-def shard_dataset(config: Config) -> list[ShardSpec]:
-    plan = pipeline.plan(config)
+def shard_dataset(build: Build) -> list[ShardSpec]:
+    plan = plan_shards(build)
     shards = plan.shards
     get_run_logger().info("%d shards planned by %s, %d source rows read in all (%d samples): %s", len(shards),
                           plan.method, sum(s.rows_read for s in shards), shards[-1].stop - shards[0].start,

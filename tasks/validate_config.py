@@ -6,8 +6,7 @@ from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.runtime import deployment
 
-from kd_core import pipeline
-from kd_core.config import Config
+from kd_core.build import Build, validate
 from kd_core.errors import ConfigError
 
 
@@ -21,9 +20,8 @@ def read_secret_block(name: str) -> Any:
 
 
 @task(name="validate-config")
-def validate_config(profile: str, overrides: list[str]) -> Config:
+def validate_config(profile: str, overrides: list[str]) -> Build:
     # A run of a deployment (UI, REST, schedule, or a shard of one) gets only what the worker's policy allows.
-    config = pipeline.validate(profile, overrides, deployed=deployment.id is not None, read_secret=read_secret_block)
-    get_run_logger().info("config OK: profile %s, cache key %s, output %s", profile, config.content_key(),
-                          config.output.uri)
-    return config
+    build = validate(profile, overrides, deployed=deployment.id is not None, read_secret=read_secret_block)
+    get_run_logger().info("config OK: profile %s, cache key %s, output %s", profile, build.key, build.store.root)
+    return build

@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kd_core import h5cache, io, pipeline
+from kd_core import h5cache, io
+from kd_core.build import validate
 from kd_core.config import deep_merge
+from kd_core.estimate import estimate
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
 
 # Fake credentials, distinctive enough to grep for: they must never show up in files, attributes or logs.
 ACCESS_KEY = "AKIAKDCACHETESTONLY"
@@ -71,7 +75,7 @@ def bucket(moto_endpoint):
 def reference_arrays(tmp_path_factory, small_teacher_dir, corpus_path):
     """The arrays of a clean, uninterrupted local run of `overrides` (same parts)."""
     uri = str(tmp_path_factory.mktemp("reference") / "out")
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri)))
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, uri)))
     return read_arrays(uri)
 
 
@@ -89,10 +93,10 @@ def overrides(teacher_dir: Path, corpus_path: Path, uri: str, **extra: Any) -> d
 
 
 def build(config):
-    """The whole pipeline, as the flow runs it locally."""
-    pipeline.estimate(config)
-    records = [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards]
-    return pipeline.merge(config, records)
+    """The whole pipeline, as the flow runs it locally (config: a Build)."""
+    estimate(config)
+    records = [run_shard(config, shard) for shard in plan(config).shards]
+    return merge(config, records)
 
 
 def read_arrays(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, np.ndarray]:

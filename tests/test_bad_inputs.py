@@ -1,5 +1,5 @@
 """Bad inputs: each is one clear line that names the key, exit code 2 from the CLI without a traceback, and
-nothing written at the output. Checked through kd_core.pipeline and through `kd-cache validate/estimate`."""
+nothing written at the output. Checked through kd_core.build and through `kd-cache validate/estimate`."""
 
 import logging
 import re
@@ -14,9 +14,10 @@ import s3fs
 from s3helpers import bucket, build, listing, moto_endpoint, overrides, s3_options  # noqa: F401
 
 from flows import cli
-from kd_core import pipeline
+from kd_core.build import validate
 from kd_core.config import override_strings
 from kd_core.errors import KDCacheError
+from kd_core.estimate import estimate
 
 
 @pytest.fixture
@@ -87,9 +88,9 @@ def _resolve(extra, tmp_path):
 
 def _refuse(step: str, over: dict) -> str:
     with pytest.raises(KDCacheError) as e:
-        config = pipeline.validate("demo", over)
+        config = validate("demo", over)
         assert step == "estimate", "validate should have refused"
-        pipeline.estimate(config)
+        estimate(config)
     return str(e.value)
 
 
@@ -127,23 +128,23 @@ def test_file_uri_is_one_local_directory_for_data_locks_and_clean_up(tmp_path, s
     """output.uri=file://DIR once put the data in ./file:/DIR but its locks and clean-up at DIR."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"file://{out}/",
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, f"file://{out}/",
                                                  dataset={"max_samples": 20}, run={"num_shards": 1}))
-    assert config.output.uri == str(out)  # normalised once; everything below derives from it
-    layout = pipeline.Layout(config)
-    assert all(p.startswith(f"{out}/") for p in (layout.cache_file, layout.work_dir, layout.merge_lock))
+    assert config.config.output.uri == str(out)  # normalised once; everything below derives from it
+    store, key = config.store, config.key
+    assert all(p.startswith(f"{out}/") for p in (store.index(key), store.work_dir(key), store.merge_lock_uri(key)))
     manifest = build(config)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert listing(str(out)) == sorted(["latest.json", f"versions/{layout.key}/cache.h5",
-                                        f"versions/{layout.key}/manifest.json",
-                                        *(f"versions/{layout.key}/{f.name}" for f in manifest.parts)])
+    assert listing(str(out)) == sorted(["latest.json", f"versions/{key}/cache.h5",
+                                        f"versions/{key}/manifest.json",
+                                        *(f"versions/{key}/{f.name}" for f in manifest.parts)])
 
 
 def test_unreadable_profile_yaml(tmp_path, capsys):
     profile = tmp_path / "broken.yaml"
     profile.write_text("teacher: {model: [unclosed\n")
     with pytest.raises(KDCacheError, match=r"profile: .*broken\.yaml is not valid YAML"):
-        pipeline.validate(str(profile))
+        validate(str(profile))
     assert cli.main(["validate", "--profile", str(profile)]) == 2
     err = capsys.readouterr().err
     assert "is not valid YAML" in err and "Traceback" not in err
@@ -154,7 +155,7 @@ def test_unwritable_local_path(tmp_path, small_teacher_dir, corpus_path, capsys)
     blocker.write_text("not a directory")
     over = overrides(small_teacher_dir, corpus_path, str(blocker / "out"))
     with pytest.raises(KDCacheError, match=r"output\.uri: .*a-file/out cannot be created, .*a-file is a file"):
-        pipeline.validate("demo", over)
+        validate("demo", over)
     _cli("validate", over, capsys)
     assert blocker.read_text() == "not a directory"
 
@@ -163,7 +164,7 @@ def test_missing_bucket(moto_endpoint, small_teacher_dir, corpus_path, capsys):
     opts = s3_options(moto_endpoint)
     over = overrides(small_teacher_dir, corpus_path, "s3://no-such-bucket-kd/run", output={"storage_options": opts})
     with pytest.raises(KDCacheError, match=r"output\.uri: bucket 'no-such-bucket-kd' does not exist"):
-        pipeline.validate("demo", over)
+        validate("demo", over)
     assert "does not exist" in _cli("validate", over, capsys)
     assert not s3fs.S3FileSystem(endpoint_url=moto_endpoint).exists("no-such-bucket-kd")
 

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from kd_core import guards
+from kd_core.build import version_key
 from kd_core.config import load_config, override_strings, parse_overrides
 from kd_core.errors import ConfigError
 
@@ -190,12 +191,12 @@ def test_sampled_mode_checks_samples_and_ignores_top_k():
 
 
 def test_content_key_covers_only_the_mode_s_own_settings():
-    topk = load_config("testing").content_key()
-    assert load_config("testing", ["cache.samples=7"]).content_key() == topk  # samples: no byte of a top-k cache
-    sampled = load_config("testing", ["cache.mode=sampled", "cache.samples=64"]).content_key()
+    topk = version_key(load_config("testing"))
+    assert version_key(load_config("testing", ["cache.samples=7"])) == topk  # samples: no byte of a top-k cache
+    sampled = version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=64"]))
     assert sampled != topk
-    assert load_config("testing", ["cache.mode=sampled", "cache.top_k=3"]).content_key() == sampled
-    assert load_config("testing", ["cache.mode=sampled", "cache.samples=16"]).content_key() != sampled
+    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.top_k=3"])) == sampled
+    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=16"])) != sampled
 
 
 def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_key():
@@ -207,7 +208,7 @@ def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_
     public = a.public_dict()["output"]["storage_options"]
     assert public == {"endpoint_url": "http://x", "client_kwargs": {"region_name": "eu"}, "fixed_upload_size": "***",
                       "s3_additional_kwargs": "***"}
-    assert a.content_key() == b.content_key()
+    assert version_key(a) == version_key(b)
     for secret in ({"key": "AKIA123"}, {"connection_string": "AccountKey=s3cr3t"},
                    {"client_kwargs": {"aws_session_token": "s3cr3t"}}, {"endpoint_url": "https://u:s3cr3t@host"}):
         with pytest.raises(ConfigError, match="credentials are not accepted in the config") as e:
@@ -216,7 +217,7 @@ def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_
     with pytest.raises(ConfigError, match=r"^dataset\.data_files: credentials are not accepted in the config") as e:
         load_config("testing", {"dataset": {"data_files": "https://u:s3cr3t@host/x.parquet"}})
     assert "s3cr3t" not in str(e.value)
-    assert load_config("testing", ["cache.top_k=8"]).content_key() != b.content_key()
+    assert version_key(load_config("testing", ["cache.top_k=8"])) != version_key(b)
 
 
 def test_kd_core_does_not_import_prefect():

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from s3helpers import bucket, moto_endpoint, overrides, s3_options  # noqa: F401
 
-from kd_core import io, locks, pipeline
+from kd_core import h5cache, io, locks
+from kd_core.build import validate
 from kd_core.errors import StorageError
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,16 +52,16 @@ def test_a_full_output_disk_is_named_not_staging(tmp_path, small_teacher_dir, co
     """The merge of a local run once blamed KD_CACHE_STAGING for a full output disk."""
     monkeypatch.setenv("KD_CACHE_STAGING", str(tmp_path / "staging"))
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri,
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri,
                                                  dataset={"max_samples": 10}, run={"num_shards": 1}))
-    shards = [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards]
+    shards = [run_shard(config, s) for s in plan(config).shards]
 
     def index_on_a_full_disk(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(pipeline.h5cache, "write_index", index_on_a_full_disk)
+    monkeypatch.setattr(h5cache, "write_index", index_on_a_full_disk)
     with pytest.raises(StorageError) as e:
-        pipeline.merge(config, shards)
+        merge(config, shards)
     message = str(e.value)
     assert message.startswith(f"no space left on the disk holding the output directory (output.uri) {uri} (")
     assert "KD_CACHE_STAGING" not in message and "choose an output.uri on a larger disk" in message

@@ -62,23 +62,24 @@ def test_projection_stops_a_cache_the_estimate_underrated_after_one_part_and_the
     """The estimate's compression model can be low for an unseen teacher: the first real part is checked."""
     from s3helpers import overrides
 
-    from kd_core import pipeline
+    from kd_core.build import validate
     from kd_core.errors import StorageError
+    from kd_core.shard import plan, run_shard
 
     uri = str(tmp_path / "out")
-    limited = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"max_bytes": 20_000}))
-    shard = pipeline.plan(limited).shards[0]
+    limited = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"max_bytes": 20_000}))
+    shard = plan(limited).shards[0]
     with pytest.raises(StorageError, match=r"output\.max_bytes: stopped at shard-00000-of-00002's first part: its "
                                            r"real size .* projects the cache at .*, over the limit of 20\.0 KB"):
-        pipeline.run_shard(limited, shard)
-    layout = pipeline.Layout(limited)
-    assert not Path(layout.part_record(shard, 0)).exists()  # the part is not complete: a resumed run redoes it
+        run_shard(limited, shard)
+    # The part is not complete: a resumed run redoes it.
+    assert not Path(limited.store.part_record(limited.key, shard, 0)).exists()
 
     # The limit raised: the same cache (output settings are not part of its key) runs, and records its projection.
     caplog.set_level("INFO", logger="kd_core")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
-    assert pipeline.Layout(config).key == layout.key
-    record = pipeline.run_shard(config, shard)
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    assert config.key == limited.key
+    record = run_shard(config, shard)
     projected = record.parts[0].projected_cache_bytes
     assert [p.projected_cache_bytes for p in record.parts[1:]] == [None, None]
     shard_bytes = sum(p.stat().st_size for p in (tmp_path / "out").rglob("*.h5"))  # half of the 60 samples

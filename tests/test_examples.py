@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kd_core import pipeline
 from s3helpers import build
+
+from kd_core.build import validate
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_student.py"
 HF_EXAMPLE = EXAMPLE.with_name("train_hf.py")
@@ -23,7 +23,7 @@ def build_cache(tmp_path_factory, teacher_dir, corpus_path, cache: dict) -> str:
         "cache": {"max_length": 64, **cache},
         "output": {"uri": str(out)},
     }
-    build(pipeline.validate("testing", over))
+    build(validate("testing", over))
     return str(out)
 
 

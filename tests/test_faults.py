@@ -17,23 +17,31 @@ from s3helpers import (  # noqa: F401
     start_moto,
 )
 
-from kd_core import h5cache, io, pipeline
+from kd_core import h5cache, io, storage
+from kd_core.build import validate
 from kd_core.errors import CacheFileError, StorageError
+from kd_core.estimate import estimate
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
 from tasks.teacher_inference import _not_a_user_error
 
 # Runs the pipeline in a child process, a little slowed down (50 ms per sample) so that the test can kill it
 # while a shard is half done.
 DRIVER = """
 import json, sys, time
-from kd_core import h5cache, pipeline
+from kd_core import h5cache
+from kd_core.build import validate
+from kd_core.estimate import estimate
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
 real_append = h5cache.CacheWriter.append_rows
 def slow_append(self, rows):
     time.sleep(0.05)
     real_append(self, rows)
 h5cache.CacheWriter.append_rows = slow_append
-config = pipeline.validate("demo", json.loads(sys.argv[1]))
-pipeline.estimate(config)
-pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
+config = validate("demo", json.loads(sys.argv[1]))
+estimate(config)
+merge(config, [run_shard(config, s) for s in plan(config).shards])
 """
 
 
@@ -52,14 +60,14 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
     over = overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})
-    config = pipeline.validate("demo", over)
-    layout = pipeline.Layout(config)
-    shard0 = pipeline.plan(config).shards[0]
+    config = validate("demo", over)
+    store, key = config.store, config.key
+    shard0 = plan(config).shards[0]
     fs = s3fs.S3FileSystem(endpoint_url=moto_endpoint)
 
     def part_done(index: int) -> bool:
         fs.invalidate_cache()
-        return fs.exists(io.filesystem(layout.part_record(shard0, index), opts)[1])
+        return fs.exists(io.filesystem(store.part_record(key, shard0, index), opts)[1])
 
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(over)], env=os.environ.copy(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -74,9 +82,9 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
     # Nothing at the output looks complete: no latest, no manifest, no shard record; part files only at their
     # final names (written once), and every complete part has its record.
     files = listing(uri, opts)
-    assert not [f for f in files if not f.startswith(("work/", f"versions/{layout.key}/parts/"))], files
-    assert f"work/{layout.key}/{shard0.name}.json" not in files
-    records_done = [f for f in files if f.startswith(f"work/{layout.key}/{shard0.name}/part-")]
+    assert not [f for f in files if not f.startswith(("work/", f"versions/{key}/parts/"))], files
+    assert f"work/{key}/{shard0.name}.json" not in files
+    records_done = [f for f in files if f.startswith(f"work/{key}/{shard0.name}/part-")]
     assert len(records_done) >= 2, files
     done_before = {f for f in files if f.endswith(".h5")}
 
@@ -86,29 +94,29 @@ def test_kill_9_mid_shard_then_rerun_resumes_and_matches_a_clean_run(
     manifest = build(config)  # the re-run, on this host: the dead run's shard lock is taken over at once
 
     redone = {d.removeprefix(f"{uri}/") for d in published if "/part-" in d}
-    complete_before = {f"versions/{layout.key}/{pipeline.Layout.part_name(shard0, i)}" for i in range(len(records_done))}
+    complete_before = {f"versions/{key}/{store.part_name(shard0, i)}" for i in range(len(records_done))}
     assert not redone & complete_before, "a complete part was computed again"
     assert len(redone) == 6 - len(records_done)
-    assert listing(uri, opts) == sorted(["latest.json", f"versions/{layout.key}/cache.h5",
-                                         f"versions/{layout.key}/manifest.json",
-                                         *(f"versions/{layout.key}/{f.name}" for f in manifest.parts)])
+    assert listing(uri, opts) == sorted(["latest.json", f"versions/{key}/cache.h5",
+                                         f"versions/{key}/manifest.json",
+                                         *(f"versions/{key}/{f.name}" for f in manifest.parts)])
     assert done_before <= set(listing(uri, opts))
     assert_same_arrays(read_arrays(uri, opts), reference_arrays)
 
 
 def _run_shards(config):
-    return [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards]
+    return [run_shard(config, s) for s in plan(config).shards]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
 def test_a_damaged_part_makes_merge_refuse_naming_it(damage, bucket, moto_endpoint, small_teacher_dir, corpus_path):
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     records = _run_shards(config)
-    layout = pipeline.Layout(config)
-    shard1 = pipeline.plan(config).shards[1]
-    fs, victim = io.filesystem(layout.part_file(shard1, 1), opts)
+    store, key = config.store, config.key
+    shard1 = plan(config).shards[1]
+    fs, victim = io.filesystem(store.part_file(key, shard1, 1), opts)
     data = fs.cat(victim)
     if damage == "truncate":
         fs.pipe(victim, data[: len(data) // 2])
@@ -122,31 +130,31 @@ def test_a_damaged_part_makes_merge_refuse_naming_it(damage, bucket, moto_endpoi
             "delete": "the file is missing"}[damage]
     with pytest.raises(CacheFileError, match=f"shard-00001-of-00002 part 1 .* fails verification, so nothing was "
                                              f"published: {want}"):
-        pipeline.merge(config, records)
-    assert not [f for f in listing(uri, opts) if not f.startswith(("work/", "versions/" + layout.key + "/parts/"))]
+        merge(config, records)
+    assert not [f for f in listing(uri, opts) if not f.startswith(("work/", "versions/" + key + "/parts/"))]
 
 
 def test_a_damaged_local_part_makes_merge_refuse(tmp_path, small_teacher_dir, corpus_path):
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
     records = _run_shards(config)
-    victim = io.local_path(pipeline.Layout(config).part_file(records[0].shard, 2))
+    victim = io.local_path(config.store.part_file(config.key, records[0].shard, 2))
     victim.write_bytes(victim.read_bytes()[:-100])
     with pytest.raises(CacheFileError, match="shard-00000-of-00002 part 2 .* fails verification, so nothing was published"):
-        pipeline.merge(config, records)
+        merge(config, records)
     assert not [f for f in listing(uri) if not f.startswith("work/") and "/parts/" not in f]
 
 
 def test_a_changed_local_part_of_the_same_size_is_caught_by_its_checksum(tmp_path, small_teacher_dir, corpus_path):
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
     records = _run_shards(config)
-    victim = io.local_path(pipeline.Layout(config).part_file(records[1].shard, 0))
+    victim = io.local_path(config.store.part_file(config.key, records[1].shard, 0))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit, in the data; the file's mtime changes, so merge reads it whole
     victim.write_bytes(bytes(data))
     with pytest.raises(CacheFileError, match="shard-00001-of-00002 part 0 .* its bytes differ from those published"):
-        pipeline.merge(config, records)
+        merge(config, records)
 
 
 def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_nothing(
@@ -157,22 +165,22 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
     host, port = flaky.get_host_and_port()
     uri = f"s3://{bucket}/kd"
     flaky_opts = s3_options(f"http://{host}:{port}")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri,
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri,
                                                  output={"storage_options": flaky_opts}))
     records = _run_shards(config)
 
-    real_write_index = pipeline.h5cache.write_index
+    real_write_index = h5cache.write_index
 
     def index_then_endpoint_dies(*args, **kwargs):
         summary = real_write_index(*args, **kwargs)
         flaky.stop()  # the index is ready locally; its upload meets a dead endpoint
         return summary
 
-    monkeypatch.setattr(pipeline.h5cache, "write_index", index_then_endpoint_dies)
+    monkeypatch.setattr(h5cache, "write_index", index_then_endpoint_dies)
     caplog.set_level(logging.WARNING, logger="kd_core.io")
     started = time.monotonic()
     with pytest.raises(StorageError, match=r"uploading s3://.*/cache\.h5: still failing after 3 attempts") as e:
-        pipeline.merge(config, records)
+        merge(config, records)
     assert "Could not connect to the endpoint" in str(e.value) and time.monotonic() - started < 30
     assert caplog.text.count("retrying in") == 2
 
@@ -180,9 +188,9 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
     opts = s3_options(moto_endpoint)
     files = listing(uri, opts)
     assert files and all(f.startswith("work/") or "/parts/" in f for f in files), files
-    monkeypatch.setattr(pipeline.h5cache, "write_index", real_write_index)
-    live = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
-    assert pipeline.merge(live, records).num_samples == sum(r.num_samples for r in records)
+    monkeypatch.setattr(h5cache, "write_index", real_write_index)
+    live = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    assert merge(live, records).num_samples == sum(r.num_samples for r in records)
 
 
 def test_a_transient_upload_error_is_retried(bucket, moto_endpoint, tmp_path, monkeypatch):
@@ -217,10 +225,10 @@ def test_over_budget_fails_in_estimate_before_the_teacher_loads(limit, tmp_path,
     if limit == "free_space":
         monkeypatch.setattr("kd_core.storage.local_free_bytes", lambda path: 10_000)
     uri = tmp_path / "out"
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(uri), **extra))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(uri), **extra))
     match = "output.max_bytes: the cache is expected to take" if limit == "max_bytes" else "output.uri: the target has"
     with pytest.raises(StorageError, match=match):
-        pipeline.estimate(config)
+        estimate(config)
     assert not uri.exists()
 
 
@@ -236,8 +244,9 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
                                                                        monkeypatch):
     """ENOSPC while a part is closed: once retried as transient (three tracebacks) with a .partial left behind."""
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
-    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    store, key = config.store, config.key
+    shard = plan(config).shards[0]
     real_close, closed = h5cache.writer._Column.close, []
 
     def close_on_a_full_disk(self):  # six columns per part: the second part meets a full disk
@@ -248,13 +257,13 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
 
     monkeypatch.setattr(h5cache.writer._Column, "close", close_on_a_full_disk)
     with pytest.raises(StorageError, match=r"^no space left on the disk holding .*Fix: free space") as e:
-        pipeline.run_shard(config, shard)
+        run_shard(config, shard)
     assert "\n" not in str(e.value)
     files = listing(uri)
     assert not [f for f in files if f.endswith((".partial", ".staged"))], files
-    assert f"work/{layout.key}/{shard.name}/part-00000.json" in files  # the complete part is kept
-    assert f"versions/{layout.key}/{layout.part_name(shard, 0)}" in files
-    assert f"versions/{layout.key}/{layout.part_name(shard, 1)}" not in files
+    assert f"work/{key}/{shard.name}/part-00000.json" in files  # the complete part is kept
+    assert f"versions/{key}/{store.part_name(shard, 0)}" in files
+    assert f"versions/{key}/{store.part_name(shard, 1)}" not in files
     # Not retried: neither by kd_core.io's backoff nor by the teacher-inference task's retry condition.
     hdf5_style = OSError("Can't synchronously write data (file write failed: errno = 28, error message = "
                          "'No space left on device')")
@@ -267,12 +276,12 @@ def test_remote_target_with_too_little_local_staging_fails_in_estimate(bucket, m
     """A remote run once found its local staging disk full at merge time, after all the GPU work."""
     monkeypatch.setenv("KD_CACHE_STAGING", str(tmp_path / "staging"))
     monkeypatch.setattr("kd_core.teacher.load_teacher", lambda *a, **k: pytest.fail("the teacher must not load"))
-    real_free = pipeline.storage.local_free_bytes
-    monkeypatch.setattr(pipeline.storage, "local_free_bytes",
+    real_free = storage.local_free_bytes
+    monkeypatch.setattr(storage, "local_free_bytes",
                         lambda path: 10_000 if str(path).startswith(str(tmp_path)) else real_free(path))
     opts = s3_options(moto_endpoint)
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
                                                  output={"storage_options": opts}))
     with pytest.raises(StorageError, match=r"KD_CACHE_STAGING: the local staging directory .* has 10\.0 KB free"):
-        pipeline.estimate(config)
+        estimate(config)
     assert listing(f"s3://{bucket}/kd", opts) == []

@@ -13,11 +13,13 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 import kd_core.teacher
+import tasks.teacher_inference
+import tasks.validate_config
 from flows.build_teacher_cache import build_teacher_cache
-from kd_core import pipeline, versions
 from kd_core.h5cache import CacheReader
 from kd_core.config import override_strings
 from kd_core.errors import ConfigError
+from kd_core.store import Store, resolve
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +56,8 @@ def test_the_run_form_has_a_title_and_a_description_for_every_field():
 def test_a_null_parameter_means_as_the_profile_has_it(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """The UI sends null for untouched fields; the profile's values stay (here: its dataset and teacher)."""
     seen = {}
-    monkeypatch.setattr(pipeline, "validate", lambda profile, overrides, **policy: seen.update(p=profile, o=overrides)
+    monkeypatch.setattr(tasks.validate_config, "validate",
+                        lambda profile, overrides, **policy: seen.update(p=profile, o=overrides)
                         or (_ for _ in ()).throw(ConfigError("stop here")))
     assert build_teacher_cache(profile=None, overrides=None, return_state=True).is_failed()
     assert seen == {"p": "demo", "o": []}
@@ -85,7 +88,7 @@ def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     out = tmp_path / "out"
     first = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, keep_versions=1))
     assert not first["up_to_date"] and first["num_samples"] == 10  # 12 rows, two of them blank
-    assert versions.latest_key(str(out)) == first["key"]
+    assert Store(str(out)).latest_key() == first["key"]
 
     # Same inputs: no teacher work at all (loading it would fail), "up to date".
     def no_teacher(cfg):
@@ -98,27 +101,27 @@ def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
 
     # A changed input builds a new version beside the old; while it builds, `latest` still gives the old one.
     seen_while_building = []
-    run_shard = pipeline.run_shard
+    run_shard = tasks.teacher_inference.run_shard
 
     def watching_run_shard(config, shard, progress=None):
-        with CacheReader(versions.resolve(str(out)).index_uri) as reader:
+        with CacheReader(resolve(str(out)).index_uri) as reader:
             seen_while_building.append(reader.attrs["content_key"])
         return run_shard(config, shard, progress)
 
-    monkeypatch.setattr(pipeline, "run_shard", watching_run_shard)
+    monkeypatch.setattr(tasks.teacher_inference, "run_shard", watching_run_shard)
     second = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 4, keep_versions=1))
     assert second["key"] != first["key"] and not second["up_to_date"]
     assert seen_while_building == [first["key"]] * 2
     assert json.loads((out / "latest.json").read_text())["version"] == second["key"]
-    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
+    with CacheReader(resolve(str(out)).index_uri) as reader:
         assert reader.top_k == 4
     assert {p.name for p in (out / "versions").iterdir()} == {first["key"], second["key"]}  # one old one kept
 
     # A third version with keep_versions=1: the oldest goes, after latest moved; the previous one stays.
     third = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 2, keep_versions=1))
     assert {p.name for p in (out / "versions").iterdir()} == {second["key"], third["key"]}
-    assert versions.latest_key(str(out)) == third["key"]
+    assert Store(str(out)).latest_key() == third["key"]
 
     # Going back to the previous config is up to date and points latest back at its version.
     back = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 4, keep_versions=1))
-    assert back["up_to_date"] and versions.latest_key(str(out)) == second["key"]
+    assert back["up_to_date"] and Store(str(out)).latest_key() == second["key"]

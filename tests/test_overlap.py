@@ -8,10 +8,15 @@ import time
 import pytest
 from s3helpers import assert_same_arrays, overrides, read_arrays, reference_arrays  # noqa: F401
 
-from kd_core import h5cache, inference, io, pipeline
+from kd_core import h5cache, data, inference, io
+from kd_core.build import validate
 from kd_core.config import TeacherConfig
-from kd_core.errors import StorageError
+from kd_core.errors import ConfigError, StorageError
+from kd_core.estimate import BACKGROUND_FILES
 from kd_core.inference import DeviceTimeline, PartEnd, run_teacher
+from kd_core.merge import merge
+from kd_core.shard import plan, run_shard
+from kd_core.store import Store
 from kd_core.teacher import load_teacher
 
 
@@ -61,7 +66,7 @@ def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path
     in the background (background_files=0, the synchronous way, holds it until the wait gives up)."""
     real_append, real_publish = h5cache.CacheWriter.append_rows, io.publish_file
     for files, overlaps in ((1, True), (0, False)):
-        config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / f"out{files}")))
+        config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / f"out{files}")))
         part1_rows, held = threading.Event(), []
 
         def append_rows(self, rows):
@@ -76,17 +81,17 @@ def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path
 
         monkeypatch.setattr(h5cache.CacheWriter, "append_rows", append_rows)
         monkeypatch.setattr(io, "publish_file", publish_file)
-        record = pipeline.run_shard(config, pipeline.plan(config).shards[0], background_files=files)
+        record = run_shard(config, plan(config).shards[0], background_files=files)
         assert held == [overlaps] and len(record.parts) == 3
 
 
 def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """A slow store: the writer waits with one finished file queued, never more; records still follow files."""
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri,
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri,
                                                  output={"max_object_bytes": 1 << 16}))
     live, most, order = set(), [0], []
-    real_init, real_publish, real_write = h5cache.CacheWriter.__init__, io.publish_file, pipeline.records.write
+    real_init, real_publish, real_write = h5cache.CacheWriter.__init__, io.publish_file, Store.write_record
 
     def init(self, path, **kw):  # a file exists locally from its writer's start to the end of its publish
         real_init(self, path, **kw)
@@ -100,17 +105,17 @@ def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, co
         order.append(uri.rsplit("/", 1)[1])
         return stamp
 
-    def write(uri, record, opts=None):
+    def write(self, uri, record):
         if "/part-" in uri:  # not the shard's record
             order.append(uri.rsplit("/", 1)[1])
-        real_write(uri, record, opts)
+        real_write(self, uri, record)
 
     monkeypatch.setattr(h5cache.CacheWriter, "__init__", init)
     monkeypatch.setattr(io, "publish_file", slow_publish)
-    monkeypatch.setattr(pipeline.records, "write", write)
-    record = pipeline.run_shard(config, pipeline.plan(config).shards[0])
+    monkeypatch.setattr(Store, "write_record", write)
+    record = run_shard(config, plan(config).shards[0])
     files = [f.name.rsplit("/", 1)[1] for p in record.parts for f in p.files]
-    assert len(files) > 3 and most[0] == 1 + pipeline.BACKGROUND_FILES
+    assert len(files) > 3 and most[0] == 1 + BACKGROUND_FILES
     want = [name for p in record.parts for name in [*(f.name.rsplit("/", 1)[1] for f in p.files),
                                                     f"part-{p.part:05d}.json"]]
     assert order == want  # every file before its part's record, parts in order
@@ -119,8 +124,9 @@ def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, co
 def test_an_upload_error_in_the_background_stops_the_run_with_its_message(small_teacher_dir, corpus_path, tmp_path,
                                                                           monkeypatch):
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
-    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    key = config.key
+    shard = plan(config).shards[0]
     real_publish = io.publish_file
 
     def failing(local, dest, opts=None):
@@ -130,23 +136,23 @@ def test_an_upload_error_in_the_background_stops_the_run_with_its_message(small_
 
     monkeypatch.setattr(io, "publish_file", failing)
     with pytest.raises(StorageError, match=r"^uploading .*part-00001-0000\.h5: still failing after 4 attempts"):
-        pipeline.run_shard(config, shard)
+        run_shard(config, shard)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert not [f for f in left if f.endswith(".partial") or "part-00002" in f], left  # part 2: nothing
-    assert (tmp_path / "out" / "work" / layout.key / shard.name / "part-00000.json").exists()
-    assert not (tmp_path / "out" / "work" / layout.key / shard.name / "part-00001.json").exists()
+    assert (tmp_path / "out" / "work" / key / shard.name / "part-00000.json").exists()
+    assert not (tmp_path / "out" / "work" / key / shard.name / "part-00001.json").exists()
 
 
 def test_a_resumed_shard_batches_and_writes_exactly_as_a_clean_run(small_teacher_dir, corpus_path, tmp_path,
                                                                    reference_arrays, batches, monkeypatch):
     """Killed while part 1 uploads (part 2 already running on the teacher), then resumed at part 1: the batches
     of the parts it redoes, and every array of the cache, are those of the uninterrupted run."""
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "clean")))
-    shard = pipeline.plan(config).shards[0]
-    pipeline.run_shard(config, shard)
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "clean")))
+    shard = plan(config).shards[0]
+    run_shard(config, shard)
     clean, batches[:] = list(batches), []
 
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
     real_publish = io.publish_file
 
     def killed(local, uri, opts=None):
@@ -156,14 +162,14 @@ def test_a_resumed_shard_batches_and_writes_exactly_as_a_clean_run(small_teacher
 
     monkeypatch.setattr(io, "publish_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_shard(config, shard)
+        run_shard(config, shard)
     monkeypatch.setattr(io, "publish_file", real_publish)
     batches[:] = []
-    record = pipeline.run_shard(config, shard)
+    record = run_shard(config, shard)
     assert [p.part for p in record.parts] == [0, 1, 2]
     redone = {row for batch in batches for row in batch}
     assert min(redone) == 10 and batches == [b for b in clean if min(b) >= 10]  # parts 1 and 2, batched alike
-    pipeline.merge(config, [record, pipeline.run_shard(config, pipeline.plan(config).shards[1])])
+    merge(config, [record, run_shard(config, plan(config).shards[1])])
     assert_same_arrays(read_arrays(str(tmp_path / "out")), reference_arrays)
 
 
@@ -208,14 +214,15 @@ def test_a_dataset_that_ends_early_stops_at_the_short_part_and_keeps_the_parts_b
     """The source held fewer rows than planned (changed since planning): a clear error at the first short part;
     the complete parts before it, already handed to the background, are still published and recorded."""
     uri = str(tmp_path / "out")
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri))
-    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]  # rows 0..29, parts of 10
-    real_iter_texts = pipeline.data.iter_texts
-    monkeypatch.setattr(pipeline.data, "iter_texts",
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri))
+    key = config.key
+    shard = plan(config).shards[0]  # rows 0..29, parts of 10
+    real_iter_texts = data.iter_texts
+    monkeypatch.setattr(data, "iter_texts",
                         lambda *a: (row for row in real_iter_texts(*a) if row[0] < 25))
-    with pytest.raises(pipeline.ConfigError, match=r"^dataset.max_samples: the dataset ended at row 25, before the "
+    with pytest.raises(ConfigError, match=r"^dataset.max_samples: the dataset ended at row 25, before the "
                                                    r"30 rows planned. Fix: dataset.max_samples=25 or fewer.$"):
-        pipeline.run_shard(config, shard)
-    records = sorted(p.name for p in (tmp_path / "out" / "work" / layout.key / shard.name).iterdir())
+        run_shard(config, shard)
+    records = sorted(p.name for p in (tmp_path / "out" / "work" / key / shard.name).iterdir())
     assert records == ["part-00000.json", "part-00001.json"]
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial") or "part-00002" in p.name]

@@ -9,16 +9,21 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from s3helpers import assert_same_arrays, build, read_arrays
+from s3helpers import overrides as small_run
 
 import kd_core
-from kd_core import pipeline, versions
+from kd_core import io
 from kd_core import teacher as teacher_module
+from kd_core.build import validate, version_key
 from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, load_config
 from kd_core.errors import CacheFileError
+from kd_core.estimate import estimate
+from kd_core.merge import published
+from kd_core.shard import plan, run_shard
+from kd_core.store import resolve
 from kd_core.teacher import load_teacher
-from s3helpers import assert_same_arrays, build, read_arrays
-from s3helpers import overrides as small_run
 
 
 def overrides(teacher_dir, corpus_path, out, **extra):
@@ -36,8 +41,8 @@ def overrides(teacher_dir, corpus_path, out, **extra):
 
 def run_steps(profile, over):
     """validate, then the pipeline as the flow runs it locally; with the storage estimate for comparisons."""
-    config = pipeline.validate(profile, over)
-    return config, pipeline.estimate(config), build(config)
+    config = validate(profile, over)
+    return config, estimate(config), build(config)
 
 
 def reference(model, input_ids, k):
@@ -53,7 +58,7 @@ def test_cache_matches_the_teacher_in_float32(teacher_dir, corpus_path, corpus_t
     """vocab 70000 > tokenizer: uint32 ids; three shards merged back in sample order; empty rows skipped."""
     config, est, manifest = run_steps("testing", overrides(teacher_dir, corpus_path, tmp_path))
     teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
-    with h5py.File(versions.resolve(str(tmp_path)).index_uri) as index:  # stock h5py, through the index
+    with h5py.File(resolve(str(tmp_path)).index_uri) as index:  # stock h5py, through the index
         assert index["topk_indices"].dtype == np.uint32 and index["topk_indices"].is_virtual
         stock = {name: index[name][:] for name in index}
     assert_same_arrays(stock, read_arrays(str(tmp_path)))  # the same arrays as the parts read one by one
@@ -105,16 +110,16 @@ def test_the_seed_figure_is_fixed():
 def test_rerun_with_the_same_inputs_is_up_to_date(small_teacher_dir, corpus_path, tmp_path):
     over = overrides(small_teacher_dir, corpus_path, tmp_path, run={"num_shards": 1})
     config, _, manifest = run_steps("testing", over)
-    assert pipeline.published(config) == manifest
+    assert published(config) == manifest
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
 
 
 def test_budget_exceeded_fails_in_estimate(small_teacher_dir, corpus_path, tmp_path):
     from kd_core.errors import StorageError
 
-    config = pipeline.validate("testing", overrides(small_teacher_dir, corpus_path, tmp_path, output={"max_bytes": 1000}))
+    config = validate("testing", overrides(small_teacher_dir, corpus_path, tmp_path, output={"max_bytes": 1000}))
     with pytest.raises(StorageError, match=r"output\.max_bytes: the cache is expected to take .* over the limit of 1\.0 KB"):
-        pipeline.estimate(config)
+        estimate(config)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -130,7 +135,7 @@ def test_kd_cache_run_demo_profile(tmp_path):
     assert "wrote" in done.stdout and "200 samples" in done.stdout
     verify = subprocess.run([*cli, "verify", str(out), "--samples", "6"], env=env, capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr[-2000:]
-    with h5py.File(versions.resolve(str(out)).index_uri) as f:
+    with h5py.File(resolve(str(out)).index_uri) as f:
         assert f.attrs["num_samples"] == 200 and f["topk_logprobs"].shape[1] == 16
     inspect = subprocess.run([*cli, "inspect", str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert inspect.returncode == 0 and "samples     200" in inspect.stdout
@@ -145,7 +150,7 @@ def test_guard_refuses_before_anything_is_touched(tmp_path, monkeypatch):
     from kd_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dataset.max_samples is required"):
-        pipeline.validate("testing", {"dataset": {"max_samples": None}, "output": {"uri": str(tmp_path / "o")}})
+        validate("testing", {"dataset": {"max_samples": None}, "output": {"uri": str(tmp_path / "o")}})
     assert not (tmp_path / "o").exists()
     cli = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "testing", "dataset.max_samples=null",
                           f"output.uri={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
@@ -166,7 +171,7 @@ def test_four_shards_under_a_small_object_limit_read_by_stock_h5py_match_the_tea
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert max(p.stat().st_size for p in files) <= limit
     assert len(manifest.parts) > 4  # at least one 15-sample part was split
-    index = tmp_path / "versions" / config.content_key() / "cache.h5"
+    index = tmp_path / "versions" / config.key / "cache.h5"
     assert manifest.index.bytes < 0.1 * manifest.file_bytes
     with h5py.File(index) as f:  # stock h5py: virtual datasets over the parts, offsets stored
         offsets, ids = f["offsets"][:], f["input_ids"][:]
@@ -182,51 +187,51 @@ def test_version_key_covers_resolved_dtype_format_and_producer(small_teacher_dir
     """An fp32 cache then the same run with teacher.dtype=bfloat16 once said "up to date" (dtype not in the key)."""
     uri = str(tmp_path / "out")
     small = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1}}
-    fp32 = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, **small))
-    assert fp32.teacher.dtype == "float32"  # auto resolved on this CPU machine, and recorded so
+    fp32 = validate("demo", small_run(small_teacher_dir, corpus_path, uri, **small))
+    assert fp32.config.teacher.dtype == "float32"  # auto resolved on this CPU machine, and recorded so
     build(fp32)
-    bf16 = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "bfloat16"},
+    bf16 = validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "bfloat16"},
                                                **small))
-    assert bf16.content_key() != fp32.content_key() and pipeline.published(bf16) is None
-    explicit = pipeline.validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "float32"},
+    assert bf16.key != fp32.key and published(bf16) is None
+    explicit = validate("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"dtype": "float32"},
                                                    **small))
-    assert explicit.content_key() == fp32.content_key() and pipeline.published(explicit) is not None
+    assert explicit.key == fp32.key and published(explicit) is not None
     monkeypatch.setattr("kd_core.teacher.torch.cuda.is_available", lambda: True)  # the same profile on a GPU worker
     gpu_worker = load_config("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"device": "auto"}, **small))
-    assert gpu_worker.content_key() == bf16.content_key()
+    assert version_key(gpu_worker) == bf16.key
     monkeypatch.undo()
-    key = fp32.content_key()
+    key = version_key(fp32.config)
     with monkeypatch.context() as m:
         m.setattr(kd_core, "__version__", "99.0")  # another producer may write other bytes
-        assert fp32.content_key() != key
+        assert version_key(fp32.config) != key
     with monkeypatch.context() as m:
-        m.setattr("kd_core.config.FORMAT_VERSION", 2)
-        assert fp32.content_key() != key
-    assert fp32.content_key() == key
+        m.setattr("kd_core.build.FORMAT_VERSION", 2)
+        assert version_key(fp32.config) != key
+    assert version_key(fp32.config) == key and fp32.key == key
 
 
 def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """Killed in fp32 and resumed in bf16 once published one file whose parts differed by up to 0.05 nats."""
     over = small_run(small_teacher_dir, corpus_path, str(tmp_path / "out"), dataset={"max_samples": 20},
                      run={"num_shards": 1})
-    config = pipeline.validate("demo", over)
-    shard = pipeline.plan(config).shards[0]
-    real_publish = pipeline.io.publish_file
+    config = validate("demo", over)
+    shard = plan(config).shards[0]
+    real_publish = io.publish_file
 
     def killed_after_part_0(local, uri, opts=None):
         if "part-00001" in uri:
             raise KeyboardInterrupt  # the worker dies before the second part is published
         return real_publish(local, uri, opts)
 
-    monkeypatch.setattr(pipeline.io, "publish_file", killed_after_part_0)
+    monkeypatch.setattr(io, "publish_file", killed_after_part_0)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_shard(config, shard)
-    monkeypatch.setattr(pipeline.io, "publish_file", real_publish)
+        run_shard(config, shard)
+    monkeypatch.setattr(io, "publish_file", real_publish)
     real_load = teacher_module.load_teacher
     monkeypatch.setattr(teacher_module, "load_teacher",  # this worker resolves another dtype for the same key
                         lambda cfg: real_load(cfg.model_copy(update={"dtype": "bfloat16"})))
     with pytest.raises(CacheFileError, match=r"made in float32 but this worker loads the teacher in bfloat16"):
-        pipeline.run_shard(config, shard)
+        run_shard(config, shard)
 
 
 def test_inspect_names_the_parts_and_the_index_and_export_writes_one_file(small_teacher_dir, corpus_path, tmp_path,
@@ -235,7 +240,7 @@ def test_inspect_names_the_parts_and_the_index_and_export_writes_one_file(small_
 
     config, _, manifest = run_steps("testing", overrides(small_teacher_dir, corpus_path, tmp_path / "out",
                                                          run={"num_shards": 2}))
-    version = tmp_path / "out" / "versions" / config.content_key()
+    version = tmp_path / "out" / "versions" / config.key
     for uri in (tmp_path / "out", version, version / "cache.h5"):  # every URI form names the same cache
         assert main(["inspect", str(uri)]) == 0
         out = capsys.readouterr().out

@@ -6,12 +6,14 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3helpers import assert_same_arrays, build, overrides, read_arrays
 
 from flows import cli
-from kd_core import data, pipeline
+from kd_core import data
+from kd_core.build import validate
 from kd_core.config import DatasetConfig
 from kd_core.errors import ConfigError
-from s3helpers import assert_same_arrays, build, overrides, read_arrays
+from kd_core.shard import plan
 
 
 def write_parquet(root, files: int, groups: int, group_rows: int) -> str:
@@ -111,9 +113,9 @@ def test_five_shards_make_the_same_cache_as_one(tmp_path, small_teacher_dir, cor
     arrays = []
     for shards in (1, 5):
         uri = str(tmp_path / f"out{shards}")
-        config = pipeline.validate("demo", overrides(small_teacher_dir, str(files / "*.parquet"), uri,
+        config = validate("demo", overrides(small_teacher_dir, str(files / "*.parquet"), uri,
                                                      run={"num_shards": shards, "part_samples": 12}))
-        assert len(pipeline.plan(config).shards) == shards
+        assert len(plan(config).shards) == shards
         build(config)
         arrays.append(read_arrays(uri))
     assert_same_arrays(*arrays)

@@ -10,9 +10,11 @@ import pytest
 from s3helpers import build, overrides
 
 from flows import cli
-from kd_core import io, pipeline, versions
+from kd_core import io
+from kd_core.build import validate
 from kd_core.dataset import CacheDataset
 from kd_core.errors import CacheFileError
+from kd_core.store import resolve
 
 EVIL = '''
 import pathlib
@@ -35,9 +37,9 @@ def crafted_cache(tmp_path_factory, small_teacher_dir, corpus_path):
     (teacher / "config.json").write_text(json.dumps(config))
 
     out = root / "out"
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 10},
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 10},
                                               run={"num_shards": 1})))
-    with h5py.File(versions.resolve(str(out)).index_uri, "r+") as f:
+    with h5py.File(resolve(str(out)).index_uri, "r+") as f:
         recorded = json.loads(f.attrs["config"])
         recorded["teacher"].update(model=str(teacher), trust_remote_code=True)
         f.attrs["config"] = json.dumps(recorded)
@@ -69,7 +71,7 @@ def test_verify_samples_must_be_positive(crafted_cache, samples, capsys):
 @pytest.fixture(scope="module")
 def clean_cache(tmp_path_factory, small_teacher_dir, corpus_path):
     out = tmp_path_factory.mktemp("clean") / "out"
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 20},
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 20},
                                               run={"num_shards": 2, "part_samples": 10})))
     return out
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from kd_core import pipeline
+from kd_core.build import validate
 from kd_core.dataset import CacheDataset, StreamingCacheDataset, pad_collate
 from kd_core.samplers import EpochSampler, TokenBatchSampler
 from s3helpers import build
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cache(small_teacher_dir, corpus_path, tmp_path_factory) -> str:
     """40 docstrings by the small teacher in 8 part files (2 shards x 4 parts): its output.uri."""
     out = tmp_path_factory.mktemp("resume_cache")
-    build(pipeline.validate("testing", {
+    build(validate("testing", {
         "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
         "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": 40},
         "cache": {"top_k": 4, "max_length": 48}, "output": {"uri": str(out)},

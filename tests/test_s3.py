@@ -10,15 +10,18 @@ from s3helpers import (  # noqa: F401
     read_arrays, s3_options,
 )
 
-from kd_core import h5cache, io, locks, pipeline
+from kd_core import h5cache, io, locks
+from kd_core.build import validate
 from kd_core.h5cache import CacheReader, verify_file
+from kd_core.merge import merge, published
+from kd_core.shard import plan, run_shard
 
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory, small_teacher_dir, corpus_path):
     """The arrays of the same run written to a local directory in one go (run.part_samples larger than a shard)."""
     uri = str(tmp_path_factory.mktemp("reference") / "out")
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, run={"part_samples": 1000})))
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, uri, run={"part_samples": 1000})))
     return read_arrays(uri)
 
 
@@ -30,11 +33,10 @@ def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
     # Credentials come from the environment (the moto fixture's AWS variables); an option nobody listed as safe is
     # recorded masked. (Credentials in storage_options are refused: tests/test_secrets.py.)
     opts = {**s3_options(moto_endpoint), "max_concurrency": 3}
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     manifest = build(config)
 
-    key = config.content_key()
-    layout = pipeline.Layout(config)
+    store, key = config.store, config.key
     parts = [f"versions/{key}/{f.name}" for f in manifest.parts]
     assert listing(uri, opts) == sorted(["latest.json", f"versions/{key}/cache.h5", f"versions/{key}/manifest.json",
                                          *parts])
@@ -44,7 +46,7 @@ def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
     fs, _ = io.filesystem(uri, opts)
     for file in manifest.files:
         local = tmp_path / file.name.replace("/", "_")
-        fs.get_file(io.filesystem(io.join(layout.version_dir, file.name), opts)[1], str(local))
+        fs.get_file(io.filesystem(store.version_file(key, file.name), opts)[1], str(local))
         assert local.stat().st_size == file.bytes and io.file_digest(local)[0] == file.sha256
         if file.name != "cache.h5":
             verify_file(local, expect=file.model_dump())  # every byte of every part, against its counts
@@ -64,24 +66,24 @@ def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
 def test_rerun_is_idempotent_and_loads_no_teacher(bucket, moto_endpoint, small_teacher_dir, corpus_path, monkeypatch):
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
-    shards = pipeline.plan(config).shards
-    records = [pipeline.run_shard(config, s) for s in shards]
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    shards = plan(config).shards
+    records = [run_shard(config, s) for s in shards]
 
     def no_teacher(*a, **k):
         raise AssertionError("a complete shard must not load the teacher")
 
     monkeypatch.setattr("kd_core.teacher.load_teacher", no_teacher)
-    assert [pipeline.run_shard(config, s) for s in shards] == records  # complete shards: skipped
+    assert [run_shard(config, s) for s in shards] == records  # complete shards: skipped
     assert [len(r.parts) for r in records] == [3, 3]
-    manifest = pipeline.merge(config, records)
-    assert pipeline.published(config) == manifest
+    manifest = merge(config, records)
+    assert published(config) == manifest
 
 
 def test_reader_opens_s3_with_blocks_and_cache(bucket, moto_endpoint, small_teacher_dir, corpus_path):
     uri = f"s3://{bucket}/kd"
     opts = s3_options(moto_endpoint)
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})))
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})))
     with CacheReader(uri, opts) as reader:
         reader[len(reader) - 1]
         f = next(iter(reader._open_files.values()))[1]
@@ -90,16 +92,17 @@ def test_reader_opens_s3_with_blocks_and_cache(bucket, moto_endpoint, small_teac
 
 def test_second_run_on_a_locked_shard_refuses(tmp_path, small_teacher_dir, corpus_path, bucket, moto_endpoint):
     opts = s3_options(moto_endpoint)
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
                                                  output={"storage_options": opts}))
-    layout, shard = pipeline.Layout(config), pipeline.plan(config).shards[0]
-    with locks.LeaseLock(layout.shard_lock(shard), shard.name, opts):  # "another run" holds shard 0
+    store, key = config.store, config.key
+    shard = plan(config).shards[0]
+    with locks.LeaseLock(store.shard_lock_uri(key, shard), shard.name, opts):  # "another run" holds shard 0
         with pytest.raises(locks.LockedError, match="another run is writing shard-00000-of-00002"):
-            pipeline.run_shard(config, shard)
+            run_shard(config, shard)
         with pytest.raises(locks.LockedError):
-            locks.LeaseLock(layout.shard_lock(shard), shard.name, opts).acquire()
-    assert not io.exists(layout.shard_lock(shard), opts)  # released
-    assert not io.exists(layout.shard_record(shard), opts)  # and the refused run wrote nothing
+            locks.LeaseLock(store.shard_lock_uri(key, shard), shard.name, opts).acquire()
+    assert not io.exists(store.shard_lock_uri(key, shard), opts)  # released
+    assert not io.exists(store.shard_record(key, shard), opts)  # and the refused run wrote nothing
 
 
 @pytest.mark.parametrize("held", [
@@ -160,7 +163,7 @@ def test_four_shards_under_a_small_object_limit_write_every_object_once_to_its_f
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counting)
     uri, opts, limit = f"s3://{bucket}/kd", s3_options(moto_endpoint), 1 << 16
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, run={"num_shards": 4, "part_samples": 15},
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, run={"num_shards": 4, "part_samples": 15},
                                                  output={"storage_options": opts, "max_object_bytes": limit}))
     manifest = build(config)
 
@@ -209,7 +212,7 @@ def test_cache_dataset_and_the_streaming_reader_on_s3_equal_the_local_copy(
     from kd_core.dataset import CacheDataset, StreamingCacheDataset
 
     uri, opts = f"s3://{bucket}/kd", s3_options(moto_endpoint)
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     build(config)
     local = tmp_path / "local"
     fs, _ = io.filesystem(uri, opts)

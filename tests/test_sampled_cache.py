@@ -92,13 +92,16 @@ def test_draws_do_not_depend_on_shards_parts_or_batches(built, small_teacher_dir
 def test_storage_estimate_knows_the_mode(small_teacher_dir, corpus_path, tmp_path):
     """Upper bound >= the real file, and the expected size near it (m, the distinct ids per row, depends on the
     teacher: the model assumes the middle of the small teachers measured, see kd_core/storage.py)."""
-    from kd_core import pipeline
+    from kd_core.build import validate
+    from kd_core.estimate import estimate
+    from kd_core.merge import merge
+    from kd_core.shard import plan, run_shard
 
     over = [*overrides(small_teacher_dir, corpus_path, tmp_path / "out", shards=1),
             "dataset.max_samples=120", "cache.max_length=128", "run.part_samples=1000"]
-    config = pipeline.validate("testing", over)
-    est = pipeline.estimate(config)
-    manifest = pipeline.merge(config, [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards])
+    config = validate("testing", over)
+    est = estimate(config)
+    manifest = merge(config, [run_shard(config, s) for s in plan(config).shards])
     assert est.samples == N and est.top_k is None
     assert est.upper_bound_bytes >= manifest.file_bytes
     print(f"sampled N={N}: expected {est.expected_bytes} B, real {manifest.file_bytes} B "

@@ -5,12 +5,13 @@ import os
 
 import httpx
 import pytest
-
-from kd_core import io, locks, pipeline
-from kd_core.errors import ConfigError
 from s3helpers import overrides
-from tasks import teacher_inference
-from tasks.teacher_inference import api_call
+
+from flows.fan_out import api_call
+from kd_core import io, locks
+from kd_core.build import accept, validate
+from kd_core.errors import ConfigError
+from kd_core.shard import plan, shard_state
 
 
 def _status_error(code: int) -> httpx.HTTPStatusError:
@@ -19,7 +20,7 @@ def _status_error(code: int) -> httpx.HTTPStatusError:
 
 
 def test_transient_api_errors_are_retried_and_others_are_not(monkeypatch):
-    monkeypatch.setattr(teacher_inference.time, "sleep", lambda s: None)
+    monkeypatch.setattr(io.time, "sleep", lambda s: None)
     errors = [_status_error(503), _status_error(429), httpx.RemoteProtocolError("dropped"), _status_error(502)]
 
     def flaky():
@@ -43,23 +44,23 @@ def test_a_shard_run_checks_the_parents_config_and_refuses_another_key(tmp_path,
                                                                       monkeypatch):
     # A shard run is a deployed run: the worker lets it read local files only under its allowed roots.
     monkeypatch.setenv("KD_CACHE_ALLOWED_ROOTS", os.path.commonpath([tmp_path, small_teacher_dir, corpus_path]))
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
-    sent = pipeline.child_config(config)
-    assert sent["teacher"]["dtype"] == "float32"  # resolved by the parent: `auto` could resolve otherwise on a GPU
-    assert pipeline.accept(sent, config.content_key()).dataset == config.dataset
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
+    sent = config.params()
+    assert sent["config"]["teacher"]["dtype"] == "float32"  # resolved by the parent: `auto` may differ on a GPU
+    assert accept(sent).config.dataset == config.config.dataset and accept(sent).key == config.key
     with pytest.raises(ConfigError, match="version key: this worker resolves the parent's config to"):
-        pipeline.accept(sent, "0123456789abcdef")
+        accept({**sent, "key": "0123456789abcdef"})
 
 
 def test_shard_state_tells_live_dead_and_done_shards_apart(tmp_path, small_teacher_dir, corpus_path, monkeypatch):
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
-    shard, layout = pipeline.plan(config).shards[0], pipeline.Layout(config)
-    assert pipeline.shard_state(config, shard)[0] == "free"
-    with locks.LeaseLock(layout.shard_lock(shard), shard.name):
-        assert pipeline.shard_state(config, shard)[0] == "writing"
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out")))
+    shard, store, key = plan(config).shards[0], config.store, config.key
+    assert shard_state(config, shard)[0] == "free"
+    with locks.LeaseLock(store.shard_lock_uri(key, shard), shard.name):
+        assert shard_state(config, shard)[0] == "writing"
         monkeypatch.setattr(locks.time, "time", lambda: 1e12)  # long after the lease ran out
-        assert pipeline.shard_state(config, shard)[0] == "dead"
+        assert shard_state(config, shard)[0] == "dead"
         monkeypatch.undo()
-    io.write_json_atomic(layout.shard_record(shard), {"done": True})
-    assert pipeline.shard_state(config, shard)[0] == "done"
+    io.write_json_atomic(store.shard_record(key, shard), {"done": True})
+    assert shard_state(config, shard)[0] == "done"
 

@@ -1,4 +1,4 @@
-"""kd_core.versions on a local directory and on S3 (moto): the latest pointer and pruning of old versions."""
+"""kd_core.store's versions on a local directory and on S3 (moto): the latest pointer and pruning of old versions."""
 
 import logging
 import threading
@@ -7,7 +7,12 @@ import time
 import pytest
 from s3helpers import bucket, build, moto_endpoint, overrides  # noqa: F401
 
-from kd_core import io, pipeline, versions
+from kd_core import io
+from kd_core.build import validate
+from kd_core.errors import AlreadyPublished
+from kd_core.merge import merge, published
+from kd_core.shard import plan, run_shard
+from kd_core.store import Store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -34,18 +39,19 @@ def remaining(root, opts):
 
 def test_prune_keeps_latest_and_the_newest_old_versions_and_never_an_incomplete_one(target):
     root, opts = target
-    assert versions.latest_key(root, opts) is None
+    store = Store(root, opts)
+    assert store.latest_key() is None
     for day, key in enumerate(["a", "b", "c", "d"], start=1):
         publish(root, opts, key, day)
     io.write_text_atomic(io.join(root, "versions", "e", "cache.h5"), "another run, still building", opts)
-    versions.set_latest(root, "b", opts)  # latest need not be the newest (a config went back to an older one)
+    store.set_latest("b")  # latest need not be the newest (a config went back to an older one)
 
     # Old complete versions, newest first: d, c, a. Keep one.
-    assert versions.prune(root, 1, opts) == ["c", "a"]
+    assert store.prune(1) == ["c", "a"]
     assert remaining(root, opts) == ["b", "d", "e"]
-    assert versions.prune(root, 0, opts) == ["d"]
+    assert store.prune(0) == ["d"]
     assert remaining(root, opts) == ["b", "e"]
-    assert versions.latest_key(root, opts) == "b"
+    assert store.latest_key() == "b"
     assert io.read_json(io.join(root, "latest.json"), opts) == {"version": "b", "path": "versions/b/cache.h5"}
 
 
@@ -69,37 +75,37 @@ def test_two_configs_publishing_at_once_with_keep_0_leave_latest_readable(tmp_pa
     uri = str(tmp_path / "out")
     small = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1, "part_samples": 20},
              "output": {"keep_versions": 0}}
-    a = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, **small))
-    b = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, cache={"top_k": 4}, **small))
-    records = {c.content_key(): [pipeline.run_shard(c, s) for s in pipeline.plan(c).shards]
+    a = validate("demo", overrides(small_teacher_dir, corpus_path, uri, **small))
+    b = validate("demo", overrides(small_teacher_dir, corpus_path, uri, cache={"top_k": 4}, **small))
+    records = {c.key: [run_shard(c, s) for s in plan(c).shards]
                for c in (a, b)}
 
     paused, resume = threading.Event(), threading.Event()
-    real_set_latest = versions.set_latest
+    real_set_latest = Store.set_latest
 
-    def set_latest_pausing_a(root, key, opts=None):
-        if key == a.content_key() and not resume.is_set():
+    def set_latest_pausing_a(self, key):
+        if key == a.key and not resume.is_set():
             paused.set()
             resume.wait(60)
-        real_set_latest(root, key, opts)
+        real_set_latest(self, key)
 
-    monkeypatch.setattr(versions, "set_latest", set_latest_pausing_a)
+    monkeypatch.setattr(Store, "set_latest", set_latest_pausing_a)
     b_waits = _Seen("waiting for another run to finish the publishing step")
     logging.getLogger("kd_core.locks").addHandler(b_waits)
     logging.getLogger("kd_core.locks").setLevel(logging.INFO)
     errors = []
 
-    def merge(config):
+    def merge_in_a_thread(config):
         try:
-            pipeline.merge(config, records[config.content_key()])
+            merge(config, records[config.key])
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
     try:
-        run_a = threading.Thread(target=merge, args=(a,))
+        run_a = threading.Thread(target=merge_in_a_thread, args=(a,))
         run_a.start()
         assert paused.wait(60), "run A never reached latest.json"
-        run_b = threading.Thread(target=merge, args=(b,))
+        run_b = threading.Thread(target=merge_in_a_thread, args=(b,))
         run_b.start()
         deadline = time.monotonic() + 60
         while run_b.is_alive() and not b_waits.event.is_set() and time.monotonic() < deadline:
@@ -112,8 +118,8 @@ def test_two_configs_publishing_at_once_with_keep_0_leave_latest_readable(tmp_pa
         logging.getLogger("kd_core.locks").removeHandler(b_waits)
     assert not errors, errors
     assert b_waits.event.is_set(), "run B published while run A was between its manifest and latest.json"
-    latest = versions.latest_key(uri)
-    assert latest == b.content_key()
+    latest = Store(uri).latest_key()
+    assert latest == b.key
     assert (tmp_path / "out" / "versions" / latest / "manifest.json").exists()
     assert (tmp_path / "out" / "versions" / latest / "cache.h5").exists()
     assert remaining(uri, {}) == [latest]  # keep_versions=0: A's version pruned once B was latest
@@ -123,61 +129,61 @@ SMALL = {"dataset": {"max_samples": 20}, "run": {"num_shards": 1, "part_samples"
 
 
 def _small_run(tmp_path, small_teacher_dir, corpus_path):
-    config = pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out"), **SMALL))
-    return config, pipeline.Layout(config)
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, str(tmp_path / "out"), **SMALL))
+    return config, config.store, config.key
 
 
 def test_a_same_config_run_meeting_its_version_published_neither_redoes_nor_overwrites_it(
         tmp_path, small_teacher_dir, corpus_path, monkeypatch):
     """Run B checked "published?" while run A was merging; A then published and cleaned up. B once redid every
     shard and wrote over the live version's files."""
-    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
-    shards = pipeline.plan(config).shards
-    shard_records = [pipeline.run_shard(config, s) for s in shards]  # run A ...
-    manifest = pipeline.merge(config, shard_records)  # ... publishes, and removes work/<key>/
+    config, store, key = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    shards = plan(config).shards
+    shard_records = [run_shard(config, s) for s in shards]  # run A ...
+    manifest = merge(config, shard_records)  # ... publishes, and removes work/<key>/
     written = []
-    real_publish = pipeline.io.publish_file
-    monkeypatch.setattr(pipeline.io, "publish_file", lambda *a: written.append(a[1]) or real_publish(*a))
-    with pytest.raises(pipeline.AlreadyPublished, match="was published by another run"):
-        pipeline.run_shard(config, shards[0])  # run B, past its "published?" check
-    assert pipeline.merge(config, shard_records).published_at == manifest.published_at  # B's merge: A's version
+    real_publish = io.publish_file
+    monkeypatch.setattr(io, "publish_file", lambda *a: written.append(a[1]) or real_publish(*a))
+    with pytest.raises(AlreadyPublished, match="was published by another run"):
+        run_shard(config, shards[0])  # run B, past its "published?" check
+    assert merge(config, shard_records).published_at == manifest.published_at  # B's merge: A's version
     assert written == []
 
 
 def test_work_left_by_a_kill_between_manifest_and_clean_up_is_removed_by_the_next_run(
         tmp_path, small_teacher_dir, corpus_path, monkeypatch):
     """work/<key>/ once leaked forever: every later run said "up to date" and never removed it."""
-    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
-    shard_records = [pipeline.run_shard(config, s) for s in pipeline.plan(config).shards]
-    real_remove = pipeline.io.remove
+    config, store, key = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    shard_records = [run_shard(config, s) for s in plan(config).shards]
+    real_remove = io.remove
 
     def killed_before_clean_up(uri, opts=None):
-        if uri == layout.work_dir:
+        if uri == store.work_dir(key):
             raise KeyboardInterrupt  # kill -9 right after latest.json moved
         real_remove(uri, opts)
 
-    monkeypatch.setattr(pipeline.io, "remove", killed_before_clean_up)
+    monkeypatch.setattr(io, "remove", killed_before_clean_up)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.merge(config, shard_records)
-    monkeypatch.setattr(pipeline.io, "remove", real_remove)
-    assert io.exists(layout.work_dir) and versions.latest_key(layout.root) == layout.key
-    assert pipeline.published(config) is not None  # the next run: up to date ...
-    assert not io.exists(layout.work_dir)  # ... and the leftover is gone
+        merge(config, shard_records)
+    monkeypatch.setattr(io, "remove", real_remove)
+    assert io.exists(store.work_dir(key)) and store.latest_key() == key
+    assert published(config) is not None  # the next run: up to date ...
+    assert not io.exists(store.work_dir(key))  # ... and the leftover is gone
 
 
 @pytest.mark.parametrize("damage", ["delete the index", "truncate a part"])
 def test_up_to_date_means_the_manifests_files_are_there_with_their_sizes(
         damage, tmp_path, small_teacher_dir, corpus_path, monkeypatch):
     """With cache.h5 deleted or a part truncated, runs once said "up to date", exit 0, and never rebuilt."""
-    config, layout = _small_run(tmp_path, small_teacher_dir, corpus_path)
+    config, store, key = _small_run(tmp_path, small_teacher_dir, corpus_path)
     manifest = build(config)
-    victim = io.local_path(layout.cache_file if damage == "delete the index"
-                           else io.join(layout.version_dir, manifest.parts[-1].name))
+    victim = io.local_path(store.index(key) if damage == "delete the index"
+                           else store.version_file(key, manifest.parts[-1].name))
     if damage == "delete the index":
         victim.unlink()
     else:
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    assert pipeline.published(config) is None  # not up to date: the version is rebuilt
+    assert published(config) is None  # not up to date: the version is rebuilt
     rebuilt = build(config)
-    assert rebuilt.num_samples == manifest.num_samples and pipeline.published(config) is not None
+    assert rebuilt.num_samples == manifest.num_samples and published(config) is not None
     assert victim.stat().st_size == (rebuilt.index if damage == "delete the index" else rebuilt.parts[-1]).bytes

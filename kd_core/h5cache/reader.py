@@ -111,10 +111,10 @@ class CacheReader:
     MAX_OPEN = {"local": 16, "remote": 8}
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        from kd_core import versions  # here, not at the top: versions -> records -> data -> config -> this module
+        from kd_core import store  # here, not at the top: store -> records -> data -> config -> this package
 
         self.uri, self.storage_options = str(uri), storage_options
-        self.source = versions.resolve(self.uri, storage_options)
+        self.source = store.resolve(self.uri, storage_options)
         self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()
         if self.source.manifest is not None:  # a version: its parts, and the index for the attributes
             manifest = self.source.manifest

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kd_core import versions
 from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, override_strings
+from kd_core.store import resolve
 from kd_core.teacher import load_teacher
 from kd_core.verify import verify_rows
 
@@ -97,7 +97,7 @@ def test_deployed_run_fans_out_to_gpu_pool_and_the_cache_verifies(prefect_stack,
 
     # The published cache: every sample, and it agrees with the teacher recomputed in float32.
     teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), dtype="float32", device="cpu"))
-    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
+    with CacheReader(resolve(str(out)).index_uri) as reader:
         assert len(reader) == 14  # 16 rows, two of them blank
         report = verify_rows(teacher, [reader[i] for i in range(len(reader))], top_k=reader.top_k)
     assert report.ok, report
@@ -172,7 +172,7 @@ output: {{uri: '{out}'}}
         assert response.status_code == 201, response.text
         run = wait(prefect_stack, client, response.json()["id"])
     assert run["state_type"] == "COMPLETED", f"{run['state']['message']}\n{prefect_stack.log_tail()}"
-    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
+    with CacheReader(resolve(str(out)).index_uri) as reader:
         attrs = reader.attrs
     assert (attrs["max_samples"], attrs["top_k"], attrs["max_length"]) == (7, 5, 32)
     assert attrs["teacher_model"] == str(small_teacher_dir)

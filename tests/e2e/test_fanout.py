@@ -13,9 +13,10 @@ import psutil
 import pytest
 from test_deployments import FINAL, children, trigger, wait
 
-from kd_core import pipeline, versions
+from kd_core.build import validate
 from kd_core.h5cache import CacheReader
 from kd_core.config import TeacherConfig, override_strings
+from kd_core.store import resolve
 from kd_core.teacher import load_teacher
 from kd_core.verify import verify_rows
 
@@ -96,9 +97,9 @@ def _kill_tree(process) -> None:
 @pytest.mark.parametrize("bare_stack", ["postgres"], indirect=True)
 def test_a_build_survives_its_only_gpu_worker_killed_mid_shard(bare_stack, teacher_dir, corpus_path, tmp_path):
     out = tmp_path / "out"
-    config = pipeline.validate("testing", overrides(teacher_dir, corpus_path, out, samples=120, num_shards=2,
+    config = validate("testing", overrides(teacher_dir, corpus_path, out, samples=120, num_shards=2,
                                                     part_samples=10))
-    work = pipeline.Layout(config).work_dir
+    work = config.store.work_dir(config.key)
     worker = bare_stack.start_gpu_worker(0, "gpu-worker-doomed")
     with bare_stack.client() as client:
         response = trigger(client, {"profile": "testing", "overrides": override_strings(overrides(
@@ -127,7 +128,7 @@ def test_a_build_survives_its_only_gpu_worker_killed_mid_shard(bare_stack, teach
     assert not os.path.exists(work)  # published: the work directory is gone
 
     teacher = load_teacher(TeacherConfig(model=str(teacher_dir), dtype="float32", device="cpu"))
-    with CacheReader(versions.resolve(str(out)).index_uri) as reader:
+    with CacheReader(resolve(str(out)).index_uri) as reader:
         assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(120) if i not in (3, 7)]
         report = verify_rows(teacher, [reader[i] for i in range(0, len(reader), 5)], top_k=reader.top_k)
     assert report.ok, report

@@ -70,7 +70,7 @@ def peak_rss_mib() -> float:
 
 def sample_bytes(sample: dict) -> int:
     """Bytes of one sample as stored (k=64 top-k, uint16 ids: 4 + 128 + 128 + 4 per token)."""
-    from kd_core.cachefile import row_layout, row_bytes
+    from kd_core.h5cache.format import row_bytes, row_layout
 
     return len(sample["input_ids"]) * row_bytes(row_layout(sample["topk_indices"].shape[-1], 65536))
 
@@ -177,7 +177,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     uri = build_cache(args.work, args.samples, args.top_k, args.max_length)
-    from kd_core.cachefile import CacheReader
+    from kd_core.h5cache import CacheReader
 
     with CacheReader(uri) as reader:
         info = reader.info()

@@ -322,11 +322,11 @@ def sampled_cache(small_teacher_dir, corpus_path, tmp_path_factory):
     """A sampled cache made by the pipeline (no Prefect): 12 samples, N draws per row."""
     from s3helpers import build, overrides
 
-    from kd_core import pipeline
+    from kd_core.build import validate
 
     out = tmp_path_factory.mktemp("sampled-verify") / "out"
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 12},
-                                              cache={"mode": "sampled", "samples": N}, run={"num_shards": 1})))
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 12},
+                                     cache={"mode": "sampled", "samples": N}, run={"num_shards": 1})))
     return out
 
 

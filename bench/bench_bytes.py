@@ -22,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import h5py  # noqa: E402
 
-from kd_core import io, pipeline  # noqa: E402
+from kd_core import io  # noqa: E402
+from kd_core.build import validate  # noqa: E402
+from kd_core.merge import merge, published  # noqa: E402
+from kd_core.shard import plan, run_shard  # noqa: E402
 from kd_core.h5cache import CacheReader  # noqa: E402
 
 
@@ -63,14 +66,14 @@ def build_test_teacher_cache(work: Path) -> str:
     if not teacher.exists():
         build_teacher(tokenizer, teacher, vocab_size=70000, hidden_size=32, num_layers=1)
     out = work / "top64"
-    config = pipeline.validate("testing", {
+    config = validate("testing", {
         "teacher": {"model": str(teacher), "device": "cpu", "dtype": "float32", "batch_tokens": 4096},
         "dataset": {"name": "parquet", "data_files": str(corpus), "split": "train", "streaming": True,
                     "max_samples": 300},
         "cache": {"top_k": 64, "max_length": 128}, "output": {"uri": str(out)}, "run": {"num_shards": 1},
     })
-    if pipeline.published(config) is None:
-        pipeline.merge(config, [pipeline.run_shard(config, shard) for shard in pipeline.plan(config).shards])
+    if published(config) is None:
+        merge(config, [run_shard(config, shard) for shard in plan(config).shards])
     return str(out)
 
 

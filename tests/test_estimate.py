@@ -103,18 +103,19 @@ def test_the_upper_bound_holds_from_one_sample_up(mode, small_teacher_dir, corpu
     """Every byte the run leaves at the target (parts, index, manifest, latest.json) against the printed bound, at
     sizes where the fixed overheads dominate (one sample: 70.9 KB against a bound of 51.2 KB before they counted)
     and with many small part files; max_length 16 so that nearly every sample reaches it, as the bound assumes."""
-    from kd_core import pipeline
+    from kd_core.build import validate
+    from kd_core.estimate import estimate
     from s3helpers import build
 
     for samples, shards in ((1, 1), (2, 2), (9, 2), (40, 3)):
         out = tmp_path / f"{mode}-{samples}"
-        config = pipeline.validate("testing", {
+        config = validate("testing", {
             "teacher": {"model": str(small_teacher_dir), "batch_tokens": 2048},
             "dataset": {"name": "parquet", "data_files": str(corpus_path), "streaming": True, "max_samples": samples},
             "cache": {"mode": mode, "top_k": 8, "samples": 16, "max_length": 16},
             "output": {"uri": str(out)}, "run": {"num_shards": shards, "part_samples": 4},
         })
-        bound = pipeline.estimate(config).upper_bound_bytes
+        bound = estimate(config).upper_bound_bytes
         build(config)
         written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         assert written <= bound, (mode, samples, written, bound)

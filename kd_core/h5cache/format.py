@@ -80,7 +80,6 @@ def codec(name: str, dtype: np.dtype) -> Codec:
 FILL_VALUE = 0
 
 
-
 def index_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
 

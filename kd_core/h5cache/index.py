@@ -100,7 +100,6 @@ def write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[st
     return {"num_samples": len(sample_index), "num_tokens": int(starts[-1])}
 
 
-
 def concatenated_offsets(parts: list[np.ndarray]) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Per-file offsets (each from 0) -> rows per file, each file's first row in the whole, the whole's offsets."""
     counts = [int(o[-1]) for o in parts]

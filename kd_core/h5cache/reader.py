@@ -68,7 +68,6 @@ def _as_read(name: str, rows: np.ndarray) -> np.ndarray:
     return rows.astype(READ_DTYPES[name]) if name in READ_DTYPES else rows
 
 
-
 @dataclass
 class CacheInfo:
     path: str

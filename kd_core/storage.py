@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kd_core import h5cache
-from kd_core.h5cache.format import CHUNK_BYTES, CHUNK_INDEX_BYTES
+from kd_core.h5cache.format import (CHUNK_INDEX_BYTES, SAMPLE_CHUNK_ROWS, chunk_rows, per_sample_bytes,
+                                    per_sample_datasets, sample_bound)
 from kd_core.h5cache.format import METADATA_BYTES as HDF5_METADATA_BYTES
 
 # Stored bytes per value after shuffle+gzip, measured on real caches (docs/FORMAT.md, "Size"):
@@ -32,7 +33,6 @@ from kd_core.h5cache.format import METADATA_BYTES as HDF5_METADATA_BYTES
 TOPK_ID_ENTROPY_FRACTION = 0.58
 LOGPROB_STORED_BYTES = 1.1
 LOGSUMEXP_STORED_BYTES = 2.8
-FILE_OVERHEAD_BYTES = 32 * 1024  # HDF5 superblock, object headers, chunk index, attributes (~25 KB measured)
 
 # Fixed costs of a version beyond its token data, for the upper bound (tested against real files from 1 sample up,
 # tests/test_estimate.py): attributes (the config as JSON; callers with a larger config pass its size), a
@@ -43,7 +43,6 @@ VDS_MAPPING_BYTES = 512
 MANIFEST_BYTES = 4 * 1024
 MANIFEST_FILE_BYTES = 512
 LATEST_BYTES = 1024
-SAMPLE_CHUNK_ROWS = 1 << 16  # the per-sample datasets' chunks (h5cache's writer and index)
 FILE_PADDING_BYTES = 64 * 1024  # every dataset's last-chunk padding in one file, at most (1% of 1 MiB chunks)
 
 # Peak dense bf16 tensor throughput (FLOP/s, no sparsity) from the vendors' datasheets: H100 SXM, A100 SXM/PCIe,
@@ -68,9 +67,8 @@ SAMPLED_DISTINCT_EXPONENT = 0.8
 #    bits per id, and run-length deflate gets close to it (0.80 B measured at V = 1024, m = 26, the formula says
 #    0.85; 0.68 at V = 1000, m = 58, the formula 0.69);
 #  - counts (most are 1): 0.10-0.28 B each measured, the more peaked the teacher the more;
-#  - no logsumexp and no row lengths (docs/FORMAT.md, "Sampled mode"); 8 B more per sample (/sampled_offsets).
+#  - no logsumexp and no row lengths (docs/FORMAT.md, "Sampled mode"); 8 B more per sample (/sampled_offsets: h5cache's per_sample_bytes).
 SAMPLED_COUNT_STORED_BYTES = 0.2
-SAMPLED_PER_SAMPLE_BYTES = 8
 # A top-k cache's size is compared with the sampled mode's at this N (docs/FIDELITY.md recommends it).
 SAMPLED_DEFAULT_DRAWS = 64
 
@@ -90,9 +88,9 @@ def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_si
     entries = tokens * min(samples, vocab_size) if samples is not None else 0
     per_file = HDF5_METADATA_BYTES + metadata_bytes + 1024
     parts = num_files * per_file
-    for _, row, chunk_rows, kind in _datasets(top_k, vocab_size, samples):
+    for _, row, per_chunk, kind in _datasets(top_k, vocab_size, samples):
         rows = {"token": tokens, "entry": entries, "sample": num_samples + num_files}[kind]
-        parts += _column_bound(rows, row, chunk_rows, num_files)
+        parts += _column_bound(rows, row, per_chunk, num_files)
     row_datasets = len(h5cache.row_layout(top_k, vocab_size, samples)) + len(h5cache.entry_layout(vocab_size, samples))
     index = per_file + num_files * row_datasets * VDS_MAPPING_BYTES + sum(
         _column_bound(num_samples + 1, 8, SAMPLE_CHUNK_ROWS, 1) for _, _, _, kind in _datasets(top_k, vocab_size, samples)
@@ -122,14 +120,8 @@ def _datasets(top_k: int, vocab_size: int, samples: int | None) -> list[tuple[st
                          ("entry", h5cache.entry_layout(vocab_size, samples))):
         for name, (tail, dtype) in layout.items():
             row = max(1, math.prod(tail)) * dtype.itemsize
-            out.append((name, row, max(1024, CHUNK_BYTES // row), kind))
-    per_sample = ("offsets", "sample_index") + ((h5cache.ENTRY_OFFSETS,) if samples is not None else ())
-    return out + [(name, 8, SAMPLE_CHUNK_ROWS, "sample") for name in per_sample]
-
-
-def _deflate_bound(n: int) -> int:
-    """zlib's worst case for n input bytes (compressBound), rounded up, as h5cache's writer counts it."""
-    return n + n // 1000 + 64
+            out.append((name, row, chunk_rows(row), kind))
+    return out + [(name, 8, SAMPLE_CHUNK_ROWS, "sample") for name in per_sample_datasets(samples)]
 
 
 def _column_bound(rows: int, row_bytes: int, chunk_rows: int, files: int) -> int:
@@ -279,7 +271,7 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
             metadata_bytes=metadata_bytes,
             num_files=part_files(num_samples=num_samples, num_shards=num_shards, part_samples=part_samples,
                                  max_object_bytes=max_object_bytes, metadata_bytes=metadata_bytes,
-                                 sample_bytes=_deflate_bound(max_length * per_token + h5cache.BYTES_PER_SAMPLE + 8))),
+                                 sample_bytes=sample_bound(max_length, top_k, vocab_size, samples))),
         probe_samples=len(probe_lengths), mean_tokens_per_sample=mean_tokens, expected_tokens=expected_tokens,
         expected_bytes=expected, stored_bytes_per_token=stored, max_bytes=max_bytes, free_bytes=free_bytes,
         teacher_parameters=teacher_parameters, num_shards=num_shards, samples=samples,
@@ -290,9 +282,8 @@ def estimate(*, num_samples: int, max_length: int, top_k: int, vocab_size: int, 
 
 def expected_bytes(tokens: int, num_samples: int, top_k: int, vocab_size: int, samples: int | None) -> int:
     """Expected stored bytes of a cache of these tokens and samples (samples=N: a sampled one)."""
-    per_sample = h5cache.BYTES_PER_SAMPLE + (SAMPLED_PER_SAMPLE_BYTES if samples is not None else 0)
-    return (round(tokens * stored_bytes_per_token(top_k, vocab_size, samples)) + num_samples * per_sample
-            + FILE_OVERHEAD_BYTES)
+    return (round(tokens * stored_bytes_per_token(top_k, vocab_size, samples))
+            + per_sample_bytes(num_samples, samples) + HDF5_METADATA_BYTES)
 
 
 def does_not_fit(est: StorageEstimate) -> str | None:

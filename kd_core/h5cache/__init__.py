@@ -11,9 +11,9 @@ docs/FORMAT.md describes the files; kd_core.h5cache.format is the one place in t
 """
 
 from kd_core.h5cache.export import export, export_cache
-from kd_core.h5cache.format import (BYTES_PER_SAMPLE, ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION,
-                                    PER_SAMPLE_DATASETS, SAMPLE_DATASETS, TOKEN_DATASETS, bytes_per_token,
-                                    count_dtype, entry_layout, index_dtype, read_attrs, row_datasets, row_layout,
+from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, METADATA_BYTES, PER_SAMPLE_DATASETS,
+                                    SAMPLE_DATASETS, TOKEN_DATASETS, bytes_per_sample, bytes_per_token, count_dtype,
+                                    entry_layout, index_dtype, per_sample_bytes, read_attrs, row_datasets, row_layout,
                                     temporary_path, write_attrs)
 from kd_core.h5cache.index import index_entry, write_index
 from kd_core.h5cache.reader import CacheInfo, CacheReader, as_read, iter_samples
@@ -21,9 +21,9 @@ from kd_core.h5cache.verify import verify_file
 from kd_core.h5cache.writer import CacheWriter, SplitWriter
 
 __all__ = [
-    "BYTES_PER_SAMPLE", "ENTRY_DATASETS", "ENTRY_OFFSETS", "FORMAT_VERSION", "PER_SAMPLE_DATASETS",
-    "SAMPLE_DATASETS", "TOKEN_DATASETS", "CacheInfo", "CacheReader", "CacheWriter", "SplitWriter", "as_read",
+    "ENTRY_DATASETS", "ENTRY_OFFSETS", "FORMAT_VERSION", "METADATA_BYTES", "PER_SAMPLE_DATASETS", "SAMPLE_DATASETS",
+    "TOKEN_DATASETS", "CacheInfo", "CacheReader", "CacheWriter", "SplitWriter", "as_read", "bytes_per_sample",
     "bytes_per_token", "count_dtype", "entry_layout", "export", "export_cache", "index_dtype", "index_entry",
-    "iter_samples", "read_attrs", "row_datasets", "row_layout", "temporary_path", "verify_file", "write_attrs",
-    "write_index",
+    "iter_samples", "per_sample_bytes", "read_attrs", "row_datasets", "row_layout", "temporary_path", "verify_file",
+    "write_attrs", "write_index",
 ]

@@ -48,6 +48,7 @@ ENTRY_OFFSETS = "sampled_offsets"
 # One row per sample (or S+1): every other dataset has one row per token, or per entry (ENTRY_DATASETS).
 PER_SAMPLE_DATASETS = ("offsets", "sample_index", ENTRY_OFFSETS)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
+SAMPLE_CHUNK_ROWS = 1 << 16  # rows per chunk of the per-sample datasets (512 KiB of int64)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
 # Sampled caches' layout: part of their version key (a resume never mixes layouts). 2: no /sampled_lengths and no
 # /logsumexp (layout 1 had both).
@@ -164,9 +165,40 @@ def bytes_per_token(top_k: int, vocab_size: int, samples: int | None = None) -> 
     return row_bytes(row_layout(top_k, vocab_size, samples)) + entries * row_bytes(entry_layout(vocab_size, samples))
 
 
-BYTES_PER_SAMPLE = 8 + 8  # one /offsets entry + one /sample_index entry (+ 8 for /sampled_offsets: sampled)
-# Size accounting for output.max_object_bytes: HDF5's own metadata (superblock, object headers, B-tree nodes:
-# ~25 KB measured per file) beside the attributes, and the chunk index's cost per chunk.
+def per_sample_datasets(samples: int | None = None) -> tuple[str, ...]:
+    """The int64 datasets with a row per sample (an offsets dataset has S+1) of a top-k or a sampled cache."""
+    return ("offsets", "sample_index") + ((ENTRY_OFFSETS,) if samples is not None else ())
+
+
+def bytes_per_sample(samples: int | None = None) -> int:
+    """Uncompressed bytes one sample adds beside its tokens: a row of each per-sample dataset, 8 bytes each."""
+    return 8 * len(per_sample_datasets(samples))
+
+
+def sample_bound(num_tokens: int, top_k: int, vocab_size: int, samples: int | None = None) -> int:
+    """At most the stored bytes of one sample of num_tokens tokens, chunk index aside: deflate's worst case for its
+    raw bytes (sampled: every draw a distinct id) and the per-sample rows of a sampled file (the larger, either mode)."""
+    return deflate_bound(num_tokens * bytes_per_token(top_k, vocab_size, samples) + bytes_per_sample(samples=1))
+
+
+def deflate_bound(n: int) -> int:
+    """zlib's worst case for n input bytes (compressBound), rounded up."""
+    return n + n // 1000 + 64
+
+
+def chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk of a row dataset with rows of row_bytes: about chunk_bytes, at least 1024 rows."""
+    return max(1024, chunk_bytes // row_bytes)
+
+
+def per_sample_bytes(num_samples: int, samples: int | None = None) -> int:
+    """Uncompressed bytes of a file's per-sample datasets: bytes_per_sample each, plus the leading 0 of each
+    offsets dataset (/offsets, and /sampled_offsets when sampled)."""
+    return num_samples * bytes_per_sample(samples) + 8 * (1 if samples is None else 2)
+
+
+# Size accounting (output.max_object_bytes in the writer, kd_core.storage's estimates): HDF5's own metadata per
+# file (superblock, object headers, B-tree nodes, attributes: ~25 KB measured), and the chunk index's cost per chunk.
 METADATA_BYTES = 32 * 1024
 CHUNK_INDEX_BYTES = 64
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from kd_core.errors import CacheFileError
 from kd_core.h5cache.format import (COMPRESSION, ENTRY_DATASETS, ENTRY_OFFSETS, FILL_VALUE, FORMAT_VERSION,
-                                    read_attrs, row_datasets, temporary_path, write_attrs)
+                                    SAMPLE_CHUNK_ROWS, read_attrs, row_datasets, temporary_path, write_attrs)
 from kd_core.h5cache.verify import entry_problems
 
 
@@ -92,7 +92,7 @@ def write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[st
         f.create_virtual_dataset(name, virtual, fillvalue=FILL_VALUE)
     stored = [("offsets", offsets), ("sample_index", sample_index)]
     for name, array in stored + ([(ENTRY_OFFSETS, entry_offsets)] if sampled else []):
-        f.create_dataset(name, data=array, chunks=(max(1, min(len(array), 1 << 16)),), shuffle=True, **COMPRESSION)
+        f.create_dataset(name, data=array, chunks=(max(1, min(len(array), SAMPLE_CHUNK_ROWS)),), shuffle=True, **COMPRESSION)
     checksums = {"sample_index": hashlib.sha256(sample_index.tobytes()).hexdigest()}
     write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": "virtual", "parts": len(entries),
                     "num_samples": len(sample_index), "num_tokens": int(starts[-1]),

@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 
 from kd_core.errors import CacheFileError
-from kd_core.h5cache.format import ENTRY_OFFSETS, FORMAT_VERSION, SAMPLE_DATASETS, dataset_names, read_attrs
+from kd_core.h5cache.format import (ENTRY_OFFSETS, FORMAT_VERSION, SAMPLE_DATASETS, dataset_names, per_sample_datasets,
+                                    read_attrs, sampled_draws)
 
 
 def iter_blocks(file: h5py.File, name: str, block_rows: int = 1 << 18) -> Iterator[np.ndarray]:
@@ -35,8 +36,8 @@ def verify_file(path: str | Path, expect: dict[str, Any] | None = None, checksum
         try:
             attrs = read_attrs(file)
             token_names, entry_names = dataset_names(attrs)
-            per_sample = ("offsets", "sample_index") + ((ENTRY_OFFSETS,) if entry_names else ())
-            missing = [n for n in (*token_names, *entry_names, *per_sample) if n not in file]
+            missing = [n for n in (*token_names, *entry_names, *per_sample_datasets(sampled_draws(attrs)))
+                       if n not in file]
             if missing or attrs.get("format_version") != FORMAT_VERSION:
                 raise CacheFileError(f"{path}: not a kd-cache v{FORMAT_VERSION} file (missing {missing or 'format_version'}).")
             offsets = file["offsets"][:]

@@ -16,16 +16,11 @@ import h5py
 import numpy as np
 
 from kd_core.errors import ConfigError
-from kd_core.h5cache.format import (BYTES_PER_SAMPLE, CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION, ENTRY_OFFSETS,
-                                    FORMAT_VERSION, METADATA_BYTES, SAMPLE_DATASETS, SAMPLED_LAYOUT, Codec,
-                                    bytes_per_token, codec,
-                                    entry_layout, pack_sampled, row_layout, temporary_path, write_attrs)
+from kd_core.h5cache.format import (CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION, ENTRY_OFFSETS, FORMAT_VERSION,
+                                    METADATA_BYTES, SAMPLE_CHUNK_ROWS, SAMPLE_DATASETS, SAMPLED_LAYOUT, Codec,
+                                    chunk_rows, codec, deflate_bound, entry_layout, pack_sampled, per_sample_datasets,
+                                    row_layout, sample_bound, temporary_path, write_attrs)
 from kd_core.h5cache.verify import verify_file
-
-
-def _deflate_bound(n: int) -> int:
-    """zlib's worst case for n input bytes (compressBound), rounded up."""
-    return n + n // 1000 + 64
 
 
 def encode_chunk(chunk: np.ndarray, coding: Codec, level: int = COMPRESSION["compression_opts"]) -> bytes:
@@ -94,8 +89,8 @@ class _Column:
         """At most the bytes this dataset takes once closed: chunks written, plus a deflate bound for the chunks
         still compressing and for the buffer (whose zero padding compresses at least 100:1)."""
         fill_bytes = self.fill * self.chunk_bytes // self.chunk_rows  # an empty buffer counts: rows may come
-        buffered = _deflate_bound(fill_bytes) + (self.chunk_bytes - fill_bytes) // 100
-        return (self.stored + len(self._pending) * _deflate_bound(self.chunk_bytes) + buffered
+        buffered = deflate_bound(fill_bytes) + (self.chunk_bytes - fill_bytes) // 100
+        return (self.stored + len(self._pending) * deflate_bound(self.chunk_bytes) + buffered
                 + CHUNK_INDEX_BYTES * (self._chunks + 1))
 
     def close(self) -> None:
@@ -135,11 +130,9 @@ class CacheWriter:
         self.columns: dict[str, _Column] = {}
         for name, (tail, dtype) in {**self.layout, **self.entry_layout}.items():
             row_bytes = max(1, int(np.prod(tail, dtype=np.int64))) * dtype.itemsize
-            chunk_rows = max(1024, (chunk_bytes or CHUNK_BYTES) // row_bytes)
-            self._create(name, tail, dtype, chunk_rows)
-        offsets = ("offsets", "sample_index") + ((ENTRY_OFFSETS,) if samples is not None else ())
-        for name in offsets:
-            self._create(name, (), np.dtype(np.int64), 1 << 16)
+            self._create(name, tail, dtype, chunk_rows(row_bytes, chunk_bytes or CHUNK_BYTES))
+        for name in per_sample_datasets(samples):
+            self._create(name, (), np.dtype(np.int64), SAMPLE_CHUNK_ROWS)
         self.columns["offsets"].append(np.zeros(1, dtype=np.int64))
         if samples is not None:
             self.columns[ENTRY_OFFSETS].append(np.zeros(1, dtype=np.int64))
@@ -157,8 +150,8 @@ class CacheWriter:
 
     def sample_bound(self, num_tokens: int) -> int:
         """At most the bytes one more sample of num_tokens tokens adds to size_bound()."""
-        raw = num_tokens * bytes_per_token(self.top_k, self.vocab_size, self.samples) + BYTES_PER_SAMPLE + 8
-        return _deflate_bound(raw) + len(self.columns) * CHUNK_INDEX_BYTES
+        bound = sample_bound(num_tokens, self.top_k, self.vocab_size, self.samples)
+        return bound + len(self.columns) * CHUNK_INDEX_BYTES
 
     def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
         coding = codec(name, dtype)

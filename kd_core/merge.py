@@ -79,9 +79,12 @@ def merge(build: Build, shards: list[ShardRecord]) -> Manifest:
                           "were empty, so the cache would hold no samples; nothing was published. Fix: "
                           "dataset.text_column or dataset.data_files.")
     store = build.store
-    with store.merge_lock(build.key), io.disk_full_is_fatal(output=store.local_root,
-                                                            staging=store.staging_dir(build.key)):
-        return _merge_locked(build, shards)
+    try:
+        with store.merge_lock(build.key), io.disk_full_is_fatal(output=store.local_root,
+                                                                staging=store.staging_dir(build.key)):
+            return _merge_locked(build, shards)
+    finally:  # published or not, the version's local scratch is no use to a re-run: leave no empty directories
+        store.release_staging(build.key)
 
 
 def _merge_locked(build: Build, shards: list[ShardRecord]) -> Manifest:

@@ -122,7 +122,7 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
     file is closed, published and its part's record written on a background thread (io.Background) while the
     teacher runs on: at most `background_files` files wait for storage, beyond that the teacher waits.
     """
-    from kd_core.inference import InferenceStats, PartEnd, run_teacher
+    from kd_core.inference import InferenceStats
     from kd_core.teacher import load_teacher
 
     config = build.config
@@ -134,6 +134,21 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
     stats = InferenceStats(samples=sum(r.num_samples for r in done), tokens=sum(r.num_tokens for r in done),
                            skipped_empty=sum(r.skipped_empty for r in done))
     staging = None if build.store.is_local else build.store.staging_dir(build.key) / shard.name
+    try:
+        return _run_parts(build, shard, todo, done, lock, teacher, provenance, texts, stats, staging, progress,
+                          background_files, timeline)
+    finally:  # the files it staged are published, or a re-run writes them again: none is resumable work
+        if staging is not None:
+            build.store.release_staging(build.key, shard.name)
+
+
+def _run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done: list[PartRecord],
+               lock: LeaseLock, teacher, provenance: Provenance, texts, stats, staging: Path | None,
+               progress: Callable[[Any], None] | None, background_files: int,
+               timeline: DeviceTimeline | None) -> list[PartRecord]:
+    from kd_core.inference import PartEnd, run_teacher
+
+    config = build.config
     first, out = len(done), []
     with io.Background(background_files) as background, contextlib.closing(run_teacher(
             teacher, texts, max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,

@@ -32,8 +32,10 @@ Records that do not parse (written by an older version) read as absent: that par
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,17 @@ class Store:
         path = staging_root() / "kd-cache-staging" / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def release_staging(self, key: str, shard: str | None = None) -> None:
+        """Remove local scratch that nothing needs any more: a shard's directory (its files published, or abandoned
+        by a failure: a re-run writes them again), then the version's and the staging root's directories once they
+        are empty (another shard of the version may still be using them)."""
+        root = staging_root() / "kd-cache-staging"
+        if shard is not None:
+            shutil.rmtree(root / key / shard, ignore_errors=True)
+        for path in (root / key, root):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                path.rmdir()
 
     @property
     def local_root(self) -> Path | None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -158,9 +159,11 @@ def test_a_changed_local_part_of_the_same_size_is_caught_by_its_checksum(tmp_pat
 
 
 def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_nothing(
-    bucket, moto_endpoint, small_teacher_dir, corpus_path, monkeypatch, caplog
+    bucket, moto_endpoint, small_teacher_dir, corpus_path, monkeypatch, caplog, tmp_path
 ):
     monkeypatch.setattr(io, "RETRY_DELAYS", (0.1, 0.2))
+    staging = tmp_path / "staging"
+    monkeypatch.setenv("KD_CACHE_STAGING", str(staging))
     flaky = start_moto()  # a second endpoint onto the same moto state, to be taken down mid-run
     host, port = flaky.get_host_and_port()
     uri = f"s3://{bucket}/kd"
@@ -183,6 +186,7 @@ def test_endpoint_down_during_upload_retries_then_fails_clearly_and_publishes_no
         merge(config, records)
     assert "Could not connect to the endpoint" in str(e.value) and time.monotonic() - started < 30
     assert caplog.text.count("retrying in") == 2
+    assert list(staging.iterdir()) == []  # the shards' and the merge's local scratch: nothing left, not even dirs
 
     # Seen through the live endpoint: nothing published, nothing half-uploaded, the parts kept for a re-run.
     opts = s3_options(moto_endpoint)
@@ -261,6 +265,7 @@ def test_a_full_disk_fails_once_with_one_message_and_leaves_no_partial(tmp_path,
     assert "\n" not in str(e.value)
     files = listing(uri)
     assert not [f for f in files if f.endswith((".partial", ".staged"))], files
+    assert not [p for p in Path.cwd().iterdir() if p.name.endswith((".partial", ".h5"))]  # nothing in the cwd
     assert f"work/{key}/{shard.name}/part-00000.json" in files  # the complete part is kept
     assert f"versions/{key}/{store.part_name(shard, 0)}" in files
     assert f"versions/{key}/{store.part_name(shard, 1)}" not in files

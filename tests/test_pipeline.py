@@ -125,20 +125,31 @@ def test_budget_exceeded_fails_in_estimate(small_teacher_dir, corpus_path, tmp_p
 
 @pytest.mark.slow
 def test_kd_cache_run_demo_profile(tmp_path):
-    """The README's main command, on the demo profile, read back and checked against the teacher in float32."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    out = tmp_path / "demo"
+    """The README's main commands, on the demo profile, from a fresh working directory: run, verify (against the
+    teacher in float32), inspect, export. Nothing is left behind but ./out (the cache and the export) and no
+    scratch in the staging root."""
+    work, staging = tmp_path / "work", tmp_path / "staging"
+    work.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "KD_CACHE_STAGING": str(staging)}
+    out = work / "out" / "demo"  # the demo profile's output.uri, ./out/demo
     cli = [sys.executable, "-m", "flows.cli"]
-    done = subprocess.run([*cli, "run", "--profile", "demo", f"output.uri={out}"], env=env, capture_output=True,
-                          text=True, timeout=600)
+
+    def kd_cache(*args, timeout=300):
+        return subprocess.run([*cli, *args], env=env, cwd=work, capture_output=True, text=True, timeout=timeout)
+
+    done = kd_cache("run", "--profile", "demo", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "wrote" in done.stdout and "200 samples" in done.stdout
-    verify = subprocess.run([*cli, "verify", str(out), "--samples", "6"], env=env, capture_output=True, text=True, timeout=300)
+    verify = kd_cache("verify", "./out/demo", "--samples", "6")
     assert verify.returncode == 0 and "OK" in verify.stdout, verify.stdout + verify.stderr[-2000:]
     with h5py.File(resolve(str(out)).index_uri) as f:
         assert f.attrs["num_samples"] == 200 and f["topk_logprobs"].shape[1] == 16
-    inspect = subprocess.run([*cli, "inspect", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    inspect = kd_cache("inspect", "./out/demo")
     assert inspect.returncode == 0 and "samples     200" in inspect.stdout
+    assert kd_cache("export", "./out/demo", "./out/demo.h5").returncode == 0
+    assert [p.name for p in work.iterdir()] == ["out"] and sorted(p.name for p in (work / "out").iterdir()) == [
+        "demo", "demo.h5"]
+    assert not staging.exists() or list(staging.iterdir()) == []
 
 
 def test_guard_refuses_before_anything_is_touched(tmp_path, monkeypatch):

@@ -26,15 +26,18 @@ def local_reference(tmp_path_factory, small_teacher_dir, corpus_path):
 
 
 def test_s3_run_publishes_a_complete_verified_cache_and_no_secret(
-    tmp_path, bucket, moto_endpoint, small_teacher_dir, corpus_path, local_reference, caplog
+    tmp_path, bucket, moto_endpoint, small_teacher_dir, corpus_path, local_reference, caplog, monkeypatch
 ):
     caplog.set_level(logging.DEBUG, logger="kd_core")
+    staging = tmp_path / "staging"
+    monkeypatch.setenv("KD_CACHE_STAGING", str(staging))
     uri = f"s3://{bucket}/kd/run1"
     # Credentials come from the environment (the moto fixture's AWS variables); an option nobody listed as safe is
     # recorded masked. (Credentials in storage_options are refused: tests/test_secrets.py.)
     opts = {**s3_options(moto_endpoint), "max_concurrency": 3}
     config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts}))
     manifest = build(config)
+    assert list(staging.iterdir()) == []  # every staged file published, no empty kd-cache-staging/<key> left
 
     store, key = config.store, config.key
     parts = [f"versions/{key}/{f.name}" for f in manifest.parts]

@@ -20,12 +20,13 @@ from pydantic import Field
 
 from flows.fan_out import fan_out
 from kd_core.build import Build
-from kd_core.config import OVERRIDE_WITHOUT_CREDENTIALS
+from kd_core.config import OVERRIDE_WITHOUT_CREDENTIALS, OVERRIDES_LINE_WITHOUT_CREDENTIALS
 from kd_core.data import ShardSpec
-from kd_core.errors import KDCacheError
+from kd_core.errors import ConfigError, KDCacheError, StorageError
 from kd_core.merge import published
 from kd_core.records import Manifest, ShardRecord
 from kd_core.storage import StorageEstimate, human_bytes
+from tasks import value
 from tasks.estimate_storage import estimate_storage
 from tasks.merge_to_hdf5 import merge_to_hdf5
 from tasks.shard_dataset import shard_dataset
@@ -40,35 +41,67 @@ Profile = str | None
 # never reach Prefect's database (DESIGN.md, Security); the worker's environment or output.credentials hold them.
 # (A schema-only pattern: pydantic's regex engine has no look-ahead, and parse_overrides checks the same locally.)
 Override = Annotated[str, Field(json_schema_extra={"pattern": OVERRIDE_WITHOUT_CREDENTIALS})]
-Overrides = Annotated[list[Override] | None,
-                      Field(examples=[["dataset.max_samples=1000", "output.uri=./out/run1"]])]
+# Or one line typed into the run form: KEY=VALUE items separated by spaces (or line breaks), split and then parsed
+# exactly as a list; no quotes (values with spaces go in the list form), so the same rule checks every item. The
+# default "" makes the form open on a text box (a null default opened on "None", and a list needed "Add item" per
+# override); the form's null, an empty line and an empty list all mean "as the profile has it".
+OverridesLine = Annotated[str, Field(json_schema_extra={"pattern": OVERRIDES_LINE_WITHOUT_CREDENTIALS})]
+Overrides = Annotated[OverridesLine | list[Override] | None,
+                      Field(examples=["dataset.max_samples=1000 output.uri=./out/run1"])]
 
 
 @flow(name="build-teacher-cache")
-def build_teacher_cache(profile: Profile = "demo", overrides: Overrides = None) -> dict[str, Any] | State:
+def build_teacher_cache(profile: Profile = "demo", overrides: Overrides = "") -> dict[str, Any] | State:
     """Run a teacher over a dataset and publish its top-k log-probs as an HDF5 cache.
 
     Args:
         profile: A shipped profile (demo, testing, development, small, medium, large) or the path of a YAML
             profile on the worker. Empty means demo.
-        overrides: Config keys to change, one KEY=VALUE per item, exactly as on the command line, e.g.
-            dataset.max_samples=1000 or output.uri=s3://bucket/kd/run1. VALUE is YAML; null unsets the key; the
-            seed's distillation.KEY form works too. Empty means everything as the profile has it. Never put
-            credentials here: workers take them from their environment.
+        overrides: Config keys to change, exactly as on the command line: one line of KEY=VALUE items separated
+            by spaces (e.g. dataset.max_samples=1000 output.uri=s3://bucket/kd/run1), or a list with one KEY=VALUE
+            per item. VALUE is YAML; null unsets the key; the seed's distillation.KEY form works too. Empty means
+            everything as the profile has it. Never put credentials here: workers take them from their environment.
     """
     try:
-        return _build(profile or "demo", list(overrides or []))
+        return _build(profile or "demo", overrides.split() if isinstance(overrides, str) else list(overrides or []))
     except KDCacheError as e:
-        # The check's own words become the run's state message (what the UI and the REST API show), rather than
-        # Prefect's "Flow run encountered an exception: ..."; callers of the function still get the exception.
+        # The check's own words, on one line, become the run's state message (what the UI's run page and the REST
+        # API show first), rather than Prefect's "Flow run encountered an exception: ..."; the whole message and
+        # where to change a key go in a `failure` artifact. Callers of the function still get the exception.
         get_run_logger().error("%s", e)
-        return Failed(message=str(e), data=e)
+        where = WHERE_DEPLOYED if deployment.id is not None else WHERE_LOCAL
+        create_markdown_artifact(key="failure", description="Why this run failed, and how to fix it",
+                                 markdown=f"**This run failed:**\n\n```\n{e}\n```\n\n**How to set a key:** {where}")
+        return Failed(message=one_line(str(e), where if deployment.id is not None and _names_a_key(e) else None),
+                      data=e)
+
+
+# Where a user who must change a config key does it, by where the run came from.
+WHERE_DEPLOYED = ("in the Prefect UI, Run > Custom run, type it into the overrides field as KEY=VALUE (several "
+                  "separated by spaces); over the REST API, add it to parameters.overrides in the body of POST "
+                  '/api/deployments/{id}/create_flow_run, e.g. {"parameters": {"overrides": '
+                  '["dataset.max_samples=1000"]}}.')
+WHERE_LOCAL = "on the command line, append KEY=VALUE to the command, e.g. kd-cache run dataset.max_samples=1000."
+
+
+def one_line(message: str, where: str | None = None) -> str:
+    """A multi-line message as the one line a run page shows first: its first line and its 'Fix:' line (a guard's
+    table of examples stays in the failure artifact); `where` tells a UI or REST user where keys go."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    fix = next((line for line in lines[1:] if line.startswith("Fix:")), None)
+    text = " ".join([lines[0], fix.removesuffix(", e.g.").removesuffix(" e.g.")] if fix else lines[:1])
+    return f"{text} (To set a key {where.removesuffix('.')})" if where else text
+
+
+def _names_a_key(e: KDCacheError) -> bool:
+    """Whether the fix is to change a config key (a config or size error), not, say, a damaged file."""
+    return isinstance(e, (ConfigError, StorageError))
 
 
 def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
-    build = validate_config(profile, overrides)
+    build = value(validate_config(profile, overrides))
     if (manifest := published(build)) is not None:
         logger.info("up to date: %s already holds this cache (key %s); no teacher work", manifest.uri, manifest.key)
         create_markdown_artifact(key="cache-summary", description="Cache build summary",
@@ -87,16 +120,16 @@ def _build(profile: str, overrides: list[str]) -> dict[str, Any]:
 
 
 def _run(build: Build, started: float) -> dict[str, Any]:
-    estimate = estimate_storage(build)
-    shards = shard_dataset(build)
+    estimate = value(estimate_storage(build))
+    shards = value(shard_dataset(build))
     progress = ShardProgress(shards, estimate)
     if deployment.id is None:  # a local run: shards one after another in this process
         for shard in shards:
-            progress.done(teacher_inference(build, shard))
+            progress.done(value(teacher_inference(build, shard)))
     else:  # deployed: one teacher-inference-shard/gpu flow run per shard, all scheduled at once
         fan_out(build, shards, progress.done)
 
-    manifest = merge_to_hdf5(build, progress.records)
+    manifest = value(merge_to_hdf5(build, progress.records))
     wall = time.perf_counter() - started
     create_markdown_artifact(key="cache-summary", description="Cache build summary",
                              markdown=_summary(manifest, progress.records, wall))

@@ -15,6 +15,7 @@ from kd_core.build import Build, accept
 from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.records import ShardRecord
+from tasks import value
 from tasks.teacher_inference import teacher_inference
 from tasks.validate_config import read_secret_block
 
@@ -36,7 +37,7 @@ def teacher_inference_shard(build: dict[str, Any], shard: dict[str, Any]) -> Sha
     """
     try:
         resolved = accept_config(build)
-        return teacher_inference(resolved, ShardSpec.model_validate(shard))
+        return value(teacher_inference(resolved, ShardSpec.model_validate(shard)))
     except KDCacheError as e:  # the error's own words as the state message, which the parent quotes
         get_run_logger().error("%s", e)
         return Failed(message=str(e), data=e)

@@ -372,6 +372,16 @@ OVERRIDE_WITHOUT_CREDENTIALS = (
     r"(?!.*[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:[^@\s]+@)"
 )
 
+# The same for the run form's one-line form (KEY=VALUE items separated by whitespace): a line that sets
+# output.storage_options refuses a credential word anywhere after it (a YAML value may span items: {a: 1, secret: 2}),
+# and quotes are refused (the line is split on whitespace alone).
+OVERRIDES_LINE_WITHOUT_CREDENTIALS = (
+    r"^(?!([\s\S]*\s)?(distillation\.)?output\.storage_options[^a-zA-Z]"
+    rf"([\s\S]*([^a-zA-Z]|[a-z0-9](?=[A-Z])))?({_WORDS})([^a-z]|$))"
+    r"(?![\s\S]*[a-zA-Z][a-zA-Z0-9+.-]*://[^/@\s:]*:[^@\s]+@)"
+    r"[^'\"]*$"
+)
+
 
 def find_credentials(key: str, value: Any) -> str | None:
     """The dotted key of the first credential under `key`: a credential-like storage option, or a URL with a

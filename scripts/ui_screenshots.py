@@ -107,7 +107,7 @@ def shot(page: Page, out: Path, name: str) -> None:
     print(f"  {out / name}.png  ({page.url})")
 
 
-def drive(page: Page, stack: Stack, out: Path, output_uri: str) -> str:
+def drive(page: Page, stack: Stack, out: Path, output_uri: str, fail: bool = False) -> str:
     page.goto(stack.url)
     page.wait_for_selector("input[type=password]", timeout=60_000)
     shot(page, out, "01-login")
@@ -125,12 +125,10 @@ def drive(page: Page, stack: Stack, out: Path, output_uri: str) -> str:
     page.wait_for_timeout(2000)
     shot(page, out, "04-custom-run-form")
 
-    # The overrides field: None (as the profile has it) until "list" is picked; then one item per override.
-    page.get_by_role("button", name="list", exact=True).click()
-    shot(page, out, "05a-overrides-as-list")
-    for value in ("dataset.max_samples=20", f"output.uri={output_uri}"):
-        page.get_by_role("button", name="Add item", exact=True).click()
-        page.locator("input[type=text], textarea").last.fill(value)
+    # The overrides field opens on a text box (its default is an empty line): the overrides typed as one line, as on
+    # the command line. --fail: a run the guard refuses (streaming with no max_samples), to see its run page.
+    line = "dataset.max_samples=" + ("null" if fail else "20") + f" output.uri={output_uri}"
+    page.locator("textarea").last.fill(line)
     shot(page, out, "05-form-filled")
     page.get_by_role("button", name="Submit").last.click()
     page.wait_for_timeout(3000)  # the UI goes back to the deployment's page, the new run listed
@@ -158,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("ui-screenshots"))
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    parser.add_argument("--fail", action="store_true", help="submit a run the max_samples guard refuses")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="kd-cache-ui-"))
@@ -169,7 +168,7 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             try:
-                run_id = drive(page, stack, args.out, str(home / "out"))
+                run_id = drive(page, stack, args.out, str(home / "out"), fail=args.fail)
             except Exception:
                 shot(page, args.out, "99-failure")
                 raise

@@ -7,9 +7,11 @@ from prefect.artifacts import create_table_artifact
 from kd_core.build import Build
 from kd_core.estimate import check_space, estimate
 from kd_core.storage import StorageEstimate, human_bytes
+from tasks import user_errors
 
 
 @task(name="estimate-storage")
+@user_errors
 def estimate_storage(build: Build) -> StorageEstimate:
     est = estimate(build, check=False)
     get_run_logger().info("expected cache size %s (upper bound %s) for %s samples", human_bytes(est.expected_bytes),

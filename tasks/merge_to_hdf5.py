@@ -6,9 +6,11 @@ from kd_core.build import Build
 from kd_core.merge import merge
 from kd_core.records import Manifest, ShardRecord
 from kd_core.storage import human_bytes
+from tasks import user_errors
 
 
 @task(name="merge-to-hdf5")
+@user_errors
 def merge_to_hdf5(build: Build, records: list[ShardRecord]) -> Manifest:
     manifest = merge(build, records)
     get_run_logger().info("published %s: %s samples, %s tokens, %s in %s part files (%.1f B/token)", manifest.uri,

@@ -5,9 +5,11 @@ from prefect import get_run_logger, task
 from kd_core.build import Build
 from kd_core.data import ShardSpec
 from kd_core.shard import plan as plan_shards
+from tasks import user_errors
 
 
 @task(name="shard-dataset")
+@user_errors
 def shard_dataset(build: Build) -> list[ShardSpec]:
     plan = plan_shards(build)
     shards = plan.shards

@@ -15,6 +15,7 @@ from kd_core.data import ShardSpec
 from kd_core.errors import KDCacheError
 from kd_core.records import ShardRecord
 from kd_core.shard import run_shard
+from tasks import user_errors
 
 LOG_EVERY_SECONDS = 30
 
@@ -31,6 +32,7 @@ def _not_a_user_error(task, task_run, state) -> bool:
 
 
 @task(name="teacher-inference", retries=2, retry_delay_seconds=10, retry_condition_fn=_not_a_user_error)
+@user_errors
 def teacher_inference(build: Build, shard: ShardSpec) -> ShardRecord:
     """Run the teacher over one shard in this process, with one progress display."""
     logger = get_run_logger()

@@ -8,6 +8,7 @@ from prefect.runtime import deployment
 
 from kd_core.build import Build, validate
 from kd_core.errors import ConfigError
+from tasks import user_errors
 
 
 def read_secret_block(name: str) -> Any:
@@ -20,6 +21,7 @@ def read_secret_block(name: str) -> Any:
 
 
 @task(name="validate-config")
+@user_errors
 def validate_config(profile: str, overrides: list[str]) -> Build:
     # A run of a deployment (UI, REST, schedule, or a shard of one) gets only what the worker's policy allows.
     build = validate(profile, overrides, deployed=deployment.id is not None, read_secret=read_secret_block)

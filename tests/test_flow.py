@@ -61,6 +61,34 @@ def test_a_null_parameter_means_as_the_profile_has_it(small_teacher_dir, corpus_
                         or (_ for _ in ()).throw(ConfigError("stop here")))
     assert build_teacher_cache(profile=None, overrides=None, return_state=True).is_failed()
     assert seen == {"p": "demo", "o": []}
+    assert build_teacher_cache(profile=None, return_state=True).is_failed()  # the default: an empty line
+    assert seen == {"p": "demo", "o": []}
+
+
+def test_overrides_typed_as_one_line_are_the_same_list(monkeypatch):
+    """The run form's text box: KEY=VALUE items separated by spaces or line breaks, split and parsed as a list."""
+    seen = {}
+    monkeypatch.setattr(tasks.validate_config, "validate",
+                        lambda profile, overrides, **policy: seen.update(o=overrides)
+                        or (_ for _ in ()).throw(ConfigError("stop here")))
+    build_teacher_cache(overrides=" dataset.max_samples=20  output.uri=./out/x\ncache.top_k=8 ", return_state=True)
+    assert seen["o"] == ["dataset.max_samples=20", "output.uri=./out/x", "cache.top_k=8"]
+
+
+def test_a_typed_line_with_credentials_is_refused_by_the_schema_before_it_is_stored():
+    """Prefect's server checks parameters against the schema before it stores a run: the line's pattern must refuse
+    a credential in any of its items, and quotes (the line is split on whitespace alone)."""
+    import re
+
+    from prefect.utilities.callables import parameter_schema
+
+    overrides = parameter_schema(build_teacher_cache.fn).model_dump()["properties"]["overrides"]
+    line = next(option["pattern"] for option in overrides["anyOf"] if option.get("type") == "string")
+    assert re.search(line, "dataset.max_samples=1000 output.uri=s3://bucket/kd/run1")
+    for bad in ("dataset.max_samples=1 output.storage_options.secret=x", "output.storage_options={a: 1, secret: 2}",
+                "dataset.max_samples=1\noutput.storage_options.awsSecretAccessKey=k", "output.uri=s3://u:pw@b/k",
+                "dataset.name='a b'"):
+        assert not re.search(line, bad), bad
 
 
 def task_run_names(flow_run_id) -> list[str]:
@@ -76,12 +104,19 @@ def test_failing_guard_fails_the_run_with_its_message_and_does_nothing_else(smal
     state = build_teacher_cache(profile="testing", overrides=over, return_state=True)
 
     assert state.is_failed()
-    assert state.message.startswith("dataset.max_samples is required when dataset.streaming=true.")
-    assert "Fix: set a limit" in state.message
+    # One line, what the run page shows first: the reason and the fix (the guard's table is in the artifact).
+    assert state.message.startswith("dataset.max_samples is required when dataset.streaming=true. Fix: set a limit")
+    assert "\n" not in state.message
     with pytest.raises(ConfigError):
         state.result()
     assert task_run_names(state.state_details.flow_run_id) == ["validate-config"]
     assert not out.exists()
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts()
+                     if a.flow_run_id == state.state_details.flow_run_id}
+    failure = artifacts["failure"].data
+    assert "dataset.max_samples is required" in failure and "1,000,000" in failure  # the whole message, the table
+    assert "kd-cache run dataset.max_samples=1000" in failure  # where a key goes, for a run from the command line
 
 
 def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
@@ -125,3 +160,13 @@ def test_nightly_refresh(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     # Going back to the previous config is up to date and points latest back at its version.
     back = build_teacher_cache(profile="testing", overrides=tiny(small_teacher_dir, corpus_path, out, 4, keep_versions=1))
     assert back["up_to_date"] and Store(str(out)).latest_key() == second["key"]
+
+
+def test_a_failure_is_one_line_and_a_deployed_run_says_where_keys_go():
+    from flows.build_teacher_cache import WHERE_DEPLOYED, one_line
+
+    guard = "x is required.\n  Why: it is.\n  Fix: set a limit (y=1 works too), e.g.\n         1,000  small\n"
+    assert one_line(guard) == "x is required. Fix: set a limit (y=1 works too)"
+    deployed = one_line("cache.top_k: must be at least 1. Fix: cache.top_k=1.", WHERE_DEPLOYED)
+    assert deployed.startswith("cache.top_k: must be at least 1. Fix: cache.top_k=1. (To set a key in the Prefect UI")
+    assert "overrides field" in deployed and "parameters.overrides" in deployed and "\n" not in deployed

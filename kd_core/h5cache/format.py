@@ -77,8 +77,24 @@ def codec(name: str, dtype: np.dtype) -> Codec:
     if name in ("sampled_id_gaps", "sampled_counts"):
         return Codec(strategy=zlib.Z_RLE)
     return Codec()
-# What a virtual dataset of the index reads where no source maps (kd_core.h5cache.index).
-FILL_VALUE = 0
+
+
+# Datasets whose every real value is >= 1: an entry is an id drawn at least once.
+_NEVER_ZERO = ("sampled_counts",)
+
+
+def fill_value(name: str, dtype: np.dtype) -> Any:
+    """What a virtual dataset of the index (or of an export) reads where no source maps, e.g. a missing part file:
+    a value no real row holds, so that stock h5py cannot mistake a hole for rows. NaN for floats (log-probs,
+    logsumexp); 0 for sampled_counts (real ones are >= 1); otherwise the dtype's largest value,
+    an id outside any vocabulary the dtype is chosen for (input_ids are uint32: 2**32 - 1 always; top-k and sampled
+    ids are uint16 only for a vocabulary <= 65,536, so 65,535 is out of vocabulary unless it has exactly 65,536)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.nan
+    if name in _NEVER_ZERO:
+        return 0
+    return np.iinfo(dtype).max
 
 
 def index_dtype(vocab_size: int) -> np.dtype:

@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 
 from kd_core.errors import CacheFileError
-from kd_core.h5cache.format import (COMPRESSION, ENTRY_DATASETS, ENTRY_OFFSETS, FILL_VALUE, FORMAT_VERSION,
-                                    SAMPLE_CHUNK_ROWS, read_attrs, row_datasets, temporary_path, write_attrs)
+from kd_core.h5cache.format import (COMPRESSION, ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, SAMPLE_CHUNK_ROWS,
+                                    fill_value, read_attrs, row_datasets, temporary_path, write_attrs)
 from kd_core.h5cache.verify import entry_problems
 
 
@@ -89,7 +89,7 @@ def write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[st
             if count:
                 source = h5py.VirtualSource(entry["name"], entry.get("group", "") + name, shape=(count, *tail))
                 virtual[start:start + count] = source
-        f.create_virtual_dataset(name, virtual, fillvalue=FILL_VALUE)
+        f.create_virtual_dataset(name, virtual, fillvalue=fill_value(name, dtype))
     stored = [("offsets", offsets), ("sample_index", sample_index)]
     for name, array in stored + ([(ENTRY_OFFSETS, entry_offsets)] if sampled else []):
         f.create_dataset(name, data=array, chunks=(max(1, min(len(array), SAMPLE_CHUNK_ROWS)),), shuffle=True, **COMPRESSION)

@@ -297,12 +297,13 @@ def cmd_inspect(args) -> int:
 
     with CacheReader(args.uri, _options(args)) as reader:
         info, manifest = reader.info(), reader.source.manifest
+        # Every file's size and metadata (nothing outside the cache, its build id); --deep: every byte's sha256.
+        if damage := reader.damage(deep=args.deep):
+            more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
+            raise CacheFileError(f"{damage[0].rstrip('.')}{more}. Fix: run the build again: a damaged version is "
+                                 "rebuilt.")
         reader[len(reader) - 1]  # reads data, not only metadata: a damaged last part shows here
-        damage = reader.damage(deep=args.deep)  # sizes from a listing; --deep: every byte against its sha256
-        distinct = _distinct_ids(reader) if info.samples is not None and not damage else None
-    if damage:
-        more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
-        raise CacheFileError(f"{damage[0]}{more}. Fix: run the build again: a damaged version is rebuilt.")
+        distinct = _distinct_ids(reader) if info.samples is not None else None
     if args.json:
         print(json.dumps({**info.__dict__, "mode": info.mode, "bytes_per_token": info.bytes_per_token,
                           "distinct_ids_per_row": distinct,

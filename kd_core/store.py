@@ -360,6 +360,8 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
         return Source(uri, manifest)
     here = Store(uri, storage_options)
     if not here.exists(io.join(uri, MANIFEST)):
+        if here.exists(io.join(uri, INDEX)):  # a version without its manifest: readers refuse it, naming it
+            return Source(io.join(uri, INDEX), None)
         key = here.latest_key()
         if key is None:
             raise ConfigError(f"{uri}: no cache here (no {LATEST}, no {MANIFEST}, not an .h5 file). Pass the "

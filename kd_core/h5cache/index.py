@@ -94,7 +94,7 @@ def write_index_into(f: h5py.File, entries: list[dict[str, Any]], attrs: dict[st
     for name, array in stored + ([(ENTRY_OFFSETS, entry_offsets)] if sampled else []):
         f.create_dataset(name, data=array, chunks=(max(1, min(len(array), SAMPLE_CHUNK_ROWS)),), shuffle=True, **COMPRESSION)
     checksums = {"sample_index": hashlib.sha256(sample_index.tobytes()).hexdigest()}
-    write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": "virtual", "parts": len(entries),
+    write_attrs(f, {**attrs, "format_version": FORMAT_VERSION, "index": attrs.get("index", "virtual"), "parts": len(entries),
                     "num_samples": len(sample_index), "num_tokens": int(starts[-1]),
                     "checksums": json.dumps(checksums, sort_keys=True)})
     return {"num_samples": len(sample_index), "num_tokens": int(starts[-1])}

@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 
 from kd_core import io
-from kd_core.errors import CacheFileError
+from kd_core.errors import CacheFileError, StorageError
+from kd_core.h5cache.contained import check_contained, safe_name
 from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attrs,
                                     row_datasets, sampled_draws, unpack_sampled)
 from kd_core.h5cache.verify import verify_file
@@ -42,6 +43,7 @@ def iter_samples(source, block_tokens: int = 1 << 16) -> Iterator[dict[str, Any]
     rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block.
     A sampled-mode file is read sample by sample (read_sample), its chunks kept in HDF5's chunk cache."""
     with h5py.File(source, "r") as file:
+        check_contained(file, str(source))
         if ENTRY_OFFSETS in file:
             for j in range(file["sample_index"].shape[0]):
                 yield read_sample(file, j)
@@ -96,6 +98,12 @@ class CacheReader:
     """Random access to a cache by sample: a published version (its output root, its directory or its cache.h5;
     local or any fsspec URL, always through its manifest) or a single format-v1 file.
 
+    What it reads is checked against the manifest (CacheFileError naming the file, never zeros): on open, that the
+    manifest exists and parses, lists at least one part, names files inside the version only, and that every file
+    it lists has the listed size (one listing); each file as it is opened, that it carries the manifest's build id
+    (manifests that record one) and reads nothing outside the version (no external links or storage, virtual
+    sources only among the version's parts). `damage(deep=True)` checks every file's sha256.
+
     `reader[i]` returns numpy arrays input_ids (L,) int64, sample_index, and either topk_indices (L, k) int64,
     topk_logprobs (L, k) float32 and logsumexp (L,) float32 (a top-k cache) or sampled_ids (L, m) int64 and
     sampled_counts (L, m) int64 (a sampled cache: ids ascending, count 0 = padding, m = the sample's most
@@ -115,17 +123,24 @@ class CacheReader:
         self.uri, self.storage_options = str(uri), storage_options
         self.source = store.resolve(self.uri, storage_options)
         self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()
-        if self.source.manifest is not None:  # a version: its parts, and the index for the attributes
-            manifest = self.source.manifest
+        manifest = self.source.manifest
+        self.build_id = getattr(manifest, "build_id", None)  # manifests before build ids: sizes only
+        if manifest is not None:  # a version: its parts, and the index for the attributes
+            self._check_manifest()
             self.files = [self.source.join(part.name) for part in manifest.parts]
             counts = [part.num_samples for part in manifest.parts]
             self.num_tokens, self.file_bytes = manifest.num_tokens, manifest.file_bytes
-            index = self._open(self.source.index_uri)
+            index = self._open(self.source.index_uri, frozenset(part.name for part in manifest.parts))
             self.attrs = read_attrs(index[0])
             self._close(index)
         else:  # one self-contained file
             self.files = [self.source.index_uri]
-            file = self._file(0)
+            try:
+                file = self._file(0)  # refused when it is a version's index: its sources are no file of its own
+            except CacheFileError:
+                if self._is_index():  # its parts are known to the manifest only
+                    raise self._no_manifest() from None
+                raise
             self.attrs = read_attrs(file)
             counts = [file["offsets"].shape[0] - 1]
             self.num_tokens = int(file["offsets"][-1])
@@ -137,21 +152,81 @@ class CacheReader:
         self.top_k = int(self.attrs["top_k"]) if self.samples is None else None
         self.vocab_size = int(self.attrs["vocab_size"])
 
+    def _is_index(self) -> bool:
+        """Whether the single file named is a version's index (its attributes say so), read without following it."""
+        fileobj = None
+        try:
+            fileobj, _ = io.open_for_read(self.source.index_uri, self.storage_options)
+            with h5py.File(fileobj if fileobj is not None else io.local_path(self.source.index_uri), "r") as f:
+                return read_attrs(f).get("index") == "virtual"
+        except Exception:
+            return False
+        finally:
+            if fileobj is not None:
+                fileobj.close()
+
+    def _no_manifest(self) -> CacheFileError:
+        manifest = self.source.join("manifest.json")
+        state = "is damaged (not a manifest kd-cache reads)" if io.exists(manifest, self.storage_options) else "is missing"
+        return CacheFileError(f"{manifest}: {state}, so {self.source.index_uri} cannot be checked against it and "
+                              "is not read (a missing part would read as holes). Fix: run the build again, or "
+                              "restore the manifest.")
+
+    def _check_manifest(self) -> None:
+        """The manifest's names and parts, and every listed file's size from one listing: CacheFileError."""
+        manifest, where = self.source.manifest, self.source.join("manifest.json")
+        if not manifest.parts:
+            raise CacheFileError(f"{where}: lists no part files; a version has at least one. It is damaged: run the "
+                                 "build again.")
+        if bad := next((f.name for f in manifest.files if not safe_name(f.name)), None):
+            raise CacheFileError(f"{where}: names {bad!r}, a file outside the version directory (absolute, or with "
+                                 "'..'); a cache reads only its own files. Refused: it was crafted or damaged.")
+        directory = self.source.index_uri.rsplit("/", 1)[0]
+        try:
+            found = io.stamps(directory, self.storage_options)
+        except Exception as e:  # a remote listing that fails: one line, not the client's traceback
+            raise StorageError(f"{directory}: cannot be listed ({type(e).__name__}: {_first_line(e)}). Check the "
+                               "endpoint, network and credentials (--storage-option, the environment).") from None
+        problems = []
+        for entry in manifest.files:
+            size = found.get(entry.name, {}).get("size")
+            if size != entry.bytes:
+                problems.append(f"{self.source.join(entry.name)}: " + (
+                    "missing" if size is None else f"{size:,} bytes, the manifest says {entry.bytes:,} (truncated, "
+                                                   "replaced or from another version)"))
+        if problems:
+            more = f" (and {len(problems) - 1} more damaged files)" if len(problems) > 1 else ""
+            raise CacheFileError(f"{problems[0]}{more}. The version is incomplete or damaged: run the build again.")
+
     def _size(self, uri: str) -> int:
         fs, path = io.filesystem(uri, self.storage_options)
         return fs.size(path)
 
-    def _open(self, uri: str) -> tuple[h5py.File, Any]:
-        """(h5py file, the fsspec file object under it or None for a local path)."""
+    def _open(self, uri: str, sources: frozenset[str] = frozenset()) -> tuple[h5py.File, Any]:
+        """(h5py file, the fsspec file object under it or None for a local path), checked: it reads nothing outside
+        the cache (virtual sources only among `sources`) and carries the manifest's build id."""
         try:
             fileobj, _ = io.open_for_read(uri, self.storage_options)
         except FileNotFoundError:
             raise CacheFileError(f"{uri}: missing. The cache is incomplete: run the build again.") from None
+        except Exception as e:  # a remote store's error: one line, not the client's traceback
+            raise StorageError(f"{uri}: cannot be opened ({type(e).__name__}: {_first_line(e)}).") from None
         try:
-            return h5py.File(fileobj if fileobj is not None else io.local_path(uri), "r"), fileobj
-        except OSError as e:  # truncated, overwritten, not HDF5
+            file = h5py.File(fileobj if fileobj is not None else io.local_path(uri), "r")
+        except Exception as e:  # truncated, overwritten, not HDF5 (h5py raises OSError; a store, its own errors)
+            if fileobj is not None:
+                fileobj.close()
             raise CacheFileError(f"{uri}: not a readable HDF5 file ({_first_line(e)}). It is damaged: run the build "
                                  "again (a damaged version is rebuilt), or `kd-cache inspect --deep` for details.") from None
+        try:
+            check_contained(file, uri, sources)
+            if self.build_id is not None and (found := read_attrs(file).get("build_id")) != self.build_id:
+                raise CacheFileError(f"{uri}: build {found!r}, the manifest's is {self.build_id!r}: a file of another "
+                                     "build (a foreign part). The version is damaged: run the build again.")
+        except BaseException:
+            self._close((file, fileobj))
+            raise
+        return file, fileobj
 
     @staticmethod
     def _close(handle: tuple[h5py.File, Any]) -> None:
@@ -190,8 +265,9 @@ class CacheReader:
         return sample
 
     def damage(self, deep: bool = False) -> list[str]:
-        """Every file of the cache against the manifest (a version): its size, and with `deep` its sha256 (every
-        byte read); a single-file cache against its own checksums. One line per damaged file; empty if intact."""
+        """Every file of the cache against the manifest (a version): its size, its metadata as _open checks it
+        (nothing outside the cache, the build id), and with `deep` its sha256 (every byte read); a single-file
+        cache against its own checksums. One line per damaged file; empty if intact."""
         if self.source.manifest is None:
             if not deep:
                 return []
@@ -200,8 +276,8 @@ class CacheReader:
             except CacheFileError as e:
                 return [f"{self.files[0]}: {e}"]
             return []
-        problems = []
-        for entry in self.source.manifest.files:
+        problems, manifest = [], self.source.manifest
+        for entry in manifest.files:
             uri = self.source.join(entry.name)
             try:
                 size = self._size(uri)
@@ -210,8 +286,15 @@ class CacheReader:
                 continue
             if size != entry.bytes:
                 problems.append(f"{uri}: {size:,} bytes, the manifest says {entry.bytes:,} (truncated or replaced)")
-            elif deep and io.sha256_of(uri, self.storage_options) != entry.sha256:
-                problems.append(f"{uri}: its sha256 differs from the manifest's (the bytes were changed)")
+                continue
+            try:
+                self._close(self._open(uri, frozenset(p.name for p in manifest.parts) if entry is manifest.index
+                                       else frozenset()))
+            except CacheFileError as e:
+                problems.append(str(e))
+            else:
+                if deep and io.sha256_of(uri, self.storage_options) != entry.sha256:
+                    problems.append(f"{uri}: its sha256 differs from the manifest's (the bytes were changed)")
         return problems
 
     def _fetch(self, f: int):

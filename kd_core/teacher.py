@@ -8,6 +8,7 @@ config checks and the storage estimate use them before any GPU is involved.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,10 @@ def _load(what: str, cfg: TeacherConfig, fn, **kwargs):
             trust_remote_code=cfg.trust_remote_code,
             **kwargs,
         )
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle that would run code
+        raise ConfigError(f"teacher.model: the {what}'s weights in {path!r} are a pickle that would run code when loaded "
+                          "(refused, nothing ran). Use a teacher with safetensors weights, or one you trust converted "
+                          "to safetensors.") from None
     except (OSError, ValueError) as e:
         if os.path.isdir(os.path.expanduser(path)):
             hint = f"the local directory {path!r} holds no loadable {what}"

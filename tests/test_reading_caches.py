@@ -114,3 +114,32 @@ def test_every_damaged_cache_is_one_line_naming_the_file_with_exit_2(how, clean_
 
 def test_inspect_deep_passes_an_intact_cache(clean_cache, capsys):
     assert cli.main(["inspect", str(clean_cache), "--deep"]) == 0
+
+
+class _Evil:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('the pickle ran')",))
+
+
+def test_verify_with_teacher_weights_that_are_a_malicious_pickle_is_one_line_and_runs_nothing(
+        crafted_cache, small_teacher_dir, tmp_path, capsys):
+    """A teacher whose weights are a pickle (pytorch_model.bin) that runs code when loaded: transformers refuses
+    it (weights_only), which was a traceback; now one line naming teacher.model, exit 2, and nothing ran."""
+    import pickle
+
+    out, _, _ = crafted_cache
+    evil = tmp_path / "pickled-teacher"
+    shutil.copytree(small_teacher_dir, evil)
+    for weights in evil.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "ran.txt"
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(marker)))
+    assert cli.main(["verify", str(out), "--teacher", str(evil), "--samples", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert not marker.exists(), "verify ran the pickle's code"
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "teacher.model" in err, err

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from kd_core import io
+from kd_core.errors import CacheFileError
 from kd_core.h5cache import CacheReader, as_read, iter_samples
 
 
@@ -133,10 +134,14 @@ class StreamingCacheDataset(IterableDataset):
         self.uri = str(uri)
         self._yielded = 0  # samples this slot's current iteration has returned
         self._resume: dict[str, Any] | None = None  # a loaded state, applied by the next __iter__
-        with CacheReader(str(uri), storage_options) as reader:
+        with CacheReader(str(uri), storage_options) as reader:  # checks every file's size against the manifest
             self.files = list(reader.files)
             self.num_samples = len(reader)
             self.identity = _identity(reader)
+            self.build_id = reader.build_id
+            manifest = reader.source.manifest
+            # What each downloaded file must weigh (a version's files; None: a single file, not listed)
+            self.sizes = {reader.source.join(p.name): p.bytes for p in manifest.parts} if manifest else {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -207,20 +212,23 @@ class StreamingCacheDataset(IterableDataset):
         """Samples of `files` in order; a remote file is downloaded while the one before it is read."""
         if all(io.is_local(f) for f in files):
             for f in files:
-                yield from iter_samples(io.local_path(f))
+                yield from iter_samples(io.local_path(f), name=f, build_id=self.build_id)
             return
         with tempfile.TemporaryDirectory(dir=self.scratch, prefix="kd-stream-") as scratch, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-prefetch") as pool:
             def fetch(k: int) -> Path:
                 local = Path(scratch) / f"{k}.h5"
                 io.fetch_file(files[k], local, self.storage_options)
+                if (want := self.sizes.get(files[k])) is not None and local.stat().st_size != want:
+                    raise CacheFileError(f"{files[k]}: {local.stat().st_size:,} bytes, the manifest says {want:,} "
+                                         "(replaced or truncated since the cache was opened): run the build again.")
                 return local
 
             pending = pool.submit(fetch, 0) if files else None
             for k in range(len(files)):
                 local = pending.result()
                 pending = pool.submit(fetch, k + 1) if k + 1 < len(files) else None
-                yield from iter_samples(local)
+                yield from iter_samples(local, name=files[k], build_id=self.build_id)
                 local.unlink()
 
 

@@ -9,12 +9,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from s3helpers import build, overrides
+from s3helpers import bucket, build, moto_endpoint, overrides  # noqa: F401
 
 from flows import cli
 from kd_core import io, pipeline
 from kd_core.dataset import CacheDataset, StreamingCacheDataset
-from kd_core.errors import KDCacheError
+from kd_core.errors import CacheFileError, KDCacheError
 from kd_core.h5cache import CacheReader
 
 
@@ -226,3 +226,47 @@ def test_export_checks_every_byte_refuses_its_own_inputs_and_exports_its_output(
     err = _one_line_exit_2(["export", str(out), str(tmp_path / "flipped.h5")], capsys)
     assert str(parts[1]) in err and "sha256" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["once.h5", "out", "twice.h5"]
+
+
+def test_a_damaged_chunk_is_one_error_naming_the_file_from_every_reader(copy, capsys):
+    """Same size, a compressed chunk overwritten: StreamingCacheDataset raised h5py's OSError."""
+    out, version, parts = copy
+    with h5py.File(parts[1], "r") as f:
+        chunk = f["topk_logprobs"].id.get_chunk_info(0)
+    data = bytearray(parts[1].read_bytes())
+    data[chunk.byte_offset + 16:chunk.byte_offset + 80] = bytes(64)
+    parts[1].write_bytes(bytes(data))
+    for read in (lambda: [CacheDataset(str(out))[i] for i in range(len(CacheDataset(str(out))))],
+                 lambda: list(StreamingCacheDataset(str(out)))):
+        with pytest.raises(CacheFileError, match=re.escape(str(parts[1]))):
+            read()
+    err = _one_line_exit_2(["inspect", str(out), "--deep"], capsys)
+    assert str(parts[1]) in err and "sha256" in err
+
+
+@pytest.mark.parametrize("how", ["truncated part", "missing part", "garbage index", "no manifest"])
+def test_inspect_of_a_damaged_s3_cache_is_one_line(how, bucket, moto_endpoint, small_teacher_dir, corpus_path,
+                                                   capsys):
+    """It printed a 45-line botocore traceback, and the command line had no way to reach an endpoint."""
+    from s3helpers import s3_options
+
+    uri, opts = f"s3://{bucket}/kd", s3_options(moto_endpoint)
+    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, dataset={"max_samples": 12},
+                                              output={"storage_options": opts}, run={"num_shards": 1})))
+    flags = ["--storage-option", f"endpoint_url={moto_endpoint}"]
+    assert cli.main(["inspect", uri, *flags]) == 0
+    capsys.readouterr()
+    fs, _ = io.filesystem(uri, opts)
+    version = f"{bucket}/kd/versions/" + json.loads(fs.cat_file(f"{bucket}/kd/latest.json"))["version"]
+    part = sorted(p for p in fs.find(version) if p.endswith(".h5") and "/parts/" in p)[-1]
+    if how == "truncated part":
+        fs.pipe_file(part, fs.cat_file(part)[:5000])
+    elif how == "missing part":
+        fs.rm(part)
+    elif how == "garbage index":
+        fs.pipe_file(f"{version}/cache.h5", b"garbage" * 100)
+    else:
+        fs.rm(f"{version}/manifest.json")
+    for argv in (["inspect", uri, *flags], ["inspect", uri, "--deep", *flags]):
+        err = _one_line_exit_2(argv, capsys)
+        assert "s3://" in err, err

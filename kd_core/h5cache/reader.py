@@ -37,13 +37,29 @@ def read_sample(file: h5py.File, j: int) -> dict[str, Any]:
     return sample
 
 
-def iter_samples(source, block_tokens: int = 1 << 16) -> Iterator[dict[str, Any]]:
+def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None,
+                 build_id: str | None = None) -> Iterator[dict[str, Any]]:
     """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
     (as_read() converts one as CacheReader returns it). Whole samples are read in blocks of about block_tokens
     rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block.
-    A sampled-mode file is read sample by sample (read_sample), its chunks kept in HDF5's chunk cache."""
+    A sampled-mode file is read sample by sample (read_sample), its chunks kept in HDF5's chunk cache.
+
+    The file is checked first (nothing outside it; `build_id`, when given, is its own); a file h5py cannot read
+    is a CacheFileError naming `name` (the file's URI; default: source)."""
+    name = name or str(source)
+    try:
+        yield from _iter_samples(source, block_tokens, name, build_id)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # truncated, not HDF5, a damaged chunk
+        raise CacheFileError(f"{name}: cannot be read ({_first_line(e)}). The file is damaged: run the build "
+                             "again, or `kd-cache inspect --deep` for details.") from None
+
+
+def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) -> Iterator[dict[str, Any]]:
     with h5py.File(source, "r") as file:
-        check_contained(file, str(source))
+        check_contained(file, name)
+        if build_id is not None and (found := read_attrs(file).get("build_id")) != build_id:
+            raise CacheFileError(f"{name}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
+                                 "(a foreign part). The version is damaged: run the build again.")
         if ENTRY_OFFSETS in file:
             for j in range(file["sample_index"].shape[0]):
                 yield read_sample(file, j)

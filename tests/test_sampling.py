@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd_core.errors import CacheFileError
 from kd_core.inference import Batch, Float32Head, RowSpec, Forward, run_teacher
 from kd_core.topk import topk_by_key, topk_lowest_id
 from kd_core.sampling import FitAccumulator, distinct_counts, random_bits, sample_ids, sample_rows
@@ -291,7 +292,12 @@ def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
         np.testing.assert_array_equal(per_sample, np.diff(offsets) * draws)
         whole = {name: index[name][:] for name in ("sample_index", "input_ids")}
     np.testing.assert_array_equal(whole["sample_index"], [s.sample_index for s in samples])
-    with CacheReader(tmp_path / "v" / "cache.h5") as reader:  # one file: the index, through its VDS
+    # A version's index is read through its manifest only; exported, the parts become one self-contained file.
+    with pytest.raises(CacheFileError, match="manifest.json: is missing"):
+        CacheReader(tmp_path / "v" / "cache.h5")
+    h5cache.export([path for path, _ in closed], tmp_path / "one.h5", {"mode": "sampled", "samples": draws,
+                                                                     "vocab_size": vocab})
+    with CacheReader(tmp_path / "one.h5") as reader:
         assert reader.samples == draws and reader.top_k is None and reader.info().mode == "sampled"
         for i in (0, 37, len(samples) - 1):
             got, want = reader[i], samples[i]
@@ -299,7 +305,7 @@ def test_sampled_parts_and_index_round_trip(tmp_path, draws, vocab, max_bytes):
             np.testing.assert_array_equal(got["sampled_ids"], want.sampled_ids)
             np.testing.assert_array_equal(got["sampled_counts"], want.sampled_counts)
         assert reader.read_all()["sampled_offsets"][-1] == entry_offsets[-1]
-    ds = CacheDataset(str(tmp_path / "v" / "cache.h5"))
+    ds = CacheDataset(str(tmp_path / "one.h5"))
     batch = pad_collate([ds[0], ds[1], ds[2]])
     assert batch["sampled_counts"].shape == batch["sampled_ids"].shape
     assert bool((batch["sampled_counts"].sum(-1)[batch["attention_mask"]] == draws).all())

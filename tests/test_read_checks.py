@@ -12,7 +12,8 @@ import pytest
 from s3helpers import bucket, build, moto_endpoint, overrides  # noqa: F401
 
 from flows import cli
-from kd_core import io, pipeline
+from kd_core import io
+from kd_core.build import validate
 from kd_core.dataset import CacheDataset, StreamingCacheDataset
 from kd_core.errors import CacheFileError, KDCacheError
 from kd_core.h5cache import CacheReader
@@ -56,7 +57,7 @@ def test_storage_options_of_the_read_commands_are_checked_before_anything_is_rea
 def clean(tmp_path_factory, small_teacher_dir, corpus_path):
     """A small top-k cache: 2 shards of 2 parts (10 samples a part)."""
     out = tmp_path_factory.mktemp("readcheck") / "out"
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 40},
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 40},
                                               run={"num_shards": 2, "part_samples": 10})))
     return out
 
@@ -114,7 +115,7 @@ def _rewrite_part(part, tmp_path, change):
 def other(tmp_path_factory, small_teacher_dir, corpus_path):
     """Another version with the same layout (same part names), made with other settings."""
     out = tmp_path_factory.mktemp("readcheck-other") / "out"
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 40},
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, str(out), dataset={"max_samples": 40},
                                               cache={"top_k": 4}, run={"num_shards": 2, "part_samples": 10})))
     return out
 
@@ -251,7 +252,7 @@ def test_inspect_of_a_damaged_s3_cache_is_one_line(how, bucket, moto_endpoint, s
     from s3helpers import s3_options
 
     uri, opts = f"s3://{bucket}/kd", s3_options(moto_endpoint)
-    build(pipeline.validate("demo", overrides(small_teacher_dir, corpus_path, uri, dataset={"max_samples": 12},
+    build(validate("demo", overrides(small_teacher_dir, corpus_path, uri, dataset={"max_samples": 12},
                                               output={"storage_options": opts}, run={"num_shards": 1})))
     flags = ["--storage-option", f"endpoint_url={moto_endpoint}"]
     assert cli.main(["inspect", uri, *flags]) == 0

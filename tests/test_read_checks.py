@@ -17,6 +17,7 @@ from kd_core.build import validate
 from kd_core.dataset import CacheDataset, StreamingCacheDataset
 from kd_core.errors import CacheFileError, KDCacheError
 from kd_core.h5cache import CacheReader
+from kd_core.records import Manifest
 
 
 def _one_line_exit_2(argv, capsys) -> str:
@@ -271,3 +272,20 @@ def test_inspect_of_a_damaged_s3_cache_is_one_line(how, bucket, moto_endpoint, s
     for argv in (["inspect", uri, *flags], ["inspect", uri, "--deep", *flags]):
         err = _one_line_exit_2(argv, capsys)
         assert "s3://" in err, err
+
+
+@pytest.mark.skipif("build_id" not in Manifest.model_fields, reason="manifests record no build id yet (issue 18, the write side)")
+def test_a_same_sized_part_of_another_build_is_refused_by_its_build_id(copy, tmp_path, capsys):
+    """A foreign part that the sizes cannot tell apart (here: the manifest restamped to it) is told by the build id
+    every part carries against the manifest's."""
+    out, version, parts = copy
+    with h5py.File(parts[1], "a") as f:
+        f.attrs["build_id"] = "another-build"
+    _restamp(version, parts[1])
+    with pytest.raises(CacheFileError, match="a file of another build"):
+        reader = CacheReader(str(out))
+        [reader[i] for i in range(len(reader))]
+    with pytest.raises(CacheFileError, match="a file of another build"):
+        list(StreamingCacheDataset(str(out)))
+    err = _one_line_exit_2(["inspect", str(out)], capsys)
+    assert str(parts[1]) in err and "another build" in err

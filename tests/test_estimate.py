@@ -119,3 +119,15 @@ def test_the_upper_bound_holds_from_one_sample_up(mode, small_teacher_dir, corpu
         build(config)
         written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         assert written <= bound, (mode, samples, written, bound)
+
+
+def test_a_topk_estimate_says_what_the_sampled_mode_would_take():
+    """kd-cache estimate prints, beside a top-k estimate, the sampled mode's (N = 64) for the same probe: the same
+    number a sampled-mode estimate gives."""
+    probe = dict(num_samples=1000, max_length=512, top_k=64, vocab_size=32000, probe_lengths=[300, 500, 90])
+    topk, sampled = storage.estimate(**probe), storage.estimate(**probe, samples=storage.SAMPLED_DEFAULT_DRAWS)
+    assert topk.sampled_expected_bytes == sampled.expected_bytes == sampled.sampled_expected_bytes
+    assert sampled.expected_bytes < topk.expected_bytes / 1.5  # with m = 46 assumed: a confident teacher draws fewer
+    assert topk.as_dict()["sampled_expected_bytes"] == sampled.expected_bytes
+    rows = dict(topk.rows())
+    assert storage.human_bytes(sampled.expected_bytes) in rows["sampled mode instead (cache.mode=sampled cache.samples=64)"]

@@ -2,6 +2,8 @@
 
     python bench/fidelity.py                    # the study in docs/FIDELITY.md (~15 min on 2 busy CPU cores)
     python bench/fidelity.py --seeds 1 --steps 40 --arms ce,online,top8   # a quick look
+    python bench/fidelity.py --grad-only        # the gradient check alone (about a minute of CPU)
+    python bench/fidelity.py --vocab 8192 --teacher-steps 1000 --work ~/.cache/kd-cache/fidelity-v8192  # 2nd teacher
 
 Everything is local and on CPU. The text is the Python standard library's docstrings (kd_core.demo's corpus),
 split by document into a training set and a held-out set. A teacher (small Llama, own BPE tokenizer) is
@@ -17,8 +19,10 @@ same order, for the same number of steps, with the same optimiser; only the loss
     sampledN        sampled_kd_loss against a cache of N draws per position (cache.mode=sampled; N = 16, 64)
     ...+ce          the same, mixed 50/50 with the cross-entropy
 Reported on the held-out set: cross-entropy, KL(teacher || student) on the full vocabulary, expected calibration
-error of the top-1 prediction (15 equal-width bins), as mean +- standard deviation over seeds; and each cache's
-stored bytes per token (every file of the version / tokens). Arms whose cache this checkout cannot build are
+error of the top-1 prediction (15 equal-width bins), as mean +- standard deviation over seeds; each cache's
+stored bytes per token (every file of the version / tokens) and distinct ids per row (sampled caches). First, the
+gradient check (RS-KD's measure): on held-out batches, the angle and norm ratio between each cache form's loss
+gradient and full KD's, for one student trained --grad-steps steps of online KD. Arms whose cache this checkout cannot build are
 skipped with the reason. Teacher, caches and caches.json live under --work and are reused: a copy of that
 directory runs the study on another machine without rebuilding them.
 """
@@ -391,14 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="./out/fidelity", help="assets and caches (reused between runs)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=Setup.steps)
-    parser.add_argument("--arms", help="comma-separated arm names, or prefixes before - or + (default: all)")
+    parser.add_argument("--arms", help="comma-separated arm names (online: that arm alone), or prefixes before - or + "
+                                       "(top8: its four arms) (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
     parser.add_argument("--json", help="also write the per-seed results here")
     parser.add_argument("--build-only", action="store_true", help="build the teacher and caches, then stop")
     parser.add_argument("--vocab", type=int, default=Setup.vocab, help="the teacher's (and its tokenizer's) vocabulary")
     parser.add_argument("--teacher-steps", type=int, default=Setup.teacher_steps)
     parser.add_argument("--grad-steps", type=int, default=100,
-                        help="gradient check: online-KD steps that train the student it is measured on (0: at init)")
+                        help="gradient check: online-KD steps that train the student it is measured on (0: at init, "
+                             "-1: no gradient check)")
     parser.add_argument("--grad-only", action="store_true", help="only the gradient check (seconds), no training arms")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -407,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     arms = all_arms()
     if args.arms:
         wanted = args.arms.split(",")
-        arms = [a for a in arms if any(a.name == w or a.name.startswith((w + "-", w + "+")) for w in wanted)]
+        names = {a.name for a in arms}
+        arms = [a for a in arms if any(a.name == w or (w not in names and a.name.startswith((w + "-", w + "+")))
+                                       for w in wanted)]
 
     started = time.perf_counter()
     work = Path(args.work).resolve()
@@ -427,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"assets ready in {time.perf_counter() - started:.0f} s; held-out: {int(held.mask.sum())} tokens; "
           f"teacher CE {teacher_scores['ce']:.3f}, ECE {teacher_scores['ece']:.3f}", flush=True)
     distinct = {name: distinct_ids_per_row(uri) for name, (uri, _) in caches.items() if name.startswith("sampled")}
-    grads = print_gradient_check(arms, caches, distinct, teacher, held, setup, args.grad_steps)
+    grads = {}
+    if args.grad_steps >= 0:
+        grads = print_gradient_check(arms, caches, distinct, teacher, held, setup, args.grad_steps)
     if args.grad_only:
         return 0
 
@@ -499,10 +509,10 @@ def print_gradient_check(arms: list[Arm], caches: dict[str, tuple[str, float]], 
 
 
 def print_goal(arms: list[Arm], results: dict[str, list[dict[str, float]]], caches: dict[str, tuple[str, float]]) -> None:
-    """The issue's goal: sampled within 1% of the best online arm on CE and within 5% on KL, at <= 40 B/token."""
+    """The goal (issue 22): sampled within 1% of the best online arm on CE and within 5% on KL, at <= 30 B/token."""
     mean = {a.name: {m: statistics.mean(x[m] for x in results[a.name]) for m in ("ce", "kl")} for a in arms}
     online = [a.name for a in arms if a.kd == "online"]
-    sampled = [a for a in arms if a.kd == "sampled" and caches[a.cache][1] <= 40]
+    sampled = [a for a in arms if a.kd == "sampled"]
     if not online or not sampled:
         return
     best_online = min(online, key=lambda n: mean[n]["ce"])
@@ -510,7 +520,7 @@ def print_goal(arms: list[Arm], results: dict[str, list[dict[str, float]]], cach
     for a in sampled:
         d_ce = 100 * (mean[a.name]["ce"] / mean[best_online]["ce"] - 1)
         d_kl = 100 * (mean[a.name]["kl"] / mean[best_online]["kl"] - 1)
-        ok = d_ce <= 1 and d_kl <= 5
+        ok = d_ce <= 1 and d_kl <= 5 and caches[a.cache][1] <= 30
         print(f"  {a.name:14s} {caches[a.cache][1]:.1f} B/token: CE {d_ce:+.1f}%, KL {d_kl:+.1f}% -> "
               f"{'met' if ok else 'not met'}")
 

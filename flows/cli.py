@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kd_core import guards, hub
 from kd_core.config import available_profiles, load_config
+from kd_core.demo import resolve_demo_paths
 from kd_core.errors import ConfigError, KDCacheError
 
 log = logging.getLogger("kd_cache.cli")
@@ -138,6 +139,7 @@ def _checked_config(args, teacher: bool = True):
     _pick_profile(args)
     config = load_config(args.profile, args.overrides)
     guards.check_config(config)
+    config = resolve_demo_paths(config)  # @demo/NAME: the demo's own files (built on first use), never the hub
     hub.check_reachable(config, teacher=teacher)
     return config
 

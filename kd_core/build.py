@@ -23,6 +23,7 @@ from kd_core import guards, io
 from kd_core.h5cache import FORMAT_VERSION
 from kd_core.h5cache.format import SAMPLED_LAYOUT
 from kd_core.config import SAMPLER_VERSION, CacheConfig, Config, describe_validation_error, load_config
+from kd_core.demo import resolve_demo_paths
 from kd_core.errors import ConfigError
 from kd_core.store import Store
 
@@ -88,7 +89,9 @@ def version_key(config: Config) -> str:
         del data["cache"]["top_k"]
         data["cache"]["sampler"] = SAMPLER_VERSION
         data["cache"]["layout"] = SAMPLED_LAYOUT
-    data["teacher"]["dtype"] = config.resolved_dtype()
+    from kd_core.teacher import resolve_dtype  # torch, imported only when a build is resolved
+
+    data["teacher"]["dtype"] = resolve_dtype(config.teacher)
     data["format_version"], data["producer"] = FORMAT_VERSION, kd_core.__version__
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -111,14 +114,17 @@ def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, 
 def check(config: Config, check_target: bool = True, deployed: bool = False,
           read_secret: Callable[[str], Any] | None = None) -> Build:
     """Every check validate makes, on a loaded config; its Build."""
-    from kd_core.teacher import teacher_vocab_size
+    from kd_core.teacher import resolve_dtype, teacher_vocab_size  # torch: seconds, only once a build is checked
 
     guards.check_config(config)
+    # `@demo/NAME` -> the demo's assets (built on first use, ~40 s), after the guard: what is checked, planned and
+    # keyed names the real files. A no-op for a deployed parent's config (resolved by its own check).
+    config = resolve_demo_paths(config)
     guards.check_policy(config, deployed)
     if config.output.credentials is not None:
         io.use_credentials(config.output.uri, _credentials(config, read_secret))
     # Resolved once, here: the key covers the dtype, and every shard of a build must run in the same one.
-    teacher = config.teacher.model_copy(update={"dtype": config.resolved_dtype()})
+    teacher = config.teacher.model_copy(update={"dtype": resolve_dtype(config.teacher)})
     config = config.model_copy(deep=True, update={"teacher": teacher})
     if check_target:
         io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket

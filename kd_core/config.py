@@ -187,14 +187,6 @@ class Config(_Section):
         data["output"]["storage_options"] = mask_options(data["output"]["storage_options"])
         return strip_url_credentials(data)
 
-    def resolved_dtype(self) -> str:
-        """teacher.dtype with auto resolved: bfloat16 where the teacher runs on CUDA, float32 on CPU."""
-        if self.teacher.dtype != "auto":
-            return self.teacher.dtype
-        from kd_core.teacher import auto_dtype  # torch: imported only when a key is actually needed
-
-        return auto_dtype(self.teacher.device)
-
 
 # Storage options recorded as they are: what an endpoint and its client need, none of it a secret. Everything
 # else is recorded as '***' (an allow-list: an option nobody thought of is masked, not leaked; credentials are
@@ -442,38 +434,19 @@ def load_config(profile: str, overrides: list[str] | dict[str, Any] | None = Non
     """Profile + overrides -> a validated Config, or a ConfigError that names the key and the fix.
 
     overrides: KEY=VALUE strings (the CLI and the flow), or, for Python callers, the same as a nested dict.
-    None means none: everything as the profile has it.
+    None means none: everything as the profile has it. Values are as given: `@demo/NAME` paths
+    (kd_core.demo.resolve_demo_paths) and teacher.dtype=auto (kd_core.teacher.resolve_dtype) are resolved where
+    a build is (kd_core.build.check).
     """
     if isinstance(overrides, dict):  # from Python, never stored by Prefect: credentials are the caller's business
         overrides = _canonical_sections(overrides)
     else:
         overrides = parse_overrides(overrides)
-    data = _resolve_demo_paths(deep_merge(read_profile(profile), overrides))
+    data = deep_merge(read_profile(profile), overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
-
-
-def _resolve_demo_paths(data: dict[str, Any]) -> dict[str, Any]:
-    """`@demo/NAME` in teacher.model or dataset.data_files -> the asset's real path, once, here, so that the
-    dataset and teacher loaders only ever see real paths."""
-    data = copy.deepcopy(data)
-    for section, key in (("teacher", "model"), ("dataset", "data_files")):
-        part = data.get(section)
-        if isinstance(part, dict) and key in part:
-            part[key] = _resolve_demo(part[key])
-    return data
-
-
-def _resolve_demo(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_resolve_demo(v) for v in value]
-    if isinstance(value, str) and value.startswith(DEMO_PREFIX):
-        from kd_core.demo import resolve_path  # imports torch, builds the assets the first time (~40 s)
-
-        return resolve_path(value)
-    return value
 
 
 def describe_validation_error(error: ValidationError) -> str:

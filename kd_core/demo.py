@@ -20,12 +20,12 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kd_core.config import DEMO_PREFIX
+from kd_core.config import DEMO_PREFIX, Config
 from kd_core.errors import ConfigError
 
 # torch, tokenizers and transformers are imported inside the builders: resolve_path on built assets (config
@@ -319,3 +319,20 @@ def resolve_path(value: str) -> str:
         available = ", ".join(sorted(DEMO_PREFIX + p.name for p in path.parent.iterdir() if not p.name.startswith(".")))
         raise ConfigError(f"{value!r} is not a demo asset; available: {available}")
     return str(path)
+
+
+def resolve_demo_paths(config: Config) -> Config:
+    """`@demo/NAME` in teacher.model or dataset.data_files (a path or a list of them) -> the asset's real path,
+    building the assets on first use: done once where a build is resolved, so that the dataset and teacher
+    loaders only ever see real paths. A config without such values comes back as it is."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolved(v) for v in value]
+        return resolve_path(value) if isinstance(value, str) and value.startswith(DEMO_PREFIX) else value
+
+    teacher, dataset = config.teacher.model, config.dataset.data_files
+    model, files = resolved(teacher), resolved(dataset)
+    if (model, files) == (teacher, dataset):
+        return config
+    return config.model_copy(update={"teacher": config.teacher.model_copy(update={"model": model}),
+                                     "dataset": config.dataset.model_copy(update={"data_files": files})})

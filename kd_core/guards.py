@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kd_core import storage
 from kd_core.config import DEMO_PREFIX, PROFILES_DIR, Config
+from kd_core.demo import demo_dir
 from kd_core.errors import ConfigError
 
 # Sampled mode's counts are stored as uint16 and travel from the device as int16.
@@ -131,8 +132,6 @@ def allowed_roots(deployed: bool, env: Mapping[str, str] | None = None) -> list[
     roots = env.get(ALLOWED_ROOTS_ENV)
     if roots is None and not deployed:
         return None
-    from kd_core.demo import demo_dir  # imports torch: only when a policy applies
-
     # Listed roots, then the shipped demo's own assets (@demo/..., resolved when the config loads): always readable.
     return [*(Path(r).expanduser().resolve() for r in (roots or "").split(os.pathsep) if r.strip()),
             demo_dir().resolve()]

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from kd_core.config import TeacherConfig
 from kd_core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from kd_core.config import TeacherConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,9 +110,12 @@ def load_tokenizer(cfg: TeacherConfig):
     return _load("tokenizer", cfg, AutoTokenizer.from_pretrained)
 
 
-def auto_dtype(device: str) -> str:
-    """What teacher.dtype=auto means for teacher.device on this machine: bfloat16 on CUDA, else float32."""
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+def resolve_dtype(config: TeacherConfig) -> str:
+    """teacher.dtype with auto resolved as on this machine: bfloat16 where the teacher runs on CUDA, float32 on
+    CPU. The build resolves it once and records it in its config (the version key covers it)."""
+    if config.dtype != "auto":
+        return config.dtype
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     return "bfloat16" if cuda else "float32"
 
 

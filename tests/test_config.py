@@ -231,12 +231,16 @@ def test_kd_core_does_not_import_prefect():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-def test_demo_paths_resolve_once_when_the_config_loads(monkeypatch):
+def test_demo_paths_resolve_once_when_the_build_is_checked(monkeypatch):
+    """load_config leaves `@demo/NAME` as written (config.py needs no demo); kd_core.build.check resolves it."""
+    from kd_core.demo import resolve_demo_paths
+
     monkeypatch.setattr("kd_core.demo.resolve_path", lambda value: "/assets/" + value.removeprefix("@demo/"))
-    config = load_config("demo")
+    assert load_config("demo").teacher.model == "@demo/teacher"
+    config = resolve_demo_paths(load_config("demo"))
     assert (config.teacher.model, config.dataset.data_files) == ("/assets/teacher", "/assets/corpus.parquet")
-    assert load_config("demo", ["dataset.data_files=[a.parquet, '@demo/corpus.parquet']"]).dataset.data_files == [
-        "a.parquet", "/assets/corpus.parquet"]
+    assert resolve_demo_paths(load_config("demo", ["dataset.data_files=[a.parquet, '@demo/corpus.parquet']"])
+                              ).dataset.data_files == ["a.parquet", "/assets/corpus.parquet"]
 
 
 def _policy_config(tmp_path, **sections):

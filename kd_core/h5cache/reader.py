@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
-from kd_core import io
+from kd_core import io, store
 from kd_core.errors import CacheFileError, StorageError
 from kd_core.h5cache.contained import check_contained, safe_name
 from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attrs,
@@ -134,8 +134,6 @@ class CacheReader:
     MAX_OPEN = {"local": 16, "remote": 8}
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        from kd_core import store  # here, not at the top: store -> records -> data -> config -> this package
-
         self.uri, self.storage_options = str(uri), storage_options
         self.source = store.resolve(self.uri, storage_options)
         self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()

@@ -15,7 +15,7 @@ ThreadedMotoServer started here (no network), once per publishing mode:
 moto's server runs in its own process. --throttle-mbps slows each upload to that many MB/s (a sleep of size / rate before the real upload), to stand
 for a real bucket's bandwidth: loopback moto alone is faster than S3 from one GPU host.
 
-What is measured (kd_core.inference.DeviceTimeline, off in production runs):
+What is measured (bench/devicetime.py, around each batch's inference.Forward call):
   busy     the sum over batches of the device's work on the batch: the forward, the float32 head and the
            top-k / logsumexp. On CUDA: elapsed time between two torch.cuda.Event recorded on the compute stream
            before and after each batch is queued, so it is the GPU's own time. On CPU: perf_counter around the
@@ -63,16 +63,18 @@ for _name, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("D
     os.environ.setdefault(_name, _value)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+from devicetime import device_timeline  # noqa: E402
 
 import kd_core.shard  # noqa: E402
 from kd_core import data, h5cache, io  # noqa: E402
 from kd_core.build import validate  # noqa: E402
 from kd_core.demo import stdlib_docstrings, train_tokenizer  # noqa: E402
-from kd_core.inference import DeviceTimeline, InferenceStats, run_teacher  # noqa: E402
+from kd_core.inference import InferenceStats, run_teacher  # noqa: E402
 from kd_core.teacher import load_teacher  # noqa: E402
 
 SIZES = {  # Llama shapes, tied embeddings
@@ -161,7 +163,7 @@ class Throttle:
         return stamp
 
 
-def per_part_run_parts(build, shard, todo, done, lock, progress, background_files, timeline):
+def per_part_run_parts(build, shard, todo, done, lock, progress, background_files):
     """kd_core.shard.run_parts as it was before the one-pass, background version (the baseline): a run_teacher call
     per part, then its files closed and uploaded and its record written, all on the caller's thread."""
     config = build.config
@@ -178,7 +180,7 @@ def per_part_run_parts(build, shard, todo, done, lock, progress, background_file
                                    top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs={}) as writer:
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,
                                     max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
-                                    stats=stats, timeline=timeline):
+                                    stats=stats):
                 writer.append_rows(rows)
         part.write_record(stats.skipped_empty - skipped, time.perf_counter() - started, out)
     return out
@@ -187,7 +189,6 @@ def per_part_run_parts(build, shard, todo, done, lock, progress, background_file
 def run_mode(args, mode: str, teacher: Path, corpus: Path, endpoint: str, throttle: Throttle) -> dict:
     config = config_for(args, teacher, corpus, endpoint, f"{mode}-{uuid.uuid4().hex[:6]}", args.samples)
     shard = kd_core.shard.plan(config).shards[0]
-    timeline = DeviceTimeline(cuda=args.device == "cuda")
     throttle.seconds = []
     if args.device == "cuda":
         torch.cuda.synchronize()
@@ -196,7 +197,8 @@ def run_mode(args, mode: str, teacher: Path, corpus: Path, endpoint: str, thrott
     if mode == "per-part":
         kd_core.shard.run_parts = per_part_run_parts
     try:
-        record = kd_core.shard.run_shard(config, shard, background_files=MODES[mode], timeline=timeline)
+        with device_timeline(cuda=args.device == "cuda") as timeline:
+            record = kd_core.shard.run_shard(config, shard, background_files=MODES[mode])
     finally:
         kd_core.shard.run_parts = real_run_parts
     wall = time.perf_counter() - started

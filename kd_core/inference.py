@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -117,44 +117,6 @@ class PartEnd:
     part: int  # position in `parts`
     rows: int  # source rows read for it: fewer than planned when the samples ran out
     skipped_empty: int  # of those, rows with no text (or none after tokenizing): no SampleRows for them
-
-
-@dataclass
-class DeviceTimeline:
-    """Optional instrumentation (bench/bench_upload.py): when the device thread's forward of each batch began and
-    ended. On CUDA, timing events on the compute stream, so the times are the GPU's own; elsewhere, perf_counter
-    around the forward (which runs synchronously). Off (None) it costs one `is None` test per batch."""
-
-    cuda: bool = False
-    batches: list[tuple] = field(default_factory=list)  # (start, end): torch.cuda.Event pairs or perf_counter floats
-    first_launch: float | None = None  # perf_counter when the first batch was queued (the device was idle then)
-
-    def begin(self):
-        if self.first_launch is None:
-            self.first_launch = time.perf_counter()
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def end(self, start) -> None:
-        self.batches.append((start, self.begin()))
-
-    def seconds(self) -> tuple[float, float, float]:
-        """(busy: the sum of every batch's forward, span: from the first batch's start to the last one's end,
-        longest gap between two batches), in seconds. On CUDA it waits for the events."""
-        if not self.batches:
-            return 0.0, 0.0, 0.0
-        if self.cuda:
-            self.batches[-1][1].synchronize()
-            between = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731 - ms between two recorded events
-        else:
-            between = lambda a, b: b - a  # noqa: E731
-        busy = sum(between(s, e) for s, e in self.batches)
-        span = between(self.batches[0][0], self.batches[-1][1])
-        gaps = [between(a[1], b[0]) for a, b in zip(self.batches, self.batches[1:])]
-        return busy, span, max(gaps, default=0.0)
 
 
 def row_results(logits: torch.Tensor, spec: RowSpec, sample_index: torch.Tensor, position: torch.Tensor):
@@ -398,8 +360,8 @@ class _Window:
 class _DeviceLoop:
     """The device thread: windows -> batches -> forward + async copy -> complete windows on `out`."""
 
-    def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int, timeline: DeviceTimeline | None = None):
-        self.device, self.batch_tokens, self.spec, self.timeline = teacher.device, batch_tokens, spec, timeline
+    def __init__(self, teacher: Teacher, spec: RowSpec, batch_tokens: int):
+        self.device, self.batch_tokens, self.spec = teacher.device, batch_tokens, spec
         self.forward = Forward(teacher.model, spec)
         self.cuda = self.device.type == "cuda"
         out = self.forward.out_device  # device_map: the results may come out on another device than the inputs
@@ -442,11 +404,8 @@ class _DeviceLoop:
 
     def _launch(self, window: _Window, layout: PaddedBatch):
         """Queue one batch's forward and the copy of its results to the host; returns what _finish needs."""
-        started = self.timeline.begin() if self.timeline is not None else None
         # (N, width) ids int32, (N, width) log-probs float16 or counts int16, (N,) logsumexp float32
         results = self.forward(self._batch(window, layout))
-        if started is not None:
-            self.timeline.end(started)
         if self.copy_stream is None:  # the results are on the host already
             return window, layout, results, None
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.copy_stream.device))
@@ -496,7 +455,6 @@ def run_teacher(
     mode: str = "topk",
     draws: int = 64,
     parts: Sequence[int] | None = None,
-    timeline: DeviceTimeline | None = None,
 ) -> Iterator[SampleRows | PartEnd]:
     """(sample_index, text) pairs -> SampleRows in input order; empty/whitespace texts skipped and counted.
 
@@ -506,7 +464,8 @@ def run_teacher(
     bytes per token for each of up to three windows in flight: ~1.2 GB at 32 x 32768 tokens and width 64).
     mode "topk" keeps each row's top_k; mode "sampled" keeps `draws` draws per row as distinct ids and counts.
     parts: the samples are parts of these many samples each, run as if one run_teacher call each (see the module
-    docstring), and a PartEnd is yielded after each; without it, SampleRows only. timeline: see DeviceTimeline.
+    docstring), and a PartEnd is yielded after each; without it, SampleRows only. (bench/devicetime.py times
+    each batch's forward from outside, by wrapping Forward.__call__.)
     """
     spec = RowSpec(mode=mode, top_k=top_k, draws=draws)
     if mode == "topk" and top_k > teacher.vocab_size:
@@ -516,7 +475,7 @@ def run_teacher(
     stop = threading.Event()
     tokenized: queue.Queue = queue.Queue(maxsize=max(2, window_tokens // (TOKENIZE_CHUNK * 64)))
     windows: queue.Queue = queue.Queue(maxsize=1)  # one finished window waits while the caller takes another
-    loop = _DeviceLoop(teacher, spec, batch_tokens, timeline)
+    loop = _DeviceLoop(teacher, spec, batch_tokens)
     threads = [
         threading.Thread(target=_tokenize_loop, args=(teacher, samples, parts, max_length, tokenized, stop, stats)),
         threading.Thread(target=loop.run, args=(tokenized, windows, stop, window_tokens)),

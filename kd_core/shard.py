@@ -23,7 +23,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import kd_core
 from kd_core import data, h5cache, io
@@ -34,8 +34,6 @@ from kd_core.estimate import BACKGROUND_FILES, check_projection
 from kd_core.locks import LeaseLock
 from kd_core.records import FileRecord, PartRecord, Provenance, ShardRecord
 
-if TYPE_CHECKING:  # kd_core.inference imports torch: seconds that validate, plan and merge need not pay
-    from kd_core.inference import DeviceTimeline
 
 log = logging.getLogger("kd_core.shard")
 
@@ -60,11 +58,10 @@ def refuse_if_published(build: Build, what: str) -> None:
 
 
 def run_shard(build: Build, shard: ShardSpec, progress: Callable[[Any], None] | None = None, *,
-              background_files: int = BACKGROUND_FILES, timeline: DeviceTimeline | None = None) -> ShardRecord:
+              background_files: int = BACKGROUND_FILES) -> ShardRecord:
     """Run the teacher over one shard, part by part; publish each part's files, its record, then the shard's
     record (last). Files are closed and published in the background (at most background_files waiting: see
-    _run_parts; 0 publishes each in turn, the teacher waiting). timeline: optional instrumentation
-    (bench/bench_upload.py).
+    run_parts; 0 publishes each in turn, the teacher waiting).
 
     Idempotent and resumable: a shard with a record is skipped; otherwise its complete parts are kept and the run
     continues after the last one. A lease lock refuses a second run on this shard while this one is alive.
@@ -83,7 +80,7 @@ def run_shard(build: Build, shard: ShardSpec, progress: Callable[[Any], None] | 
             if done:
                 log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts),
                          parts[len(done)][0])
-            done += run_parts(build, shard, parts[len(done):], done, lock, progress, background_files, timeline)
+            done += run_parts(build, shard, parts[len(done):], done, lock, progress, background_files)
         record = ShardRecord.from_parts(shard, done)
         lock.check()
         store.write_record(store.shard_record(key, shard), record)
@@ -114,8 +111,8 @@ def complete_parts(build: Build, shard: ShardSpec, parts: list[tuple[int, int]])
 
 
 def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done: list[PartRecord],
-              lock: LeaseLock, progress: Callable[[Any], None] | None = None, background_files: int = BACKGROUND_FILES,
-              timeline: DeviceTimeline | None = None) -> list[PartRecord]:
+              lock: LeaseLock, progress: Callable[[Any], None] | None = None,
+              background_files: int = BACKGROUND_FILES) -> list[PartRecord]:
     """Run and publish the parts in `todo` (the shard's last ones, in order); their records.
 
     One teacher pass over all of them (run_teacher(parts=...): each part batched as if run alone). Each finished
@@ -136,7 +133,7 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
     staging = None if build.store.is_local else build.store.staging_dir(build.key) / shard.name
     try:
         return _run_parts(build, shard, todo, done, lock, teacher, provenance, texts, stats, staging, progress,
-                          background_files, timeline)
+                          background_files)
     finally:  # the files it staged are published, or a re-run writes them again: none is resumable work
         if staging is not None:
             build.store.release_staging(build.key, shard.name)
@@ -144,15 +141,14 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
 
 def _run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done: list[PartRecord],
                lock: LeaseLock, teacher, provenance: Provenance, texts, stats, staging: Path | None,
-               progress: Callable[[Any], None] | None, background_files: int,
-               timeline: DeviceTimeline | None) -> list[PartRecord]:
+               progress: Callable[[Any], None] | None, background_files: int) -> list[PartRecord]:
     from kd_core.inference import PartEnd, run_teacher
 
     config = build.config
     first, out = len(done), []
     with io.Background(background_files) as background, contextlib.closing(run_teacher(
             teacher, texts, max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
-            stats=stats, parts=[stop - start for start, stop in todo], timeline=timeline,
+            stats=stats, parts=[stop - start for start, stop in todo],
             **build.rows.teacher_args())) as items:
         started = time.perf_counter()
         for index, (start, stop) in enumerate(todo, start=first):

@@ -13,7 +13,7 @@ from kd_core.build import validate
 from kd_core.config import TeacherConfig
 from kd_core.errors import ConfigError, StorageError
 from kd_core.estimate import BACKGROUND_FILES
-from kd_core.inference import DeviceTimeline, PartEnd, run_teacher
+from kd_core.inference import PartEnd, run_teacher
 from kd_core.merge import merge
 from kd_core.shard import plan, run_shard
 from kd_core.store import Store
@@ -33,13 +33,30 @@ def batches(monkeypatch):
     return seen
 
 
-def test_parts_in_one_pass_are_batched_and_computed_as_if_run_alone(small_teacher_dir, corpus_texts, batches):
+def forward_times(monkeypatch) -> list[tuple[float, float]]:
+    """(start, end) of every batch's forward (inference.Forward.__call__), host clock: the CPU runs it in place."""
+    times, real = [], inference.Forward.__call__
+
+    def timed(self, batch):
+        start = time.perf_counter()
+        try:
+            return real(self, batch)
+        finally:
+            times.append((start, time.perf_counter()))
+
+    monkeypatch.setattr(inference.Forward, "__call__", timed)
+    return times
+
+
+def test_parts_in_one_pass_are_batched_and_computed_as_if_run_alone(small_teacher_dir, corpus_texts, batches,
+                                                                    monkeypatch):
     teacher = load_teacher(TeacherConfig(model=str(small_teacher_dir), device="cpu"))
     samples = list(enumerate(corpus_texts[:30]))  # rows 3 and 7 hold no text
     sizes = [9, 0, 6, 15]  # an empty part too
     args = dict(top_k=8, max_length=48, batch_tokens=96, window_tokens=200)  # several windows per part
-    timeline = DeviceTimeline()
-    items = list(run_teacher(teacher, samples, parts=sizes, timeline=timeline, **args))
+    with monkeypatch.context() as m:
+        timeline = forward_times(m)
+        items = list(run_teacher(teacher, samples, parts=sizes, **args))
     one_pass, batches[:] = list(batches), []
 
     alone, at = [], 0
@@ -57,8 +74,9 @@ def test_parts_in_one_pass_are_batched_and_computed_as_if_run_alone(small_teache
         assert got.sample_index == want.sample_index
         for name in ("input_ids", "topk_indices", "topk_logprobs", "logsumexp"):
             assert getattr(got, name).tobytes() == getattr(want, name).tobytes(), name
-    busy, span, longest = timeline.seconds()
-    assert len(timeline.batches) == len(one_pass) and 0 < busy <= span and 0 <= longest < span
+    busy, span = sum(end - start for start, end in timeline), timeline[-1][1] - timeline[0][0]
+    longest = max(b[0] - a[1] for a, b in zip(timeline, timeline[1:]))
+    assert len(timeline) == len(one_pass) and 0 < busy <= span and 0 <= longest < span
 
 
 def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path, tmp_path, monkeypatch):

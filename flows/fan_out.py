@@ -130,10 +130,11 @@ class FanOut:
             raise ShardFailedError(f"{shard.name} (flow run {run.name} on {run.work_pool_name}) ended "
                                    f"{state.name}: {state.message}")
         elif state.type == StateType.RUNNING and self._dead(run, shard):
-            # Its worker died: nothing refreshes the lease. Prefect would show it RUNNING forever.
-            api_call(client.set_flow_run_state, run.id,
-                     Crashed(message="its worker stopped refreshing the shard's lease (the worker died)"), force=True)
-            self._restart(client, index, run, "its worker stopped refreshing the shard's lease")
+            # Its worker stopped (SIGTERM: a preempted machine) or died: nothing refreshes the lease, and Prefect would
+            # show the run RUNNING forever. Interrupted, not failed: the shard is re-submitted and resumes.
+            why = "interrupted: its worker stopped or died (the shard's lease is no longer refreshed)"
+            api_call(client.set_flow_run_state, run.id, Crashed(message=why), force=True)
+            self._restart(client, index, run, why)
         elif state.type == StateType.CRASHED and shard_state(self.build, shard)[0] != "writing":
             self._restart(client, index, run, state.message or "crashed")
 

@@ -132,3 +132,52 @@ def test_a_build_survives_its_only_gpu_worker_killed_mid_shard(bare_stack, teach
         assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(120) if i not in (3, 7)]
         report = verify_rows(teacher, [reader[i] for i in range(0, len(reader), 5)], top_k=reader.top_k)
     assert report.ok, report
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and every process under it."""
+    try:
+        return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("bare_stack", ["sqlite"], indirect=True)
+def test_a_gpu_worker_stopped_with_sigterm_stops_its_shard_within_20_s_and_the_build_completes(
+        bare_stack, teacher_dir, corpus_path, tmp_path):
+    """A preempted spot machine: SIGTERM to the gpu-pool worker (30-120 s before the machine goes). Its shard's
+    flow run stops within 20 s, losing at most the part in flight; the parent reports the shard interrupted and
+    re-submits it; a fresh worker finishes it from its complete parts."""
+    out = tmp_path / "out"
+    run = overrides(teacher_dir, corpus_path, out, samples=120, num_shards=1, part_samples=10)
+    worker = bare_stack.start_gpu_worker(0, "gpu-worker-preempted")
+    with bare_stack.client() as client:
+        response = trigger(client, {"profile": "testing", "overrides": override_strings(run)})
+        assert response.status_code == 201, response.text
+        build = response.json()["id"]
+        deadline = time.monotonic() + 240
+        while not list(out.glob("work/*/shard-*/part-00001.json")):
+            assert time.monotonic() < deadline, f"no part written\n{bare_stack.log_tail()}"
+            assert worker.poll() is None
+            time.sleep(0.2)
+        tree = _tree(worker.pid)
+        assert len(tree) > 1, "the worker runs its shard in a subprocess"
+        done_before = len(list(out.glob("work/*/shard-*/part-*.json")))
+        os.kill(worker.pid, signal.SIGTERM)  # the worker alone, as a container runtime or systemd signals it
+        stopped = time.monotonic()
+        while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in tree):
+            assert time.monotonic() - stopped < 20, f"still running after 20 s\n{bare_stack.log_tail()}"
+            time.sleep(0.2)
+        worker.wait()
+        done_after = len(list(out.glob("work/*/shard-*/part-*.json")))
+        assert done_after <= done_before + 1  # at most the part in flight finished meanwhile
+
+        bare_stack.start_gpu_worker(0, "gpu-worker-fresh")
+        result = wait(bare_stack, client, build)
+        assert result["state_type"] == "COMPLETED", f"{result['state']['message']}\n{bare_stack.log_tail()}"
+        runs = children(client, build)
+    states = sorted((r["name"], r["state_type"]) for r in runs)
+    assert states.count(("shard-00000-of-00001", "COMPLETED")) == 1, states
+    assert "interrupted" in bare_stack.log_tail(400), "the parent reports the shard as interrupted"
+    with CacheReader(resolve(str(out)).index_uri) as reader:
+        assert [reader[i]["sample_index"] for i in range(len(reader))] == [i for i in range(120) if i not in (3, 7)]

@@ -24,6 +24,7 @@ from kd_core.shard import plan_parts
 from kd_core.config import load_config
 from kd_core.data import ShardSpec, split_rows
 from kd_core.records import FileRecord, PartRecord, Provenance, ShardRecord
+from kd_core.source import ResolvedDataset, ResolvedSource, ResolvedTeacher
 
 SHARDS = 4
 TOP_K, VOCAB = 16, 32000
@@ -44,8 +45,13 @@ def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, op
     config = load_config("testing", {"output": {"uri": uri, "storage_options": opts or {}, "max_bytes": None},
                                      "dataset": {"max_samples": samples}, "cache": {"top_k": TOP_K},
                                      "run": {"num_shards": SHARDS, "part_samples": part_samples}})
-    build, rng = Build.of(config), np.random.default_rng(0)
+    synthetic = ResolvedSource(  # nothing is read from a source: the rows are made up
+        teacher=ResolvedTeacher(model=config.teacher.model, revision=None, sha=None, fingerprint="synthetic"),
+        dataset=ResolvedDataset(name="synthetic", config=None, split="train", revision=None, sha=None,
+                                builder="synthetic", files=None))
+    build, rng = Build.of(config, synthetic), np.random.default_rng(0)
     store, key = build.store, build.key
+    build_id = store.build_id(key)
     provenance = Provenance(format_version=1, vocab_size=VOCAB, top_k=TOP_K, tokenizer="synthetic",
                             teacher_dtype="float32")
     scratch = Path(tempfile.mkdtemp(prefix="kd-bench-"))
@@ -70,7 +76,8 @@ def synthetic_version(uri: str, samples: int, tokens: int, part_samples: int, op
                     writer.append_rows(Rows(row, tokens, rng))
             parts.append(PartRecord(part=p, start=a, stop=b, num_samples=b - a,
                                     num_tokens=sum(f.num_tokens for f in files),
-                                    skipped_empty=0, seconds=0.0, provenance=provenance, files=files))
+                                    skipped_empty=0, seconds=0.0, provenance=provenance, files=files,
+                                    build_id=build_id))
         record = ShardRecord.from_parts(shard, parts)
         store.write_record(store.shard_record(key, shard), record)
         shards.append(record)

@@ -172,10 +172,12 @@ def per_part_run_parts(build, shard, todo, done, lock, progress, background_file
     texts = data.iter_texts(config.dataset, shard, todo[0][0], shard.stop)
     stats, out = InferenceStats(), []
     staging = build.store.staging_dir(build.key) / shard.name
+    staging.mkdir(parents=True, exist_ok=True)
     for index, (start, stop) in enumerate(todo, start=len(done)):
         started, skipped = time.perf_counter(), stats.skipped_empty
         part = kd_core.shard.Part(build, shard, lock, provenance, index, start, stop, staging,
-                                  projects=index == len(done), parts=len(done) + len(todo))
+                                  projects=index == len(done), parts=len(done) + len(todo),
+                                  build_id=build.store.build_id(build.key))
         with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                    top_k=config.cache.top_k, vocab_size=teacher.vocab_size, attrs={}) as writer:
             for rows in run_teacher(teacher, itertools.islice(texts, stop - start), top_k=config.cache.top_k,

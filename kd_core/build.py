@@ -19,12 +19,13 @@ from typing import Any, Callable, Literal
 from pydantic import ValidationError
 
 import kd_core
-from kd_core import guards, io
+from kd_core import guards, io, source
 from kd_core.h5cache import FORMAT_VERSION
 from kd_core.h5cache.format import SAMPLED_LAYOUT
 from kd_core.config import SAMPLER_VERSION, CacheConfig, Config, describe_validation_error, load_config
 from kd_core.demo import resolve_demo_paths
 from kd_core.errors import ConfigError
+from kd_core.source import ResolvedSource
 from kd_core.store import Store
 
 
@@ -53,32 +54,39 @@ class Rows:
 class Build:
     """One cache build, resolved once by validate-config.
 
-    config: the checked config, teacher.dtype resolved (auto -> what this machine runs); never credentials.
-    key: the version key, version_key(config).  rows: the chosen mode's row layout.  store: output.uri's layout.
+    config: the checked config, teacher.dtype resolved (auto -> what this machine runs), hub revisions pinned to
+    the commits they named at validate time; never credentials.  source: what the build reads, as validate
+    resolved it (kd_core.source: files with fingerprints, commit shas).  key: the version key, version_key(config,
+    source).  rows: the chosen mode's row layout.  store: output.uri's layout.
     """
 
     config: Config
+    source: ResolvedSource
     key: str
     rows: Rows
     store: Store
 
     @classmethod
-    def of(cls, config: Config) -> "Build":
-        """The Build of a config whose teacher.dtype is resolved (check() does it)."""
-        return cls(config=config, key=version_key(config), rows=Rows.of(config.cache),
+    def of(cls, config: Config, source: ResolvedSource) -> "Build":
+        """The Build of a config whose teacher.dtype is resolved and revisions pinned (check() does both)."""
+        return cls(config=config, source=source, key=version_key(config, source.digest()), rows=Rows.of(config.cache),
                    store=Store(config.output.uri, config.output.storage_options))
 
     def params(self) -> dict[str, Any]:
         """The Build as a deployed shard's flow-run parameter (JSON). No credentials: Config refuses them (they
-        come from output.credentials or the worker's environment); teacher.dtype is already resolved."""
-        return {"config": self.config.model_dump(mode="json"), "key": self.key}
+        come from output.credentials or the worker's environment); teacher.dtype is already resolved. The source
+        travels resolved: a shard checks its own files against it rather than resolving every file again."""
+        return {"config": self.config.model_dump(mode="json"), "key": self.key,
+                "source": self.source.model_dump(mode="json")}
 
 
-def version_key(config: Config) -> str:
+def version_key(config: Config, source_digest: str) -> str:
     """A short hash of everything that determines the cache's bytes (not where it is written): the teacher, its
-    revision and resolved dtype, the dataset, the cache settings of the chosen mode, the format and the producer's
-    version. teacher.dtype=auto is resolved as on this machine; check() records the resolution in the Build's
-    config, and a deployed parent hands that to its shards, so every worker of one build computes one key."""
+    revision and resolved dtype, the dataset, the source as resolved (ResolvedSource.digest(): the teacher's and
+    dataset's commits, every data file's size and fingerprint), the cache settings of the chosen mode, the format
+    and the producer's version. teacher.dtype=auto is resolved as on this machine; check() records the resolution
+    in the Build's config, and a deployed parent hands that to its shards, so every worker of one build computes
+    one key. Always 16 hex digits (store.is_key)."""
     data = config.model_dump(mode="json")
     del data["output"], data["run"]
     data["teacher"] = {k: data["teacher"][k] for k in ("model", "revision")}
@@ -93,6 +101,7 @@ def version_key(config: Config) -> str:
 
     data["teacher"]["dtype"] = resolve_dtype(config.teacher)
     data["format_version"], data["producer"] = FORMAT_VERSION, kd_core.__version__
+    data["source"] = source_digest
     blob = json.dumps(data, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -112,8 +121,9 @@ def validate(profile: str, overrides: dict[str, Any] | list[str] | None = None, 
 
 
 def check(config: Config, check_target: bool = True, deployed: bool = False,
-          read_secret: Callable[[str], Any] | None = None) -> Build:
-    """Every check validate makes, on a loaded config; its Build."""
+          read_secret: Callable[[str], Any] | None = None, resolved: ResolvedSource | None = None) -> Build:
+    """Every check validate makes, on a loaded config; its Build. The source is resolved here (kd_core.source:
+    listings, footers and hub lookups, no data read) unless `resolved` is given (a shard gets its parent's)."""
     from kd_core.teacher import resolve_dtype, teacher_vocab_size  # torch: seconds, only once a build is checked
 
     guards.check_config(config)
@@ -128,8 +138,10 @@ def check(config: Config, check_target: bool = True, deployed: bool = False,
     config = config.model_copy(deep=True, update={"teacher": teacher})
     if check_target:
         io.check_target(config.output.uri, config.output.storage_options)  # writable directory / existing bucket
+    resolved = resolved if resolved is not None else source.resolve(config)
+    config = source.pinned(config, resolved)  # every shard loads what was resolved, even if `main` moves meanwhile
     guards.check_vocab(config, teacher_vocab_size(config.teacher))  # reads the teacher's config file, no weights
-    return Build.of(config)
+    return Build.of(config, resolved)
 
 
 def _credentials(config: Config, read_secret: Callable[[str], Any] | None) -> dict[str, Any]:
@@ -155,7 +167,8 @@ def accept(params: dict[str, Any], read_secret: Callable[[str], Any] | None = No
     deployed runs, and refused when this worker resolves it to another version key (another kd-cache checkout or
     other teacher files would write other bytes)."""
     try:
-        build = check(Config.model_validate(params["config"]), deployed=True, read_secret=read_secret)
+        build = check(Config.model_validate(params["config"]), deployed=True, read_secret=read_secret,
+                      resolved=ResolvedSource.model_validate(params["source"]) if "source" in params else None)
     except ValidationError as e:
         raise ConfigError(describe_validation_error(e)) from None
     if build.key != params["key"]:

@@ -33,7 +33,7 @@ def estimate(build: Build, check: bool = True) -> storage.StorageEstimate:
     from kd_core.teacher import load_tokenizer, teacher_num_parameters, teacher_vocab_size
 
     config = build.config
-    source = data.Source(config.dataset)
+    source = data.Source(config.dataset, build.source.dataset)  # the files validate resolved
     source.check_text_column()
     total = source.run_rows()  # max_samples, checked here already when the source's size is known
     texts = data.probe_texts(config.dataset, source, PROBE_SAMPLES)

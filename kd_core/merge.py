@@ -8,10 +8,7 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import kd_core
@@ -61,6 +58,7 @@ def cache_attrs(build: Build, shards: list[ShardRecord]) -> dict[str, Any]:
         "max_samples": ds.max_samples, "max_length": config.cache.max_length,
         "skipped_empty": sum(r.skipped_empty for r in shards),
         "content_key": build.key,
+        **build.source.attrs(),
         "config": config.public_dict(),
     }
 
@@ -79,12 +77,23 @@ def merge(build: Build, shards: list[ShardRecord]) -> Manifest:
                           "were empty, so the cache would hold no samples; nothing was published. Fix: "
                           "dataset.text_column or dataset.data_files.")
     store = build.store
-    try:
-        with store.merge_lock(build.key), io.disk_full_is_fatal(output=store.local_root,
-                                                                staging=store.staging_dir(build.key)):
-            return _merge_locked(build, shards)
-    finally:  # published or not, the version's local scratch is no use to a re-run: leave no empty directories
-        store.release_staging(build.key)
+    # Its local scratch (Store.staging) is removed however the merge ends: no use to a re-run, no empty directories.
+    with store.merge_lock(build.key), io.disk_full_is_fatal(output=store.local_root,
+                                                            staging=store.staging_dir(build.key)):
+        return _merge_locked(build, shards)
+
+
+def _check_build(build: Build, shards: list[ShardRecord]) -> str:
+    """The build id every part record must carry; CacheFileError naming the first part of another build."""
+    build_id = build.store.build_id(build.key)
+    for shard in shards:
+        for part in shard.parts:
+            if part.build_id != build_id:
+                raise CacheFileError(
+                    f"{shard.shard.name} part {part.part} was written by build {part.build_id}, but this version's "
+                    f"build is {build_id} ({build.store.build_id_uri(build.key)}): refusing to mix two builds in one "
+                    f"version; nothing was published. Fix: delete {build.store.work_dir(build.key)} and run again.")
+    return build_id
 
 
 def _merge_locked(build: Build, shards: list[ShardRecord]) -> Manifest:
@@ -94,24 +103,22 @@ def _merge_locked(build: Build, shards: list[ShardRecord]) -> Manifest:
         return existing
     shards = sorted(shards, key=lambda r: r.shard.index)
     records.check_consistent([r.provenance for r in shards], f"the version {key}")
+    build_id = _check_build(build, shards)
     found = store.stamps(store.version_dir(key))  # one listing for every file of the version
     entries = [_checked_part_file(build, shard.shard, part, file, found.get(file.name))
                for shard in shards for part in shard.parts for file in part.files]
     listed = {file.name for shard in shards for file in shard.files}
     for stray in sorted(n for n in found if store.is_part(n) and n not in listed):
         store.remove(store.version_file(key, stray))  # left by a killed attempt at a part
-    scratch = Path(tempfile.mkdtemp(prefix="kd-merge-", dir=store.staging_dir(key)))
-    try:
+    with store.staging(key, "merge") as scratch:
         index_local = store.local_path(store.index(key), scratch)
-        summary = h5cache.write_index(index_local, entries, attrs=cache_attrs(build, shards))
+        summary = h5cache.write_index(index_local, entries, attrs={**cache_attrs(build, shards), "build_id": build_id})
         index_bytes = index_local.stat().st_size
         if index_bytes > config.output.max_object_bytes:
             raise StorageError(f"output.max_object_bytes: the index of {summary['num_samples']:,} samples takes "
                                f"{index_bytes:,} bytes, over the limit of {config.output.max_object_bytes:,}. "
                                f"Fix: output.max_object_bytes={2 * index_bytes} or more.")
         index_stamp = store.publish_file(index_local, store.index(key))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     parts = [ManifestFile(name=f.name, bytes=f.bytes, sha256=f.sha256, num_samples=f.num_samples,
                           num_tokens=f.num_tokens) for shard in shards for f in shard.files]
     index = ManifestFile(name=INDEX, bytes=index_bytes, sha256=index_stamp["sha256"], **summary)
@@ -122,6 +129,7 @@ def _merge_locked(build: Build, shards: list[ShardRecord]) -> Manifest:
         skipped_empty=sum(r.skipped_empty for r in shards), shards=len(shards), file_bytes=file_bytes,
         bytes_per_token=file_bytes / max(1, summary["num_tokens"]), provenance=shards[0].provenance,
         config=config.public_dict(), published_at=datetime.now(timezone.utc).isoformat(),
+        build_id=build_id, source=build.source,
     )
     # The manifest makes the version complete, then latest moves, then old versions go: one step under the
     # output's publish lock, so no other run prunes this version in between.

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from kd_core.data import ShardSpec
 from kd_core.errors import CacheFileError
+from kd_core.source import ResolvedSource
 
 
 class _Record(BaseModel):
@@ -57,6 +58,7 @@ class PartRecord(_Record):
     provenance: Provenance
     files: list[FileRecord]      # in row order; more than one when the part passed output.max_object_bytes
     projected_cache_bytes: int | None = None  # the shard's first part of a run: the whole cache at its bytes/row
+    build_id: str                # the build that wrote it (Store.build_id): a resume keeps only its own build's parts
 
 
 class ShardRecord(_Record):
@@ -104,6 +106,8 @@ class Manifest(_Record):
     provenance: Provenance
     config: dict[str, Any]
     published_at: str            # ISO time; orders versions for pruning
+    build_id: str | None = None  # stamped into every part and the index (root attribute build_id); None: older
+    source: ResolvedSource | None = None  # what was read, as validate resolved it (the version key covers it)
 
     @property
     def files(self) -> list[ManifestFile]:

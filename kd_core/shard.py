@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kd_core
-from kd_core import data, h5cache, io
+from kd_core import data, h5cache, io, source
 from kd_core.build import Build
 from kd_core.data import ShardSpec
 from kd_core.errors import AlreadyPublished, CacheFileError, ConfigError
@@ -40,7 +40,7 @@ log = logging.getLogger("kd_core.shard")
 
 def plan(build: Build) -> data.ShardPlan:
     """run.num_shards shards from the source's layout (parquet footers, or one counting pass): see kd_core.data."""
-    return data.plan(build.config.dataset, build.config.run.num_shards)
+    return data.plan(build.config.dataset, build.config.run.num_shards, build.source.dataset)
 
 
 def shard_state(build: Build, shard: ShardSpec) -> tuple[str, str | None]:
@@ -75,12 +75,14 @@ def run_shard(build: Build, shard: ShardSpec, progress: Callable[[Any], None] | 
     with store.shard_lock(key, shard) as lock, io.disk_full_is_fatal(**store.scratch(key)):
         refuse_if_published(build, shard.name)  # checked again under the lock: it may have just happened
         parts = plan_parts(shard, build.config.run.part_samples)
-        done = complete_parts(build, shard, parts)
+        build_id = store.build_id(key)
+        done = complete_parts(build, shard, parts, build_id)
         if len(done) < len(parts):
             if done:
                 log.info("%s: resuming at part %d of %d (row %d)", shard.name, len(done), len(parts),
                          parts[len(done)][0])
-            done += run_parts(build, shard, parts[len(done):], done, lock, progress, background_files)
+            check_source(build, shard)  # before the teacher loads or a row is read
+            done += run_parts(build, shard, parts[len(done):], done, lock, progress, background_files, build_id)
         record = ShardRecord.from_parts(shard, done)
         lock.check()
         store.write_record(store.shard_record(key, shard), record)
@@ -94,15 +96,31 @@ def plan_parts(shard: ShardSpec, part_samples: int) -> list[tuple[int, int]]:
     return [(start, min(start + part_samples, shard.stop)) for start in range(shard.start, shard.stop, part_samples)]
 
 
-def complete_parts(build: Build, shard: ShardSpec, parts: list[tuple[int, int]]) -> list[PartRecord]:
-    """Records of the shard's leading complete parts: a record over the planned rows whose files are all there
-    with their recorded sizes (one listing of the shard's directory)."""
+def check_source(build: Build, shard: ShardSpec) -> None:
+    """SourceChanged when the teacher or one of this shard's data files is no longer what validate resolved (the
+    files: a stat or one listing each, no data read). Called before the shard reads anything and before each part's
+    record is written, so a part read from a file that changed meanwhile never becomes complete."""
+    source.check_teacher_unchanged(build.source.teacher)
+    files = build.source.dataset.files or []
+    if shard.segments:  # only the files this shard reads
+        mine = {s.path for s in shard.segments}
+        files = [f for f in files if f.path in mine]
+    source.check_unchanged(files, shard.name)
+
+
+def complete_parts(build: Build, shard: ShardSpec, parts: list[tuple[int, int]], build_id: str) -> list[PartRecord]:
+    """Records of the shard's leading complete parts: a record of this build over the planned rows whose files are
+    all there with their recorded sizes (one listing of the shard's directory)."""
     store, key = build.store, build.key
     found = store.stamps(store.shard_parts(key, shard))
     done = []
     for index, (start, stop) in enumerate(parts):
         record = store.read_part(key, shard, index)
         if record is None or (record.start, record.stop) != (start, stop):  # absent, or another run.part_samples
+            break
+        if record.build_id != build_id:  # another build's (work/<key>/build.json was replaced): never mixed
+            log.warning("%s: part %d was written by build %s, this build is %s: redoing it", shard.name, index,
+                        record.build_id, build_id)
             break
         if any(found.get(f.name.rsplit("/", 1)[-1], {}).get("size") != f.bytes for f in record.files):
             break
@@ -112,17 +130,18 @@ def complete_parts(build: Build, shard: ShardSpec, parts: list[tuple[int, int]])
 
 def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done: list[PartRecord],
               lock: LeaseLock, progress: Callable[[Any], None] | None = None,
-              background_files: int = BACKGROUND_FILES) -> list[PartRecord]:
-    """Run and publish the parts in `todo` (the shard's last ones, in order); their records.
+              background_files: int = BACKGROUND_FILES, build_id: str | None = None) -> list[PartRecord]:
+    """Run and publish the parts in `todo` (the shard's last ones, in order); their records. build_id: the
+    build's (Store.build_id), stamped into every file and record.
 
     One teacher pass over all of them (run_teacher(parts=...): each part batched as if run alone). Each finished
     file is closed, published and its part's record written on a background thread (io.Background) while the
     teacher runs on: at most `background_files` files wait for storage, beyond that the teacher waits.
     """
-    from kd_core.inference import InferenceStats
+    from kd_core.inference import InferenceStats, PartEnd, run_teacher
     from kd_core.teacher import load_teacher
 
-    config = build.config
+    config, build_id = build.config, build_id or build.store.build_id(build.key)
     teacher = load_teacher(config.teacher)
     provenance = part_provenance(build, shard, teacher, done)
     # One reader over all the remaining rows, sliced into parts: it seeks to the resume point once.
@@ -130,31 +149,20 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
     # Progress counts the whole shard, complete parts included.
     stats = InferenceStats(samples=sum(r.num_samples for r in done), tokens=sum(r.num_tokens for r in done),
                            skipped_empty=sum(r.skipped_empty for r in done))
-    staging = None if build.store.is_local else build.store.staging_dir(build.key) / shard.name
-    try:
-        return _run_parts(build, shard, todo, done, lock, teacher, provenance, texts, stats, staging, progress,
-                          background_files)
-    finally:  # the files it staged are published, or a re-run writes them again: none is resumable work
-        if staging is not None:
-            build.store.release_staging(build.key, shard.name)
-
-
-def _run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done: list[PartRecord],
-               lock: LeaseLock, teacher, provenance: Provenance, texts, stats, staging: Path | None,
-               progress: Callable[[Any], None] | None, background_files: int) -> list[PartRecord]:
-    from kd_core.inference import PartEnd, run_teacher
-
-    config = build.config
     first, out = len(done), []
-    with io.Background(background_files) as background, contextlib.closing(run_teacher(
+    # A remote target's files wait in local staging, each deleted once uploaded (io.publish_file); the directory
+    # goes when the shard stops, however it stops.
+    staged = contextlib.nullcontext() if build.store.is_local else build.store.staging(build.key, shard.name)
+    with staged as staging, io.Background(background_files) as background, contextlib.closing(run_teacher(
             teacher, texts, max_length=config.cache.max_length, batch_tokens=config.teacher.batch_tokens,
             stats=stats, parts=[stop - start for start, stop in todo],
             **build.rows.teacher_args())) as items:
         started = time.perf_counter()
         for index, (start, stop) in enumerate(todo, start=first):
             part = Part(build, shard, lock, provenance, index, start, stop, staging, projects=index == first,
-                        parts=first + len(todo))
-            attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index}
+                        parts=first + len(todo), build_id=build_id)
+            attrs = {"producer": f"kd-cache {kd_core.__version__}", "shard": shard.name, "part": index,
+                     "build_id": build_id, "source_digest": build.source.digest()}
             # top_k is unused by a sampled cache's writer.
             with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                        top_k=build.rows.top_k or 0, samples=build.rows.samples,
@@ -201,8 +209,9 @@ class Part:
     (both on the background thread, in that order)."""
 
     def __init__(self, build: Build, shard: ShardSpec, lock: LeaseLock, provenance: Provenance, index: int,
-                 start: int, stop: int, staging: Path | None, projects: bool, parts: int):
+                 start: int, stop: int, staging: Path | None, projects: bool, parts: int, build_id: str):
         self.build, self.shard, self.lock, self.provenance = build, shard, lock, provenance
+        self.build_id = build_id
         self.index, self.start, self.stop, self.staging, self.parts = index, start, stop, staging, parts
         self.projects = projects  # the run's first part checks the cache size projected from its real bytes
         self.files: list[FileRecord] = []
@@ -230,7 +239,8 @@ class Part:
         record = PartRecord(part=self.index, start=self.start, stop=self.stop,
                             num_samples=sum(f.num_samples for f in files), num_tokens=sum(f.num_tokens for f in files),
                             skipped_empty=skipped, seconds=round(seconds, 3), provenance=self.provenance, files=files,
-                            projected_cache_bytes=projected)
+                            projected_cache_bytes=projected, build_id=self.build_id)
+        check_source(self.build, shard)  # its rows were read from the files validate resolved, or it never completes
         self.lock.check()
         store.write_record(store.part_record(self.build.key, shard, self.index), record)
         log.info("%s part %d/%d: %d samples, %d tokens in %d file(s)", shard.name, self.index + 1, self.parts,

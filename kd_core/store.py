@@ -33,19 +33,22 @@ Records that do not parse (written by an older version) read as absent: that par
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from kd_core import io
 from kd_core.data import ShardSpec
-from kd_core.errors import CacheFileError, ConfigError
+from kd_core.errors import CacheFileError, ConfigError, StorageError
 from kd_core.locks import LEASE_SECONDS, LeaseLock, holder_state, is_held
 from kd_core.records import Manifest, PartRecord, ShardRecord
 
@@ -53,11 +56,18 @@ log = logging.getLogger("kd_core.store")
 R = TypeVar("R", bound=BaseModel)
 
 INDEX = "cache.h5"
+BUILD_ID = "build.json"
+KEY = re.compile(r"[0-9a-f]{16}")  # what kd_core.build.version_key returns
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
 # Publishing takes seconds (a manifest, latest.json, a few deletes); a holder that died is taken over once its
 # lease ends, so waiting a few leases always ends.
 PUBLISH_WAIT_SECONDS = 3 * LEASE_SECONDS
+
+
+def is_key(name: str) -> bool:
+    """Whether `name` can be a version key (so a directory of that name under versions/ may be this tool's)."""
+    return KEY.fullmatch(name) is not None
 
 
 def staging_root() -> Path:
@@ -134,6 +144,9 @@ class Store:
     def shard_lock_uri(self, key: str, shard: ShardSpec) -> str:
         return io.join(self.work_dir(key), f"{shard.name}.lock")
 
+    def build_id_uri(self, key: str) -> str:
+        return io.join(self.work_dir(key), BUILD_ID)
+
     def merge_lock_uri(self, key: str) -> str:
         return io.join(self.root, "work", f"{key}.merge.lock")
 
@@ -141,21 +154,26 @@ class Store:
         return io.join(self.root, "work", "publish.lock")
 
     def staging_dir(self, key: str) -> Path:
-        """Local scratch of version `key` (created): files on their way to a remote target, the merge's index."""
-        path = staging_root() / "kd-cache-staging" / key
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """Local scratch of version `key` (a name; `staging` creates and removes what is under it)."""
+        return staging_root() / "kd-cache-staging" / key
 
-    def release_staging(self, key: str, shard: str | None = None) -> None:
-        """Remove local scratch that nothing needs any more: a shard's directory (its files published, or abandoned
-        by a failure: a re-run writes them again), then the version's and the staging root's directories once they
-        are empty (another shard of the version may still be using them)."""
-        root = staging_root() / "kd-cache-staging"
-        if shard is not None:
-            shutil.rmtree(root / key / shard, ignore_errors=True)
-        for path in (root / key, root):
-            with contextlib.suppress(OSError):  # not empty, or already gone
-                path.rmdir()
+    @contextlib.contextmanager
+    def staging(self, key: str, name: str) -> Iterator[Path]:
+        """An empty local directory staging_dir(key)/name for the block, removed after it, success or not (its
+        parents too once empty): staging holds only files on their way out, never a dead run's leftovers.
+
+        Call it under the lock of what `name` is (a shard's lease, the merge lock): whatever is found there at the
+        start was left by a run of that same shard or merge that died, and is dropped."""
+        path = self.staging_dir(key) / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            for parent in (path.parent, path.parent.parent):  # <key>/, then kd-cache-staging/, if now empty
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
     @property
     def local_root(self) -> Path | None:
@@ -231,6 +249,23 @@ class Store:
         return LeaseLock(self.publish_lock_uri(), "the publishing step", self.options,
                          wait_seconds=PUBLISH_WAIT_SECONDS)
 
+    def build_id(self, key: str) -> str:
+        """The id of the build of version `key`: minted (random) by the first shard or merge of its work, kept in
+        work/<key>/build.json so that every shard and a resume use the same one; a rebuild after the version was
+        published (work/<key>/ removed) gets a new one. Stamped into every part and the index, recorded in part
+        records and the manifest: a reader can tell a file of another build (kd_core.h5cache.reader)."""
+        uri, minted = self.build_id_uri(key), uuid.uuid4().hex
+        if io.create_exclusive(uri, json.dumps({"build_id": minted}), self.options):  # whole or not at all
+            return minted
+        try:
+            found = io.read_json(uri, self.options)["build_id"]
+        except (ValueError, TypeError, KeyError):
+            found = None
+        if not isinstance(found, str) or not re.fullmatch(r"[0-9a-f]{32}", found):
+            raise CacheFileError(f"{uri}: damaged, not the build id this tool writes. Fix: delete "
+                                 f"{self.work_dir(key)} to start this version over.")
+        return found
+
     def merging(self, key: str) -> bool:
         """Whether a live run holds the merge lock of version `key`."""
         return is_held(self.merge_lock_uri(key), self.options)
@@ -255,7 +290,7 @@ class Store:
             raise CacheFileError(f"{self.latest}: damaged, not the JSON this tool writes ({type(e).__name__}). Fix: "
                                  'point it at a complete version, e.g. {"version": "<key>"} for one under versions/, '
                                  "or run the build again.") from None
-        if not isinstance(key, str) or not key or "/" in key:
+        if not isinstance(key, str) or not is_key(key):
             raise CacheFileError(f"{self.latest}: damaged, its version is not a key under versions/. Fix: run the "
                                  "build again.")
         return key
@@ -303,37 +338,60 @@ class Store:
                                                    f"has {size:,} bytes, not {file.bytes:,}"))
         return problems
 
-    def complete_versions(self) -> list[dict[str, Any]]:
-        """Manifests of every complete version, newest first (by their `published_at`)."""
+    def complete_versions(self) -> list[str]:
+        """The keys of the complete versions this store owns, newest first (by their manifests' `published_at`).
+
+        Only a directory under versions/ whose name is a key (is_key) and whose own manifest names that same key
+        counts: a directory renamed by hand, or a manifest edited to name another key or a path, is left alone
+        (and said so). Every key returned is a name read from the listing, never a value read from a file.
+        """
         fs, versions = io.filesystem(self.versions_dir, self.options)
         if not fs.exists(versions):
             return []
-        manifests = []
+        found = []
         for entry in fs.ls(versions, detail=False):
-            manifest = self.manifest(entry.rstrip("/").rsplit("/", 1)[-1])
-            if self.exists(manifest):
-                manifests.append(io.read_json(manifest, self.options))
-        return sorted(manifests, key=lambda m: m["published_at"], reverse=True)
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if not is_key(name):
+                log.warning("leaving %s alone: not a version key", self.version_dir(name))
+                continue
+            if not self.exists(self.manifest(name)):
+                continue  # incomplete: another run may be building it
+            try:
+                manifest = io.read_json(self.manifest(name), self.options)
+                named, published_at = manifest["key"], str(manifest["published_at"])
+            except (ValueError, TypeError, KeyError):
+                named, published_at = None, ""
+            if named != name:
+                log.warning("leaving %s alone: its manifest does not name its own key", self.version_dir(name))
+                continue
+            found.append((published_at, name))
+        return [name for _, name in sorted(found, reverse=True)]
 
     def prune(self, keep: int) -> list[str]:
         """Delete all but the `keep` newest complete versions besides the latest one; return the deleted keys.
 
-        Call it under publish_lock (publish does): latest cannot move while it runs.
+        Call it under publish_lock (publish does): latest cannot move while it runs, and no other run is
+        publishing. A version whose merge lock is live is kept. Runs after latest moved, so it never fails the
+        publish: a version it cannot delete is logged and left.
         """
         current = self.latest_key()
-        old = [m["key"] for m in self.complete_versions() if m["key"] != current]
+        old = [key for key in self.complete_versions() if key != current]
         deleted = []
         for key in old[keep:]:
             if self.merging(key):
                 log.info("keeping old version %s: a merge of it is in progress", key)
-            else:
-                deleted.append(key)
-        for key in deleted:
+                continue
             fs, path = io.filesystem(self.version_dir(key), self.options)
-            # The manifest goes first: if the delete is interrupted, what is left is an incomplete version,
-            # which nothing reads and a rebuild of that key overwrites.
-            fs.rm(io.join(path, MANIFEST))
-            fs.rm(path, recursive=True)
+            try:
+                # The manifest goes first: if the delete is interrupted, what is left is an incomplete version,
+                # which nothing reads and a rebuild of that key overwrites.
+                fs.rm(io.join(path, MANIFEST))
+                fs.rm(path, recursive=True)
+            except (OSError, StorageError) as e:
+                log.warning("could not delete old version %s (%s: %s); it is left for the next prune", key,
+                            type(e).__name__, e)
+                continue
+            deleted.append(key)
         return deleted
 
 

@@ -190,13 +190,16 @@ def test_sampled_mode_checks_samples_and_ignores_top_k():
     guards.check_vocab(load_config("testing", ["cache.mode=sampled", "cache.top_k=5000"]), 1000)
 
 
+SOURCE = "0" * 64  # one resolved source (ResolvedSource.digest()) for the config-only comparisons below
+
+
 def test_content_key_covers_only_the_mode_s_own_settings():
-    topk = version_key(load_config("testing"))
-    assert version_key(load_config("testing", ["cache.samples=7"])) == topk  # samples: no byte of a top-k cache
-    sampled = version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=64"]))
+    topk = version_key(load_config("testing"), SOURCE)
+    assert version_key(load_config("testing", ["cache.samples=7"]), SOURCE) == topk  # samples: no byte of a top-k cache
+    sampled = version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=64"]), SOURCE)
     assert sampled != topk
-    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.top_k=3"])) == sampled
-    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=16"])) != sampled
+    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.top_k=3"]), SOURCE) == sampled
+    assert version_key(load_config("testing", ["cache.mode=sampled", "cache.samples=16"]), SOURCE) != sampled
 
 
 def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_key():
@@ -208,7 +211,7 @@ def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_
     public = a.public_dict()["output"]["storage_options"]
     assert public == {"endpoint_url": "http://x", "client_kwargs": {"region_name": "eu"}, "fixed_upload_size": "***",
                       "s3_additional_kwargs": "***"}
-    assert version_key(a) == version_key(b)
+    assert version_key(a, SOURCE) == version_key(b, SOURCE)
     for secret in ({"key": "AKIA123"}, {"connection_string": "AccountKey=s3cr3t"},
                    {"client_kwargs": {"aws_session_token": "s3cr3t"}}, {"endpoint_url": "https://u:s3cr3t@host"}):
         with pytest.raises(ConfigError, match="credentials are not accepted in the config") as e:
@@ -217,7 +220,7 @@ def test_storage_options_are_masked_by_allow_list_and_do_not_change_the_content_
     with pytest.raises(ConfigError, match=r"^dataset\.data_files: credentials are not accepted in the config") as e:
         load_config("testing", {"dataset": {"data_files": "https://u:s3cr3t@host/x.parquet"}})
     assert "s3cr3t" not in str(e.value)
-    assert version_key(load_config("testing", ["cache.top_k=8"])) != version_key(b)
+    assert version_key(load_config("testing", ["cache.top_k=8"]), SOURCE) != version_key(b, SOURCE)
 
 
 def test_kd_core_does_not_import_prefect():

@@ -209,16 +209,17 @@ def test_version_key_covers_resolved_dtype_format_and_producer(small_teacher_dir
     assert explicit.key == fp32.key and published(explicit) is not None
     monkeypatch.setattr("kd_core.teacher.torch.cuda.is_available", lambda: True)  # the same profile on a GPU worker
     gpu_worker = load_config("demo", small_run(small_teacher_dir, corpus_path, uri, teacher={"device": "auto"}, **small))
-    assert version_key(gpu_worker) == bf16.key
+    assert version_key(gpu_worker, bf16.source.digest()) == bf16.key
     monkeypatch.undo()
-    key = version_key(fp32.config)
+    key = version_key(fp32.config, fp32.source.digest())
     with monkeypatch.context() as m:
         m.setattr(kd_core, "__version__", "99.0")  # another producer may write other bytes
-        assert version_key(fp32.config) != key
+        assert version_key(fp32.config, fp32.source.digest()) != key
     with monkeypatch.context() as m:
         m.setattr("kd_core.build.FORMAT_VERSION", 2)
-        assert version_key(fp32.config) != key
-    assert version_key(fp32.config) == key and fp32.key == key
+        assert version_key(fp32.config, fp32.source.digest()) != key
+    assert version_key(fp32.config, fp32.source.digest()) == key and fp32.key == key
+    assert version_key(fp32.config, "another source") != key  # the source is part of the version
 
 
 def test_resume_refuses_parts_made_in_another_dtype(small_teacher_dir, corpus_path, tmp_path, monkeypatch):

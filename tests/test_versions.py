@@ -40,19 +40,21 @@ def remaining(root, opts):
 def test_prune_keeps_latest_and_the_newest_old_versions_and_never_an_incomplete_one(target):
     root, opts = target
     store = Store(root, opts)
+    k = {name: name * 16 for name in "abcde"}  # keys as version_key makes them: 16 hex digits
     assert store.latest_key() is None
-    for day, key in enumerate(["a", "b", "c", "d"], start=1):
-        publish(root, opts, key, day)
-    io.write_text_atomic(io.join(root, "versions", "e", "cache.h5"), "another run, still building", opts)
-    store.set_latest("b")  # latest need not be the newest (a config went back to an older one)
+    for day, name in enumerate("abcd", start=1):
+        publish(root, opts, k[name], day)
+    io.write_text_atomic(io.join(root, "versions", k["e"], "cache.h5"), "another run, still building", opts)
+    store.set_latest(k["b"])  # latest need not be the newest (a config went back to an older one)
 
     # Old complete versions, newest first: d, c, a. Keep one.
-    assert store.prune(1) == ["c", "a"]
-    assert remaining(root, opts) == ["b", "d", "e"]
-    assert store.prune(0) == ["d"]
-    assert remaining(root, opts) == ["b", "e"]
-    assert store.latest_key() == "b"
-    assert io.read_json(io.join(root, "latest.json"), opts) == {"version": "b", "path": "versions/b/cache.h5"}
+    assert store.prune(1) == [k["c"], k["a"]]
+    assert remaining(root, opts) == [k["b"], k["d"], k["e"]]
+    assert store.prune(0) == [k["d"]]
+    assert remaining(root, opts) == [k["b"], k["e"]]
+    assert store.latest_key() == k["b"]
+    assert io.read_json(io.join(root, "latest.json"), opts) == {"version": k["b"],
+                                                                 "path": f"versions/{k['b']}/cache.h5"}
 
 
 class _Seen(logging.Handler):

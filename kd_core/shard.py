@@ -9,7 +9,9 @@ output.max_object_bytes is split into several files as it is written. A part's r
 files, and a part is complete when its record exists and every file it lists has the listed size. A killed shard
 restarts at its first incomplete part (rewriting that part's files under the same names); a shard with a record
 is skipped. One teacher pass covers all of a run's parts, but batches every part exactly as a pass over that part
-alone would (run_teacher(parts=...)), so a resumed shard's arrays are byte-for-byte an uninterrupted run's.
+alone would (run_teacher(parts=...)), so a resumed shard's arrays are byte-for-byte an uninterrupted run's. Only
+parts of this build (Store.build_id) are resumed, and only while the source is what validate resolved
+(check_source, before reading and before each part's record): a changed source is a new version, never mixed.
 
 Overlap: the teacher never waits on storage while storage keeps up. Finished files are closed and published, and
 part records written, on a background thread (io.Background: in order, the lease checked before each), at most

@@ -12,9 +12,12 @@ filesystem).
     work/<key>/<shard>/part-PPPPP.json    a part's record (records.PartRecord: rows, counts, its files)
     work/<key>/<shard>.json               the shard's record, written after its last part
     work/<key>/<shard>.lock               lease lock: one writer per shard (kd_core.locks)
+    work/<key>/build.json                 the build id (build_id), minted when the version's work starts
     work/<key>.merge.lock                 lease lock: one merge at a time (outside work/<key>/, which the merge removes)
     work/publish.lock                     lease lock: one run at a time writes a manifest, moves latest and prunes
-    $KD_CACHE_STAGING/kd-cache-staging/<key>/   local scratch of a remote target (h5py needs a seekable local file)
+    $KD_CACHE_STAGING/kd-cache-staging/<key>/<shard or merge>/   local scratch of a remote target (h5py needs a
+                                          seekable local file): each file deleted once uploaded, the directory
+                                          removed when its shard or merge stops (staging)
 
 <key> is the build's version key (kd_core.build.version_key): a hash of what determines the cache's bytes, so a
 rerun with the same inputs finds its version published and does no teacher work. work/<key>/ is removed after
@@ -25,7 +28,8 @@ runs of different configs publishing at once would otherwise each prune the othe
 and its latest.json, leaving latest pointing at a deleted version. Inside the lock, latest is read again before
 pruning, and a version whose merge lock is live (a rebuild in progress) is never deleted. Old complete versions
 are deleted only after latest has moved, oldest first; a version without a manifest may be another run still
-building, and is never touched.
+building, and is never touched. Pruning considers only directories whose name is a key and whose own manifest
+names that key, and deletes by the listed name: never a path read from a file.
 
 Records that do not parse (written by an older version) read as absent: that part is simply redone.
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from s3helpers import bucket, moto_endpoint, overrides, s3_options  # noqa: F401
+from s3helpers import build as run_build
 
 from kd_core import h5cache, io, locks
 from kd_core.build import validate
@@ -92,3 +93,31 @@ def test_a_staged_file_is_deleted_after_its_upload_and_after_a_failed_one(bucket
     with pytest.raises(StorageError, match="still failing after 2 attempts"):
         io.publish_file(staged, f"s3://{bucket}/x/part2.h5", opts)
     assert not staged.exists()
+
+
+@pytest.mark.parametrize("outcome", ["published", "an upload failed"])
+def test_a_run_to_s3_leaves_nothing_in_staging(outcome, bucket, moto_endpoint, small_teacher_dir, corpus_path,
+                                               tmp_path, monkeypatch):
+    """Staged part files were never deleted, and an empty kd-cache-staging/<key> was left by every run."""
+    staging = tmp_path / "staging"
+    monkeypatch.setenv("KD_CACHE_STAGING", str(staging))
+    monkeypatch.setattr(io, "RETRY_DELAYS", (0.01,))
+    opts = s3_options(moto_endpoint)
+    b = validate("demo", overrides(small_teacher_dir, corpus_path, f"s3://{bucket}/kd",
+                                   output={"storage_options": opts}, dataset={"max_samples": 30}))
+    if outcome == "published":
+        run_build(b)
+    else:
+        fs, _ = io.filesystem(f"s3://{bucket}/kd", b.store.options)
+        real_put, calls = fs.put_file, []
+
+        def second_upload_fails(*a, **k):
+            calls.append(a)
+            if len(calls) >= 2:
+                raise ConnectionResetError("reset")
+            return real_put(*a, **k)
+
+        monkeypatch.setattr(fs, "put_file", second_upload_fails)
+        with pytest.raises(StorageError, match="still failing"):
+            run_build(b)
+    assert [p for p in staging.rglob("*")] == []

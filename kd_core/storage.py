@@ -67,7 +67,8 @@ SAMPLED_DISTINCT_EXPONENT = 0.8
 #    bits per id, and run-length deflate gets close to it (0.80 B measured at V = 1024, m = 26, the formula says
 #    0.85; 0.68 at V = 1000, m = 58, the formula 0.69);
 #  - counts (most are 1): 0.10-0.28 B each measured, the more peaked the teacher the more;
-#  - no logsumexp and no row lengths (docs/FORMAT.md, "Sampled mode"); 8 B more per sample (/sampled_offsets: h5cache's per_sample_bytes).
+#  - no logsumexp and no row lengths (docs/FORMAT.md, "Sampled mode"); 8 B more per sample (/sampled_offsets:
+#    h5cache.format.per_sample_bytes).
 SAMPLED_COUNT_STORED_BYTES = 0.2
 # A top-k cache's size is compared with the sampled mode's at this N (docs/FIDELITY.md recommends it).
 SAMPLED_DEFAULT_DRAWS = 64

@@ -11,19 +11,16 @@ docs/FORMAT.md describes the files; kd_core.h5cache.format is the one place in t
 """
 
 from kd_core.h5cache.export import export, export_cache
-from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, METADATA_BYTES, PER_SAMPLE_DATASETS,
-                                    SAMPLE_DATASETS, TOKEN_DATASETS, bytes_per_sample, bytes_per_token, count_dtype,
-                                    entry_layout, index_dtype, per_sample_bytes, read_attrs, row_datasets, row_layout,
-                                    temporary_path, write_attrs)
+from kd_core.h5cache.format import (FORMAT_VERSION, TOKEN_DATASETS, bytes_per_token, count_dtype, entry_layout,
+                                    index_dtype, read_attrs, row_layout, temporary_path)
 from kd_core.h5cache.index import index_entry, write_index
 from kd_core.h5cache.reader import CacheInfo, CacheReader, as_read, iter_samples
 from kd_core.h5cache.verify import verify_file
 from kd_core.h5cache.writer import CacheWriter, SplitWriter
 
+# What the rest of the code uses; the modules' other names are the package's own.
 __all__ = [
-    "ENTRY_DATASETS", "ENTRY_OFFSETS", "FORMAT_VERSION", "METADATA_BYTES", "PER_SAMPLE_DATASETS", "SAMPLE_DATASETS",
-    "TOKEN_DATASETS", "CacheInfo", "CacheReader", "CacheWriter", "SplitWriter", "as_read", "bytes_per_sample",
+    "FORMAT_VERSION", "TOKEN_DATASETS", "CacheInfo", "CacheReader", "CacheWriter", "SplitWriter", "as_read",
     "bytes_per_token", "count_dtype", "entry_layout", "export", "export_cache", "index_dtype", "index_entry",
-    "iter_samples", "per_sample_bytes", "read_attrs", "row_datasets", "row_layout", "temporary_path", "verify_file",
-    "write_attrs", "write_index",
+    "iter_samples", "read_attrs", "row_layout", "temporary_path", "verify_file", "write_index",
 ]

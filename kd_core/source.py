@@ -1,7 +1,7 @@
 """What a build reads, resolved once at validate time without reading any data: the source is part of the version.
 
     ResolvedTeacher   a hub teacher's commit sha (the revision asked for, e.g. "main", as it resolves today), or
-                      a local teacher directory's fingerprint (its files' names, sizes and modification times)
+                      a local teacher directory's fingerprint (its files' names, sizes and sampled contents)
     ResolvedDataset   the builder that reads the split; a hub dataset's commit sha; every data file (globs
                       expanded, in the order `datasets` reads them) with its size and a fingerprint
     ResolvedSource    both: what the version key covers (`digest`), the manifest and the cache attributes record,
@@ -66,7 +66,7 @@ class ResolvedTeacher(_Record):
     model: str
     revision: str | None      # as asked for (None means the hub's default branch)
     sha: str | None           # the hub commit it names now; None for a local directory
-    fingerprint: str | None   # a local directory: sha256 over its files' names, sizes and mtimes; None on the hub
+    fingerprint: str | None   # a local directory: sha256 over its files' names, sizes, contents; None on the hub
 
 
 class ResolvedDataset(_Record):
@@ -128,9 +128,18 @@ def resolve_teacher(cfg: TeacherConfig) -> ResolvedTeacher:
     return ResolvedTeacher(model=cfg.model, revision=cfg.revision, sha=sha, fingerprint=None)
 
 
+# A local teacher's files are fingerprinted by content, so every host holding a copy agrees (a deployed shard checks
+# its own copy against the parent's): a file up to WHOLE_FILE_BYTES is hashed whole (configs, tokenizer, an index);
+# a larger one (weights) by its size and SAMPLES blocks of SAMPLE_BYTES spread evenly over it, the last included,
+# about 4 MiB read per file: any tensor longer than the stride (1/64 of the file) that changes is seen.
+WHOLE_FILE_BYTES = 4 << 20
+SAMPLES = 64
+SAMPLE_BYTES = 64 << 10
+
+
 def directory_fingerprint(path: str) -> str:
-    """sha256 over (relative name, size, mtime_ns) of every file under `path` (hidden ones excepted): weights
-    replaced, a config edited or a tokenizer swapped each change it; nothing is read."""
+    """sha256 over (relative name, size, content digest) of every file under `path` (hidden ones excepted), content
+    hashed as above: weights replaced, a config edited or a tokenizer swapped each change it; copies agree."""
     entries = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -138,9 +147,20 @@ def directory_fingerprint(path: str) -> str:
             if name.startswith("."):
                 continue
             full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            entries.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
+            entries.append([os.path.relpath(full, path), os.path.getsize(full), _file_digest(full)])
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _file_digest(path: str) -> str:
+    size, sha = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            sha.update(f.read())
+        else:
+            for i in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                sha.update(f.read(SAMPLE_BYTES))
+    return sha.hexdigest()
 
 
 def hub_sha(repo_id: str, revision: str | None, repo_type: str, key: str) -> str:

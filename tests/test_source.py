@@ -67,18 +67,38 @@ def test_check_unchanged_passes_an_untouched_file_and_names_a_deleted_one(files)
         source.check_unchanged(resolved.files, "shard")
 
 
-def test_a_local_teacher_directory_is_fingerprinted_by_its_files(tmp_path, small_teacher_dir):
-    teacher = tmp_path / "teacher"
+def test_a_local_teacher_directory_is_fingerprinted_by_its_contents(tmp_path, small_teacher_dir):
+    """Copies agree (a deployed shard on another host checks its own copy); changed weights do not."""
+    from safetensors.torch import load_file, save_file
+
+    teacher, copy = tmp_path / "teacher", tmp_path / "copy"
     shutil.copytree(small_teacher_dir, teacher)
+    shutil.copytree(small_teacher_dir, copy)
+    os.utime(copy / "config.json", ns=(1, 1))  # another host's copy: other mtimes, same bytes
     before = source.resolve_teacher(TeacherConfig(model=str(teacher)))
-    assert before.sha is None and before.fingerprint == source.resolve_teacher(TeacherConfig(model=str(teacher))).fingerprint
+    assert before.sha is None and before.fingerprint == source.resolve_teacher(TeacherConfig(model=str(copy))).fingerprint
     source.check_teacher_unchanged(before)
     weights = next(p for p in teacher.iterdir() if p.suffix == ".safetensors")
-    weights.write_bytes(weights.read_bytes())  # same bytes, written again: counted as changed (never read)
-    os.utime(weights, ns=(1, 1))
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] += 1  # one weight of one middle tensor, same file size
+    save_file(tensors, weights, metadata={"format": "pt"})
     assert source.resolve_teacher(TeacherConfig(model=str(teacher))).fingerprint != before.fingerprint
     with pytest.raises(source.SourceChanged, match="teacher.model: the files of .* changed"):
         source.check_teacher_unchanged(before)
+
+
+def test_a_large_file_is_sampled_across_its_length(tmp_path, monkeypatch):
+    """Weights files are not read whole: a change anywhere longer than the stride still shows."""
+    monkeypatch.setattr(source, "WHOLE_FILE_BYTES", 1 << 16)
+    big = tmp_path / "model.safetensors"
+    data = bytearray(os.urandom(8 << 20))
+    big.write_bytes(data)
+    first = source._file_digest(str(big))
+    data[(4 << 20):(4 << 20) + (256 << 10)] = os.urandom(256 << 10)  # a 256 KiB tensor in the middle changed
+    big.write_bytes(data)
+    assert source._file_digest(str(big)) != first
 
 
 def fake_hub_snapshot(cache, repo, sha, files, ref="main"):

@@ -9,16 +9,26 @@ and reused while its settings match. Rows, each in a fresh process (so memory is
 
   file order        CacheDataset[i] for i = 0, 1, 2, ...
   random order      CacheDataset[i] over a seeded permutation (what DataLoader(shuffle=True) does)
-  loader wN         DataLoader(CacheDataset, shuffle=True, batch_size=8, num_workers=N), samples as returned
+  loader wN         DataLoader(CacheDataset, shuffle=True, batch_size=8, num_workers=N, collate_fn=pad_collate)
   streaming         StreamingCacheDataset, one epoch
-  s3 random         CacheDataset over s3:// (moto's server on loopback, in its own process, each request delayed
-                    by --latency-ms), random order, its parts cached locally (CacheDataset's part cache)
+  s3random          CacheDataset over s3:// (moto's server on loopback, in its own process, each request delayed
+                    by --latency-ms), random order, its parts downloaded whole into an empty local part cache
+  s3ranged          the same with cache_bytes=0: parts read in place by ranged GETs (fsspec's block cache)
   s3 stream         StreamingCacheDataset over the same s3:// copy
 
-Columns: samples/s and tokens/s (tokens = rows of the samples returned), read amplification = bytes decompressed
-/ bytes of the samples returned (as stored; from the reader's counters: the chunks each read decompressed),
-RSS = peak resident memory of the reading process (the largest worker's for loader rows), GETs = S3 requests.
-Each row reads for about --seconds, or one epoch, whichever ends first.
+Columns: samples/s and tokens/s (wall clock; tokens = rows of the samples returned), tokens/CPU-s (per second of
+the reading process's own CPU time, the workers' for loader rows: what one unshared core would do, so it holds on
+a busy machine), read amplification = bytes decompressed / bytes of the samples returned (as stored; from
+CacheReader.stats(): the chunks each read spans, less the one the previous read ended in; HDF5's chunk cache can
+save more when a cache is small), RSS = peak resident memory of the reading process (the largest worker's for
+loader rows), GETs = requests the S3 server answered. Each row reads for about --seconds, or one epoch, whichever
+ends first.
+
+Then the layout table: the same rows rewritten by CacheWriter into one file with the chunks files had before
+(1 MiB) and with sample-sized chunks (h5cache.format.token_chunk_rows), --layouts times each: write speed (raw
+bytes in per second, wall; CPU seconds per GB, the compression pool's threads included), stored bytes per token,
+and each file read in this process: random order, file order (CacheReader) and front to back (iter_samples, what
+StreamingCacheDataset uses), in tokens per CPU-second.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +47,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-MODES = ("file", "random", "loader1", "loader2", "loader4", "stream", "s3random", "s3stream")
+MODES = ("file", "random", "loader1", "loader2", "loader4", "stream", "s3random", "s3ranged", "s3stream")
 
 
 def build_cache(work: Path, samples: int, top_k: int, max_length: int) -> str:
@@ -68,16 +79,15 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def sample_bytes(sample: dict) -> int:
-    """Bytes of one sample as stored (k=64 top-k, uint16 ids: 4 + 128 + 128 + 4 per token)."""
-    from kd_core.h5cache.format import row_bytes, row_layout
+def with_rss(samples):
+    """DataLoader collate: pad_collate's batch, the worker's id, peak RSS and read counters."""
+    from torch.utils.data import get_worker_info
 
-    return len(sample["input_ids"]) * row_bytes(row_layout(sample["topk_indices"].shape[-1], 65536))
+    from kd_core.dataset import pad_collate
 
-
-def with_rss(batch):
-    """DataLoader collate that keeps the samples and adds the worker's peak RSS."""
-    return batch, peak_rss_mib()
+    batch, worker = pad_collate(samples), get_worker_info()
+    stats = {**worker.dataset.stats(), "cpu": time.process_time()} if worker else None
+    return batch, peak_rss_mib(), worker.id if worker else 0, stats
 
 
 def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
@@ -87,40 +97,89 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
 
     from kd_core.dataset import CacheDataset, StreamingCacheDataset
 
-    samples = tokens = stored = 0
+    samples = tokens = 0
     rss = 0.0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     stats = None
-    if mode in ("file", "random", "s3random"):
-        ds = CacheDataset(uri, opts)
+    if mode in ("file", "random", "s3random", "s3ranged"):
+        scratch = tempfile.mkdtemp(prefix="kd-bench-parts-")  # an empty part cache: the first read of each downloads
+        ds = CacheDataset(uri, opts, cache_dir=scratch, cache_bytes=0 if mode == "s3ranged" else 1 << 30)
         order = range(len(ds)) if mode == "file" else np.random.default_rng(0).permutation(len(ds))
         for i in order:
             s = ds[int(i)]
-            samples, tokens, stored = samples + 1, tokens + len(s["input_ids"]), stored + sample_bytes(s)
+            samples, tokens = samples + 1, tokens + len(s["input_ids"])
             if time.perf_counter() - started > seconds:
                 break
-        stats = getattr(ds, "stats", None)
+        stats = ds.stats()
     elif mode.startswith("loader"):
         ds = CacheDataset(uri, opts)
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=int(mode[6:]), collate_fn=with_rss,
                             generator=__import__("torch").Generator().manual_seed(0))
-        for batch, worker_rss in loader:
-            rss = max(rss, worker_rss)
-            for s in batch:
-                samples, tokens, stored = samples + 1, tokens + len(s["input_ids"]), stored + sample_bytes(s)
+        per_worker = {}
+        for batch, worker_rss, worker, worker_stats in loader:
+            rss, per_worker[worker] = max(rss, worker_rss), worker_stats
+            samples, tokens = samples + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
             if time.perf_counter() - started > seconds:
                 break
+        stats = {k: sum(w[k] for w in per_worker.values()) for k in ("bytes_decompressed", "bytes_returned", "cpu")}
     else:  # stream, s3stream
         for s in StreamingCacheDataset(uri, opts, seed=0):
-            samples, tokens, stored = samples + 1, tokens + len(s["input_ids"]), stored + sample_bytes(s)
+            samples, tokens = samples + 1, tokens + len(s["input_ids"])
             if time.perf_counter() - started > seconds:
                 break
     elapsed = time.perf_counter() - started
-    out = {"samples": samples, "tokens": tokens, "seconds": elapsed, "rss": max(rss, peak_rss_mib())}
+    cpu = (stats or {}).get("cpu") or time.process_time() - cpu_started  # loader rows: the workers' CPU time
+    out = {"samples": samples, "tokens": tokens, "seconds": elapsed, "cpu": cpu, "rss": max(rss, peak_rss_mib())}
     if stats is not None and stats.get("bytes_returned"):
         out["amplification"] = stats["bytes_decompressed"] / stats["bytes_returned"]
-    out["stored"] = stored
     return out
+
+
+def layout_table(uri: str, work: Path, max_length: int, repeat: int) -> None:
+    """The cache's rows rewritten by CacheWriter as one file per chunking, before (1 MiB chunks, what files
+    without max_length get) and after (sample-sized chunks): write speed, size, and reads of each, in-process."""
+    import numpy as np
+
+    from kd_core.h5cache import CacheReader, CacheWriter, iter_samples
+
+    with CacheReader(uri) as reader:
+        arrays, top_k, vocab = reader.read_all(), reader.top_k, reader.vocab_size
+    offsets, tokens = arrays["offsets"], int(arrays["offsets"][-1])
+    raw = sum(arrays[n].nbytes for n in ("input_ids", "topk_indices", "topk_logprobs", "logsumexp"))
+    print(f"\n{tokens:,} tokens rewritten {repeat}x per layout; reads in this process, tokens per CPU-second")
+    print("| layout | write MB/s (raw) | write CPU-s per GB | B/token | random tok/CPU-s | random amplification | "
+          "file order tok/CPU-s | stream tok/CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, length in (("1 MiB chunks (before)", None), (f"sample-sized (max_length {max_length})", max_length)):
+        path = work / f"layout-{length}.h5"
+        wall = cpu = 0.0
+        for _ in range(repeat):
+            path.unlink(missing_ok=True)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            with CacheWriter(path, top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
+                for s in range(len(offsets) - 1):
+                    lo, hi = offsets[s], offsets[s + 1]
+                    writer.append(int(arrays["sample_index"][s]), arrays["input_ids"][lo:hi],
+                                  arrays["topk_indices"][lo:hi], arrays["topk_logprobs"][lo:hi],
+                                  arrays["logsumexp"][lo:hi])
+            wall += time.perf_counter() - started
+            cpu += time.process_time() - cpu_started  # every thread of this process: the compression pool too
+        reads = {}
+        for order in ("random", "file"):
+            with CacheReader(str(path)) as reader:
+                picks = np.random.default_rng(0).permutation(len(reader)) if order == "random" else range(len(reader))
+                cpu_started = time.process_time()
+                for i in picks:
+                    reader[int(i)]
+                reads[order] = (tokens / (time.process_time() - cpu_started), reader.stats())
+        cpu_started = time.process_time()
+        for _ in iter_samples(path):
+            pass
+        stream = tokens / (time.process_time() - cpu_started)
+        stats = reads["random"][1]
+        print(f"| {label} | {raw * repeat / wall / 1e6:,.0f} | {cpu / (raw * repeat / 1e9):,.1f} | "
+              f"{path.stat().st_size / tokens:.1f} | {reads['random'][0]:,.0f} | "
+              f"{stats['bytes_decompressed'] / stats['bytes_returned']:.2f} | {reads['file'][0]:,.0f} | {stream:,.0f} |")
 
 
 def serve_s3(latency_ms: float) -> None:
@@ -164,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--layouts", type=int, default=3, metavar="REPEAT",
+                        help="also the layout table: the rows rewritten REPEAT times per chunking (0: skip it)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--opts", help=argparse.SUPPRESS)
@@ -202,8 +263,8 @@ def main() -> None:
         server.stdin.flush()
         return int(server.stdout.readline())
 
-    print("| reader | samples | samples/s | tokens/s | read amplification | RSS MiB | GETs |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| reader | samples | samples/s | tokens/s | tokens/CPU-s | read amplification | RSS MiB | GETs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for mode in modes:
             remote = mode.startswith("s3")
@@ -219,10 +280,13 @@ def main() -> None:
             gets = requests() - before if remote else "-"
             amp = f"{row['amplification']:.2f}" if "amplification" in row else "-"
             print(f"| {mode} | {row['samples']:,} | {row['samples'] / row['seconds']:,.0f} | "
-                  f"{row['tokens'] / row['seconds']:,.0f} | {amp} | {row['rss']:.0f} | {gets} |")
+                  f"{row['tokens'] / row['seconds']:,.0f} | {row['tokens'] / row['cpu']:,.0f} | {amp} | "
+                  f"{row['rss']:.0f} | {gets} |")
     finally:
         if server is not None:
             server.kill()
+    if args.layouts:
+        layout_table(uri, args.work, args.max_length, args.layouts)
 
 
 if __name__ == "__main__":

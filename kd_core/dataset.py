@@ -3,6 +3,8 @@
     ds = CacheDataset("./out/demo")       # an output.uri (its latest version), a version directory or a cache.h5
     ds = StreamingCacheDataset("s3://bucket/kd/run1", seed=0)   # sequential, for training from object storage
     loader = DataLoader(ds, batch_size=8, collate_fn=pad_collate, num_workers=2)
+    # or batches of similar lengths, resumable mid-epoch (kd_core.samplers; torchdata's StatefulDataLoader):
+    # StatefulDataLoader(ds, batch_sampler=TokenBatchSampler(ds.lengths(), max_tokens=16384), collate_fn=pad_collate)
     for batch in loader:
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         loss = topk_kd_loss(logits, batch["topk_indices"], batch["topk_logprobs"], mask=batch["attention_mask"])
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from kd_core import io
+from kd_core import io, partcache
 from kd_core.errors import CacheFileError
 from kd_core.h5cache import CacheReader, as_read, iter_samples
 
@@ -33,16 +35,21 @@ class CacheDataset(Dataset):
     (sampled caches: count 0 marks padding, each row's counts sum to N; no logsumexp).
 
     Files are opened lazily in each process, so the dataset is safe with DataLoader workers; a remote cache is
-    read through its manifest (see CacheReader).
+    read through its manifest (see CacheReader), its parts from local copies of the whole files: downloaded once
+    into cache_dir (default: kd_core.partcache.default_directory(), shared by workers and runs), checked against
+    the manifest, the least recently used deleted past cache_bytes. cache_bytes=0 reads remote parts in place
+    (ranged GETs through fsspec's block cache: one or more per sample).
 
     The dataset holds no position: the order of an epoch is the sampler's (kd_core.samplers.EpochSampler or
     TokenBatchSampler, resumable). state_dict() names the cache (samples, version), and load_state_dict() refuses a
     different one, since a saved position in another cache's order would skip or repeat samples.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, cache_dir: str | None = None,
+                 cache_bytes: int = partcache.DEFAULT_BYTES):
         self.uri = str(uri)
         self.storage_options = storage_options
+        self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
         self._reader: CacheReader | None = None
         self._pid: int | None = None
         with CacheReader(self.uri, storage_options) as reader:
@@ -52,7 +59,8 @@ class CacheDataset(Dataset):
     @property
     def reader(self) -> CacheReader:
         if self._reader is None or self._pid != os.getpid():  # h5py handles do not survive fork
-            self._reader, self._pid = CacheReader(self.uri, self.storage_options), os.getpid()
+            parts = partcache.PartCache(self.cache_dir, self.cache_bytes, self.storage_options) if self.cache_bytes else None
+            self._reader, self._pid = CacheReader(self.uri, self.storage_options, part_cache=parts), os.getpid()
         return self._reader
 
     def __len__(self) -> int:
@@ -61,10 +69,13 @@ class CacheDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return _tensors(self.reader[i])
 
+    def stats(self) -> dict[str, int]:
+        """This process's reads: {bytes_decompressed, bytes_returned} (CacheReader.stats)."""
+        return self.reader.stats()
+
     def lengths(self) -> np.ndarray:
         """(S,) int64 tokens of every sample, for TokenBatchSampler."""
-        reader = self.reader
-        return np.concatenate([np.diff(reader._file(f)["offsets"][:]) for f in range(len(reader.files))])
+        return self.reader.lengths()
 
     def state_dict(self) -> dict[str, Any]:
         return {"cache": self.identity}

@@ -168,8 +168,8 @@ def run_parts(build: Build, shard: ShardSpec, todo: list[tuple[int, int]], done:
             # top_k is unused by a sampled cache's writer.
             with h5cache.SplitWriter(part.local_path, config.output.max_object_bytes, part.publish,
                                        top_k=build.rows.top_k or 0, samples=build.rows.samples,
-                                       vocab_size=teacher.vocab_size, attrs=attrs,
-                                       submit=background.submit) as writer:
+                                       vocab_size=teacher.vocab_size, attrs=attrs, submit=background.submit,
+                                       max_length=config.cache.max_length) as writer:
                 for item in items:  # this part's rows, then its PartEnd
                     background.check()  # a failed upload stops the run at once, not at the end
                     if isinstance(item, PartEnd):

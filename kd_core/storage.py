@@ -89,7 +89,7 @@ def upper_bound_bytes(*, num_samples: int, max_length: int, top_k: int, vocab_si
     entries = tokens * min(samples, vocab_size) if samples is not None else 0
     per_file = HDF5_METADATA_BYTES + metadata_bytes + 1024
     parts = num_files * per_file
-    for _, row, per_chunk, kind in _datasets(top_k, vocab_size, samples):
+    for _, row, per_chunk, kind in _datasets(top_k, vocab_size, samples, max_length):
         rows = {"token": tokens, "entry": entries, "sample": num_samples + num_files}[kind]
         parts += _column_bound(rows, row, per_chunk, num_files)
     row_datasets = len(h5cache.row_layout(top_k, vocab_size, samples)) + len(h5cache.entry_layout(vocab_size, samples))
@@ -114,14 +114,16 @@ def part_files(*, num_samples: int, num_shards: int = 1, part_samples: int | Non
     return shards * parts * -(-per_part // per_file)
 
 
-def _datasets(top_k: int, vocab_size: int, samples: int | None) -> list[tuple[str, int, int, str]]:
+def _datasets(top_k: int, vocab_size: int, samples: int | None,
+              max_length: int | None = None) -> list[tuple[str, int, int, str]]:
     """(name, bytes per row, rows per chunk, what a row is: token | entry | sample) of a part file's datasets."""
     out = []
     for kind, layout in (("token", h5cache.row_layout(top_k, vocab_size, samples)),
                          ("entry", h5cache.entry_layout(vocab_size, samples))):
         for name, (tail, dtype) in layout.items():
             row = max(1, math.prod(tail)) * dtype.itemsize
-            out.append((name, row, chunk_rows(row), kind))
+            per_chunk = chunk_rows(row, narrow=not tail, max_length=max_length, samples=samples)
+            out.append((name, row, per_chunk, kind))
     return out + [(name, 8, SAMPLE_CHUNK_ROWS, "sample") for name in per_sample_datasets(samples)]
 
 

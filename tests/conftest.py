@@ -6,6 +6,7 @@ huggingface or Prefect.
 """
 
 import os
+import tempfile
 
 # Module level on purpose: these must be set before transformers, datasets or Prefect are first imported.
 os.environ.update(
@@ -14,6 +15,8 @@ os.environ.update(
     TRANSFORMERS_OFFLINE="1",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
     DO_NOT_TRACK="1",
+    # CacheDataset's local copies of remote parts (kd_core.partcache): this session's own, not the user's.
+    KD_CACHE_PARTS=tempfile.mkdtemp(prefix="kd-test-parts-"),
 )
 
 from pathlib import Path  # noqa: E402

@@ -106,8 +106,9 @@ def test_the_teacher_runs_on_while_a_file_uploads(small_teacher_dir, corpus_path
 def test_local_files_are_bounded_when_storage_falls_behind(small_teacher_dir, corpus_path, tmp_path, monkeypatch):
     """A slow store: the writer waits with one finished file queued, never more; records still follow files."""
     uri = str(tmp_path / "out")
-    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri,
-                                                 output={"max_object_bytes": 1 << 16}))
+    # Samples up to 256 tokens: a 10-sample part is more than one 64 KiB file.
+    config = validate("demo", overrides(small_teacher_dir, corpus_path, uri, cache={"max_length": 256},
+                                    output={"max_object_bytes": 1 << 16}))
     live, most, order = set(), [0], []
     real_init, real_publish, real_write = h5cache.CacheWriter.__init__, io.publish_file, Store.write_record
 

@@ -89,7 +89,7 @@ def test_reader_opens_s3_with_blocks_and_cache(bucket, moto_endpoint, small_teac
     build(validate("demo", overrides(small_teacher_dir, corpus_path, uri, output={"storage_options": opts})))
     with CacheReader(uri, opts) as reader:
         reader[len(reader) - 1]
-        f = next(iter(reader._open_files.values()))[1]
+        f = next(iter(reader._open_files.values())).fileobj
         assert f.blocksize == io.READ_BLOCK_BYTES and type(f.cache).__name__ == "BlockCache"
 
 
@@ -182,7 +182,7 @@ def test_four_shards_under_a_small_object_limit_write_every_object_once_to_its_f
     fs, root = io.filesystem(uri, opts)
     sizes = {path: info["size"] for path, info in fs.find(root, detail=True).items()}
     assert max(sizes.values()) <= limit, sizes
-    assert len(manifest.parts) > 2 * 4, "the shards' 15-sample parts are split into several files each"
+    assert len(manifest.parts) >= 2 * 4, "every shard's 15-sample part is split into two files or more"
     assert_same_arrays(read_arrays(uri, opts), local_reference)
 
 

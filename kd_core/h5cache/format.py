@@ -47,7 +47,7 @@ ENTRY_DATASETS = ("sampled_id_gaps", "sampled_counts")
 ENTRY_OFFSETS = "sampled_offsets"
 # One row per sample (or S+1): every other dataset has one row per token, or per entry (ENTRY_DATASETS).
 PER_SAMPLE_DATASETS = ("offsets", "sample_index", ENTRY_OFFSETS)
-CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: big enough to compress well, small enough for cheap random access
+CHUNK_BYTES = 1 << 20  # ~1 MiB chunks (sampled mode, and top-k files written without a max_length)
 SAMPLE_CHUNK_ROWS = 1 << 16  # rows per chunk of the per-sample datasets (512 KiB of int64)
 COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
 # Sampled caches' layout: part of their version key (a resume never mixes layouts). 2: no /sampled_lengths and no
@@ -202,9 +202,30 @@ def deflate_bound(n: int) -> int:
     return n + n // 1000 + 64
 
 
-def chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk of a row dataset with rows of row_bytes: about chunk_bytes, at least 1024 rows."""
-    return max(1024, chunk_bytes // row_bytes)
+def token_chunk_rows(max_length: int | None) -> int | None:
+    """Rows per chunk of a top-k file's per-token datasets, from cache.max_length: a power of two near a quarter
+    of it, in [64, 8192]. Reading a sample of L rows decompresses about L + rows (its own rows, plus the parts of
+    the chunks at either end that hold other samples' rows), so chunks no longer than a typical sample keep that
+    under twice the sample (docs/FORMAT.md, "Storage layout and chunking"); deflate's 32 KiB window means larger
+    chunks gain little. None (no max_length known): CHUNK_BYTES per chunk, as files before this choice."""
+    if not max_length:
+        return None
+    return int(min(8192, max(64, 1 << max(0, int(max_length // 4).bit_length() - 1))))
+
+
+# A dataset of one value per row (input_ids, logsumexp: 8 of a top-k row's 264+ bytes) gets NARROW_CHUNKS times
+# the rows per chunk: chunks of 512 B would compress poorly, and its share of a read stays small.
+NARROW_CHUNKS = 4
+
+
+def chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES, *, narrow: bool = False,
+               max_length: int | None = None, samples: int | None = None) -> int:
+    """Rows per chunk of a row dataset with rows of row_bytes: about chunk_bytes, at least 1024 rows; in a top-k
+    file (samples None) with a max_length, at most token_chunk_rows(max_length), NARROW_CHUNKS times that for a
+    dataset of one value per row (`narrow`). The writer and kd_core.storage's bound both ask here."""
+    rows = max(1024, chunk_bytes // row_bytes)
+    sample_rows = token_chunk_rows(max_length) if samples is None else None
+    return rows if sample_rows is None else min(rows, sample_rows * (NARROW_CHUNKS if narrow else 1))
 
 
 def per_sample_bytes(num_samples: int, samples: int | None = None) -> int:

@@ -16,25 +16,63 @@ from kd_core.h5cache.contained import check_contained, safe_name
 from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attrs,
                                     row_datasets, sampled_draws, unpack_sampled)
 from kd_core.h5cache.verify import verify_file
+from kd_core.partcache import PartCache
 
 
 # How readers return each dataset (others come as stored): ids as int64 for torch indexing, fp16 as float32.
 READ_DTYPES = {"input_ids": np.int64, "topk_indices": np.int64, "topk_logprobs": np.float32}
 
 
-def read_sample(file: h5py.File, j: int) -> dict[str, Any]:
-    """Sample j of one open cache file, as CacheReader returns it: O(1) slice reads."""
-    lo, hi = (int(x) for x in file["offsets"][j:j + 2])
-    sample = {"sample_index": int(file["sample_index"][j])}
-    for name in row_datasets(file):
-        if name not in ENTRY_DATASETS:
-            sample[name] = _as_read(name, file[name][lo:hi])
-    if ENTRY_OFFSETS in file:  # a sampled cache: its entries, back to (L, m)
-        first, last = (int(x) for x in file[ENTRY_OFFSETS][j:j + 2])
-        gaps, counts = (file[name][first:last] for name in ENTRY_DATASETS)
-        samples = int(file.attrs["samples"])
-        sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(gaps, counts, hi - lo, samples)
-    return sample
+LOAD_SAMPLES = 1 << 21  # per-sample arrays of up to 2M samples (32-48 MB) are loaded when a file is opened
+
+
+class _Part:
+    """One open cache file, with what every sample read needs loaded once: offsets (S+1,), sample_index (S,) and
+    the entry offsets of a sampled file (16-24 B per sample of the file, up to LOAD_SAMPLES), and the datasets'
+    handles. Counts the bytes its reads decompress (`decompressed`: the chunks spanned, less the chunk the
+    previous read of the same dataset ended in, which HDF5's chunk cache still holds) and return (`returned`),
+    both as stored."""
+
+    def __init__(self, file: h5py.File, fileobj: Any):
+        self.file, self.fileobj = file, fileobj
+        # Loaded whole up to LOAD_SAMPLES (a part); a larger single file (an export) is sliced per read instead.
+        load = file["offsets"].shape[0] <= LOAD_SAMPLES
+        self.offsets, self.sample_index = ((file[n][:] if load else file[n]) for n in ("offsets", "sample_index"))
+        self.entry_offsets = (file[ENTRY_OFFSETS][:] if load else file[ENTRY_OFFSETS]) if ENTRY_OFFSETS in file else None
+        self.draws = int(file.attrs["samples"]) if ENTRY_OFFSETS in file else None  # N of a sampled file
+        self.datasets = {name: file[name] for name in row_datasets(file)}
+        # name -> (rows per chunk, bytes per row) of a chunked dataset; virtual datasets (an index) have no chunks
+        self.geometry = {name: (d.chunks[0], d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64)))
+                         for name, d in self.datasets.items() if d.chunks}
+        self.last_chunk: dict[str, int] = {}
+        self.decompressed = self.returned = 0
+
+    def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        if hi > lo and name in self.geometry:
+            chunk_rows, row_bytes = self.geometry[name]
+            first, last = lo // chunk_rows, (hi - 1) // chunk_rows
+            chunks = last - first + 1 - (self.last_chunk.get(name) == first)
+            self.last_chunk[name] = last
+            self.decompressed += chunks * chunk_rows * row_bytes
+            self.returned += (hi - lo) * row_bytes
+        return self.datasets[name][lo:hi]
+
+    def read(self, j: int) -> dict[str, Any]:
+        lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
+        sample = {"sample_index": int(self.sample_index[j])}
+        for name in self.datasets:
+            if name not in ENTRY_DATASETS:
+                sample[name] = _as_read(name, self.rows(name, lo, hi))
+        if self.entry_offsets is not None:  # a sampled cache: its entries, back to (L, m)
+            first, last = int(self.entry_offsets[j]), int(self.entry_offsets[j + 1])
+            gaps, counts = (self.rows(name, first, last) for name in ENTRY_DATASETS)
+            sample["sampled_ids"], sample["sampled_counts"] = unpack_sampled(gaps, counts, hi - lo, self.draws)
+        return sample
+
+    def close(self) -> None:
+        self.file.close()
+        if self.fileobj is not None:
+            self.fileobj.close()
 
 
 def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None,
@@ -42,7 +80,7 @@ def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None
     """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
     (as_read() converts one as CacheReader returns it). Whole samples are read in blocks of about block_tokens
     rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block.
-    A sampled-mode file is read sample by sample (read_sample), its chunks kept in HDF5's chunk cache.
+    A sampled-mode file is read sample by sample, its chunks kept in HDF5's chunk cache.
 
     The file is checked first (nothing outside it; `build_id`, when given, is its own); a file h5py cannot read
     is a CacheFileError naming `name` (the file's URI; default: source)."""
@@ -61,8 +99,9 @@ def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) ->
             raise CacheFileError(f"{name}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
                                  "(a foreign part). The version is damaged: run the build again.")
         if ENTRY_OFFSETS in file:
-            for j in range(file["sample_index"].shape[0]):
-                yield read_sample(file, j)
+            part = _Part(file, None)
+            for j in range(len(part.sample_index)):
+                yield part.read(j)
             return
         offsets, sample_index = file["offsets"][:], file["sample_index"][:]
         names = list(row_datasets(file))
@@ -123,20 +162,26 @@ class CacheReader:
     `reader[i]` returns numpy arrays input_ids (L,) int64, sample_index, and either topk_indices (L, k) int64,
     topk_logprobs (L, k) float32 and logsumexp (L,) float32 (a top-k cache) or sampled_ids (L, m) int64 and
     sampled_counts (L, m) int64 (a sampled cache: ids ascending, count 0 = padding, m = the sample's most
-    distinct ids in a row); any other row dataset as stored. One sample costs O(1)
-    reads: its part file is found by a bisect over the manifest's per-file sample counts (one entry per file),
-    then offsets[j:j+2] and the rows are read from that file alone. Per-sample offsets are never loaded whole
-    (at 10M samples that would be 80 MB in every DataLoader worker); the last MAX_OPEN files stay open.
+    distinct ids in a row); any other row dataset as stored. One sample costs one slice read per row dataset:
+    its part file is found by a bisect over the manifest's per-file sample counts (one entry per file), and its
+    rows by the offsets of that file, loaded when the file is opened (16 B per sample of the file: never the whole
+    cache's, which at 10M samples would be 160 MB in every DataLoader worker); the last MAX_OPEN files stay open.
+
+    part_cache (a kd_core.partcache.PartCache): a remote version's parts are read from local copies of the whole
+    files, downloaded once and checked against the manifest, instead of by ranged GETs per sample.
+    `stats()` counts the bytes reads decompressed and returned (docs/PERFORMANCE.md: read amplification).
     """
 
-    # Files kept open: a local handle costs little (HDF5's chunk cache, 1 MiB per dataset read); a remote one
-    # also holds up to io.READ_CACHE_BLOCKS blocks of io.READ_BLOCK_BYTES (16 MiB).
+    # Files kept open: a local handle costs its offsets and HDF5's chunk cache (1 MiB per dataset read); a remote
+    # one also holds up to io.READ_CACHE_BLOCKS blocks of io.READ_BLOCK_BYTES (16 MiB).
     MAX_OPEN = {"local": 16, "remote": 8}
 
-    def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None):
-        self.uri, self.storage_options = str(uri), storage_options
+    def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None,
+                 part_cache: PartCache | None = None):
+        self.uri, self.storage_options, self.part_cache = str(uri), storage_options, part_cache
         self.source = store.resolve(self.uri, storage_options)
-        self._open_files: OrderedDict[int, tuple[h5py.File, Any]] = OrderedDict()  # file number -> _open()
+        self._open_files: OrderedDict[int, _Part] = OrderedDict()  # file number -> its open part
+        self._closed_stats = [0, 0]  # decompressed, returned bytes of the parts closed so far
         manifest = self.source.manifest
         self.build_id = getattr(manifest, "build_id", None)  # manifests before build ids: sizes only
         if manifest is not None:  # a version: its parts, and the index for the attributes
@@ -248,15 +293,50 @@ class CacheReader:
         if handle[1] is not None:
             handle[1].close()
 
-    def _file(self, f: int) -> h5py.File:
+    def _part(self, f: int) -> _Part:
         """File f, opened once and kept among the MAX_OPEN most recently used."""
         if f not in self._open_files:
-            self._open_files[f] = self._open(self.files[f])
-            limit = self.MAX_OPEN["local" if io.is_local(self.files[f]) else "remote"]
+            uri, local = self.files[f], io.is_local(self.files[f])
+            if not local and self.part_cache is not None and self.source.manifest is not None:
+                entry = self.source.manifest.parts[f]
+                uri, local = str(self.part_cache.local(uri, entry.bytes, entry.sha256)), True
+            handle = self._open(uri)
+            try:
+                self._open_files[f] = _Part(*handle)
+            except (OSError, KeyError, ValueError) as e:  # its offsets unreadable: a damaged chunk
+                self._close(handle)
+                raise CacheFileError(f"{self.files[f]}: its offsets cannot be read ({_first_line(e)}). The file is "
+                                     "damaged: run the build again, or `kd-cache inspect --deep` for details.") from None
+            limit = self.MAX_OPEN["local" if local else "remote"]
             while len(self._open_files) > limit:
-                self._close(self._open_files.popitem(last=False)[1])
+                self._close_part(self._open_files.popitem(last=False)[1])
         self._open_files.move_to_end(f)
-        return self._open_files[f][0]
+        return self._open_files[f]
+
+    def _file(self, f: int) -> h5py.File:
+        return self._part(f).file
+
+    def _close_part(self, part: _Part) -> None:
+        self._closed_stats[0] += part.decompressed
+        self._closed_stats[1] += part.returned
+        part.close()
+
+    def stats(self) -> dict[str, int]:
+        """{bytes_decompressed, bytes_returned} by this reader's sample reads so far (both as stored; chunks of
+        virtual datasets are not counted): their ratio is the read amplification."""
+        parts = list(self._open_files.values())
+        return {"bytes_decompressed": self._closed_stats[0] + sum(p.decompressed for p in parts),
+                "bytes_returned": self._closed_stats[1] + sum(p.returned for p in parts)}
+
+    def lengths(self) -> np.ndarray:
+        """(S,) int64 tokens of every sample: from the index's /offsets (a version) or the file's (one file)."""
+        if self.source.manifest is None:
+            return np.diff(self._file(0)["offsets"][:])
+        index = self._open(self.source.index_uri, frozenset(part.name for part in self.source.manifest.parts))
+        try:
+            return np.diff(index[0]["offsets"][:])
+        finally:
+            self._close(index)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -270,9 +350,9 @@ class CacheReader:
             raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")
         i %= len(self)
         f = int(np.searchsorted(self.starts, i, side="right")) - 1
-        file, j = self._file(f), i - int(self.starts[f])
+        part, j = self._part(f), i - int(self.starts[f])
         try:
-            sample = read_sample(file, j)
+            sample = part.read(j)
         except (OSError, KeyError, ValueError) as e:  # a corrupt chunk (checksum/decompression), a missing dataset
             raise CacheFileError(f"{self.files[f]}: sample {i} cannot be read ({_first_line(e)}). The file is "
                                  "damaged: run the build again, or `kd-cache inspect --deep` for details.") from None
@@ -332,7 +412,7 @@ class CacheReader:
 
     def close(self) -> None:
         while self._open_files:
-            self._close(self._open_files.popitem()[1])
+            self._close_part(self._open_files.popitem()[1])
 
     def __enter__(self) -> "CacheReader":
         return self

@@ -111,8 +111,9 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any],
-                 chunk_bytes: int | None = None, samples: int | None = None):
-        """samples=N writes a sampled cache (N draws per row; top_k is then ignored)."""
+                 chunk_bytes: int | None = None, samples: int | None = None, max_length: int | None = None):
+        """samples=N writes a sampled cache (N draws per row; top_k is then ignored). max_length (cache.max_length):
+        a top-k file's per-token datasets get chunks of token_chunk_rows(max_length) rows, for random access."""
         self.path = Path(path)
         self.tmp_path = temporary_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,8 @@ class CacheWriter:
         self.columns: dict[str, _Column] = {}
         for name, (tail, dtype) in {**self.layout, **self.entry_layout}.items():
             row_bytes = max(1, int(np.prod(tail, dtype=np.int64))) * dtype.itemsize
-            self._create(name, tail, dtype, chunk_rows(row_bytes, chunk_bytes or CHUNK_BYTES))
+            self._create(name, tail, dtype, chunk_rows(row_bytes, chunk_bytes or CHUNK_BYTES, narrow=not tail,
+                                                       max_length=max_length, samples=samples))
         for name in per_sample_datasets(samples):
             self._create(name, (), np.dtype(np.int64), SAMPLE_CHUNK_ROWS)
         self.columns["offsets"].append(np.zeros(1, dtype=np.int64))
@@ -153,10 +155,10 @@ class CacheWriter:
         bound = sample_bound(num_tokens, self.top_k, self.vocab_size, self.samples)
         return bound + len(self.columns) * CHUNK_INDEX_BYTES
 
-    def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, chunk_rows: int) -> None:
+    def _create(self, name: str, tail: tuple[int, ...], dtype: np.dtype, rows_per_chunk: int) -> None:
         coding = codec(name, dtype)
         dataset = self.file.create_dataset(
-            name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail),
+            name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(rows_per_chunk, *tail),
             compression=COMPRESSION["compression"], compression_opts=COMPRESSION["compression_opts"],
             shuffle=coding.shuffle,
         )
@@ -258,12 +260,12 @@ class SplitWriter:
     """
 
     def __init__(self, path_of, max_bytes: int, on_close, *, top_k: int, vocab_size: int, attrs: dict[str, Any],
-                 samples: int | None = None, submit=None):
+                 samples: int | None = None, submit=None, max_length: int | None = None):
         self.path_of, self.max_bytes, self.on_close = path_of, max_bytes, on_close
         self.submit = submit or (lambda finish, abort: finish())
         # Chunks far smaller than a file: a file's last chunks are padded, and counted at their worst until closed.
         self.options = {"top_k": top_k, "vocab_size": vocab_size, "attrs": attrs, "samples": samples,
-                        "chunk_bytes": min(CHUNK_BYTES, max_bytes // 64)}
+                        "chunk_bytes": min(CHUNK_BYTES, max_bytes // 64), "max_length": max_length}
         self.summaries: list[dict[str, Any]] = []
         self.opened = 0
         self.writer: CacheWriter | None = self._open()

@@ -33,65 +33,78 @@ def encode_chunk(chunk: np.ndarray, coding: Codec, level: int = COMPRESSION["com
     return deflate.compress(np.ascontiguousarray(raw).tobytes()) + deflate.flush()
 
 
-class _Column:
-    """One dataset filled chunk by chunk. Full chunks are hashed (in order, on one thread) and compressed (on the
-    pool), then written with write_direct_chunk in order; at most `max_pending` chunks wait, so memory stays flat."""
+def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[bytes]:
+    """encode_chunk of each chunk_rows rows of `rows` (a whole number of chunks): one pool task for a group."""
+    return [encode_chunk(rows[start:start + chunk_rows], coding) for start in range(0, len(rows), chunk_rows)]
 
-    def __init__(self, dataset: h5py.Dataset, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, coding: Codec):
+
+class _Column:
+    """One dataset filled a group of chunks at a time, about group_bytes (the writer's chunk_bytes: sample-sized
+    chunks are small, and a pool task, a hash update and a resize per chunk would cost more than compressing it).
+    Full groups are hashed (in order, on one thread) and compressed (on the pool), then written with
+    write_direct_chunk in order; at most `max_pending` groups wait, so memory stays flat."""
+
+    def __init__(self, dataset: h5py.Dataset, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, coding: Codec,
+                 group_bytes: int):
         self.dataset, self.pool, self.hasher, self.coding = dataset, pool, hasher, coding
         self.chunk_rows, self.tail = dataset.chunks[0], dataset.shape[1:]
         self.hash = hashlib.sha256()
         self.rows = 0  # rows appended so far
         self.stored = 0  # compressed bytes written to the file so far
         self.chunk_bytes = self.chunk_rows * max(1, int(np.prod(self.tail, dtype=np.int64))) * dataset.dtype.itemsize
+        self.group = max(1, group_bytes // self.chunk_bytes)  # chunks per buffer
         self.max_pending = 2 * pool._max_workers
-        self._pending: deque = deque()  # (chunk number, future of its compressed bytes)
+        self._pending: deque = deque()  # (first chunk number, future of the group's compressed chunks)
         self._chunks = 0
         self._new_buffer()
 
     def _new_buffer(self) -> None:
-        self.buffer = np.zeros((self.chunk_rows, *self.tail), dtype=self.dataset.dtype)
+        self.buffer = np.zeros((self.group * self.chunk_rows, *self.tail), dtype=self.dataset.dtype)
         self.fill = 0
 
     def append(self, data: np.ndarray) -> None:
         while len(data):
-            take = min(self.chunk_rows - self.fill, len(data))
+            take = min(len(self.buffer) - self.fill, len(data))
             self.buffer[self.fill:self.fill + take] = data[:take]
             self.fill += take
             self.rows += take
             data = data[take:]
-            if self.fill == self.chunk_rows:
+            if self.fill == len(self.buffer):
                 self._submit()
 
     def _submit(self) -> None:
-        chunk = self.buffer
-        self.hasher.submit(self.hash.update, chunk[:self.fill])  # one hashing thread: updates stay in order
-        self._pending.append((self._chunks, self.pool.submit(encode_chunk, chunk, self.coding)))
-        self._chunks += 1
+        """Hand the buffer's chunks (the last one zero-padded when the buffer is not full: close) to the pool."""
+        chunks = -(-self.fill // self.chunk_rows)
+        rows = self.buffer[:chunks * self.chunk_rows]
+        self.hasher.submit(self.hash.update, self.buffer[:self.fill])  # one hashing thread: updates stay in order
+        self._pending.append((self._chunks, self.pool.submit(encode_chunks, rows, self.chunk_rows, self.coding)))
+        self._chunks += chunks
         self._new_buffer()
         while len(self._pending) > self.max_pending or (self._pending and self._pending[0][1].done()):
             self._write_next()
 
     def _write_next(self) -> None:
         number, future = self._pending.popleft()
+        encoded = future.result()
         start = number * self.chunk_rows
-        # The last chunk (close) sets the final extent before it is written: shrinking the extent afterwards would
+        # The last group (close) sets the final extent before it is written: shrinking the extent afterwards would
         # make HDF5 rewrite that edge chunk through its own filters (default zlib strategy, the old bytes left
         # unused in the file).
-        end = min(start + self.chunk_rows, self.rows)
+        end = min(start + len(encoded) * self.chunk_rows, self.rows)
         if self.dataset.shape[0] < end:
             self.dataset.resize((end, *self.tail))
-        data = future.result()
-        self.stored += len(data)
-        self.dataset.id.write_direct_chunk((start, *(0 for _ in self.tail)), data)
+        for k, data in enumerate(encoded):
+            self.stored += len(data)
+            self.dataset.id.write_direct_chunk((start + k * self.chunk_rows, *(0 for _ in self.tail)), data)
 
     def size_bound(self) -> int:
-        """At most the bytes this dataset takes once closed: chunks written, plus a deflate bound for the chunks
+        """At most the bytes this dataset takes once closed: chunks written, plus a deflate bound for the groups
         still compressing and for the buffer (whose zero padding compresses at least 100:1)."""
+        buffer_bytes = self.group * self.chunk_bytes
         fill_bytes = self.fill * self.chunk_bytes // self.chunk_rows  # an empty buffer counts: rows may come
-        buffered = deflate_bound(fill_bytes) + (self.chunk_bytes - fill_bytes) // 100
-        return (self.stored + len(self._pending) * deflate_bound(self.chunk_bytes) + buffered
-                + CHUNK_INDEX_BYTES * (self._chunks + 1))
+        buffered = deflate_bound(fill_bytes) + (buffer_bytes - fill_bytes) // 100
+        return (self.stored + len(self._pending) * self.group * deflate_bound(self.chunk_bytes) + buffered
+                + CHUNK_INDEX_BYTES * (self._chunks + self.group))
 
     def close(self) -> None:
         """Write the last, partial chunk (zero-padded, as HDF5 stores edge chunks) and trim to the rows appended."""
@@ -127,6 +140,7 @@ class CacheWriter:
         self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kd-gzip")
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-hash")
 
+        self._group_bytes = chunk_bytes or CHUNK_BYTES  # what each column hands the pool at once
         self.file = h5py.File(self.tmp_path, "w")
         self.columns: dict[str, _Column] = {}
         for name, (tail, dtype) in {**self.layout, **self.entry_layout}.items():
@@ -162,7 +176,7 @@ class CacheWriter:
             compression=COMPRESSION["compression"], compression_opts=COMPRESSION["compression_opts"],
             shuffle=coding.shuffle,
         )
-        self.columns[name] = _Column(dataset, self._pool, self._hasher, coding)
+        self.columns[name] = _Column(dataset, self._pool, self._hasher, coding, self._group_bytes)
 
     def append(self, sample_index: int, input_ids: np.ndarray, topk_indices: np.ndarray | None = None,
                topk_logprobs: np.ndarray | None = None, logsumexp: np.ndarray | None = None, *,

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
             if time.perf_counter() - started > seconds:
                 break
         stats = ds.stats()
+        shutil.rmtree(scratch, ignore_errors=True)
     elif mode.startswith("loader"):
         ds = CacheDataset(uri, opts)
         loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=int(mode[6:]), collate_fn=with_rss,

@@ -5,7 +5,9 @@ so no test needs the network. The environment is set offline and telemetry-free 
 huggingface or Prefect.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Module level on purpose: these must be set before transformers, datasets or Prefect are first imported.
@@ -18,6 +20,7 @@ os.environ.update(
     # CacheDataset's local copies of remote parts (kd_core.partcache): this session's own, not the user's.
     KD_CACHE_PARTS=tempfile.mkdtemp(prefix="kd-test-parts-"),
 )
+atexit.register(shutil.rmtree, os.environ["KD_CACHE_PARTS"], True)
 
 from pathlib import Path  # noqa: E402
 

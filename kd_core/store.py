@@ -221,14 +221,16 @@ class Store:
         """Any record, as JSON, in one atomic write."""
         io.write_json_atomic(uri, record.model_dump(mode="json"), self.options)
 
-    def read_record(self, model: type[R], uri: str) -> R | None:
-        """The record at `uri`; None when absent, or when it does not parse (an older format, a damaged file)."""
+    def read_record(self, model: type[R], uri: str, warn: bool = True) -> R | None:
+        """The record at `uri`; None when absent, or when it does not parse (an older format, a damaged file), said
+        in a warning unless the caller reports it itself (`warn=False`: a reader's one-line refusal)."""
         if not self.exists(uri):
             return None
         try:
             return model.model_validate(io.read_json(uri, self.options))
         except (ValidationError, ValueError) as e:
-            log.warning("ignoring %s: not a valid %s (%s)", uri, model.__name__, str(e).splitlines()[0])
+            if warn:
+                log.warning("ignoring %s: not a valid %s (%s)", uri, model.__name__, str(e).splitlines()[0])
             return None
 
     def read_shard(self, key: str, shard: ShardSpec) -> ShardRecord | None:
@@ -332,9 +334,10 @@ class Store:
             return found
 
     def damaged_files(self, key: str, manifest: Manifest) -> list[str]:
-        """What is wrong with a version's files against its manifest (missing, wrong size), from one listing."""
+        """What is wrong with a version's files against its manifest (no parts, missing, wrong size), from one
+        listing. A manifest that lists no parts is damage too: every reader refuses it."""
         found = self.stamps(self.version_dir(key))
-        problems = []
+        problems = [] if manifest.parts else ["the manifest lists no parts"]
         for file in manifest.files:
             size = found.get(file.name, {}).get("size")
             if size != file.bytes:
@@ -418,7 +421,7 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
     if uri.endswith((".h5", ".hdf5")):
         directory, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
         version = Store(directory, storage_options)
-        manifest = version.read_record(Manifest, io.join(directory, MANIFEST)) if name == INDEX else None
+        manifest = version.read_record(Manifest, io.join(directory, MANIFEST), warn=False) if name == INDEX else None
         return Source(uri, manifest)
     here = Store(uri, storage_options)
     if not here.exists(io.join(uri, MANIFEST)):
@@ -429,4 +432,5 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> Source:
             raise ConfigError(f"{uri}: no cache here (no {LATEST}, no {MANIFEST}, not an .h5 file). Pass the "
                               "output.uri of a finished run, a version directory or a cache.h5.")
         uri = here.version_dir(key)
-    return Source(io.join(uri, INDEX), here.read_record(Manifest, io.join(uri, MANIFEST)))
+    # A damaged manifest reads as None, and every reader refuses the version in one line that says so.
+    return Source(io.join(uri, INDEX), here.read_record(Manifest, io.join(uri, MANIFEST), warn=False))

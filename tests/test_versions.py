@@ -173,12 +173,20 @@ def test_work_left_by_a_kill_between_manifest_and_clean_up_is_removed_by_the_nex
     assert not io.exists(store.work_dir(key))  # ... and the leftover is gone
 
 
-@pytest.mark.parametrize("damage", ["delete the index", "truncate a part"])
+@pytest.mark.parametrize("damage", ["delete the index", "truncate a part", "a manifest without parts"])
 def test_up_to_date_means_the_manifests_files_are_there_with_their_sizes(
         damage, tmp_path, small_teacher_dir, corpus_path, monkeypatch):
-    """With cache.h5 deleted or a part truncated, runs once said "up to date", exit 0, and never rebuilt."""
+    """With cache.h5 deleted, a part truncated or the manifest's parts emptied, runs once said "up to date", exit 0,
+    and never rebuilt (the readers refuse such a version)."""
     config, store, key = _small_run(tmp_path, small_teacher_dir, corpus_path)
     manifest = build(config)
+    if damage == "a manifest without parts":
+        io.write_json_atomic(store.manifest(key), {**manifest.model_dump(mode="json"), "parts": []})
+        assert published(config) is None  # not up to date: the version is rebuilt
+        rebuilt = build(config)
+        assert [p.name for p in rebuilt.parts] == [p.name for p in manifest.parts]
+        assert published(config).parts == rebuilt.parts
+        return
     victim = io.local_path(store.index(key) if damage == "delete the index"
                            else store.version_file(key, manifest.parts[-1].name))
     if damage == "delete the index":

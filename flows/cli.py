@@ -403,6 +403,20 @@ def cmd_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+class StderrHandler(logging.StreamHandler):
+    """Logs to sys.stderr as it is when each record is written, not as it was when logging was set up: a caller that
+    swaps stderr (pytest's capsys, a redirect in a notebook) and closes the old one would otherwise get
+    "--- Logging error ---" blocks in place of every later log line."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ and setStream assign it; the current sys.stderr always wins
+        pass
+
+
 COMMANDS = {"run": cmd_run, "estimate": cmd_estimate, "validate": cmd_validate, "plan": cmd_plan,
             "inspect": cmd_inspect, "verify": cmd_verify, "export": cmd_export}
 
@@ -412,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     # Hugging Face's own bars (weights loading, dataset files) would interleave with the shard's progress line.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("httpx", "httpx2"):  # one line per Prefect API or hub call otherwise (huggingface_hub uses httpx2)
+    # A no-op where logging is already set up (by Prefect, or by a program that calls main()).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[StderrHandler()])
+    # One line per Prefect API or hub call (huggingface_hub uses httpx2), per block fsspec fetches, otherwise.
+    for name in ("httpx", "httpx2", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)

@@ -95,9 +95,16 @@ def _refuse(step: str, over: dict) -> str:
 
 
 def _cli(command: str, over: dict, capsys) -> str:
-    logging.root.handlers.clear()  # main() sets up logging to the current stderr, which capsys swaps per test
     argv = [command, "--profile", "demo", *override_strings(over)]
-    assert cli.main(argv) == 2
+    # main() logs to stderr only where logging is not set up yet (here pytest has): set up as in a fresh process for
+    # the call, then put pytest's handlers and level back, so that no handler of ours outlives the test.
+    handlers, level = logging.root.handlers[:], logging.root.level
+    logging.root.handlers.clear()
+    try:
+        assert cli.main(argv) == 2
+    finally:
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
     err = capsys.readouterr().err
     # No traceback through our code. (Under pytest, `datasets` may report a logging error on a stale captured
     # stream; the real CLI prints its own one-line log there: see test_cli_subprocess_empty_dataset.)

@@ -2,9 +2,14 @@
 CacheDataset, StreamingCacheDataset, inspect, verify, export) refuses a damaged, foreign or crafted cache with one
 line naming the file. Also the read commands' options and what they print (never a secret)."""
 
+import contextlib
+import io as io_module
 import json
+import logging
 import re
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -202,6 +207,38 @@ def test_every_read_path_refuses_what_the_manifest_does_not_vouch_for(how, copy,
         err = _one_line_exit_2(argv, capsys)
         assert needle in err, (argv, err)
     assert not exported.exists() and not list(tmp_path.glob("exported.h5*")) and not list(tmp_path.glob(".kd-export-*"))
+
+
+@pytest.mark.parametrize("how", ["damaged manifest", "missing part"])
+def test_the_command_line_refuses_damage_in_one_line_from_a_fresh_process(how, copy, other, tmp_path):
+    """As a user runs it, with main()'s own logging on stderr: a damaged manifest once printed the store's
+    "ignoring manifest.json: not a valid Manifest" warning above the refusal, and under pytest the handler main()
+    left on a closed capture stream turned later tests' log lines into "--- Logging error ---" blocks."""
+    out, _, _ = copy
+    needle = _damage(how, copy, tmp_path, other)
+    for command in ("inspect", "verify"):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", command, str(out)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc
+        [line] = proc.stderr.strip().splitlines()
+        assert line.startswith(f"kd-cache {command}: ") and needle in line, line
+
+
+def test_the_command_lines_log_follows_stderr_as_it_is_swapped():
+    """main() sets up logging once per process; a caller that swaps stderr and closes the old one (pytest's capsys,
+    a notebook's redirect) still gets its log lines, on the new stream."""
+    logger = logging.getLogger("kd_cache.test.stderr")
+    handler = cli.StderrHandler()
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(io_module.StringIO()) as first:
+            logger.warning("one")
+        first.close()
+        with contextlib.redirect_stderr(io_module.StringIO()) as second:
+            logger.warning("two")
+            assert second.getvalue() == "two\n"
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_export_checks_every_byte_refuses_its_own_inputs_and_exports_its_output(copy, tmp_path, capsys):

@@ -49,7 +49,7 @@ SAMPLER_VERSION = 1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)  # resolved once (kd_core.build), then only read
 
 
 class TeacherConfig(_Section):

@@ -367,3 +367,16 @@ def test_camel_case_storage_options_name_the_key_and_its_spelling(key, right):
     assert "127.0.0.1" not in str(e.value)
     # Options that are not fsspec's own keep their spelling (headers, S3 request arguments).
     load_config("testing", {"output": {"storage_options": {"s3_additional_kwargs": {"ACL": "private"}}}})
+
+
+def test_a_loaded_config_cannot_be_changed_in_place():
+    """A Build carries its config to every step and to deployed shards under a key computed once: a step that set
+    a field in place would make rows the key does not describe. Changes go through model_copy (a new value)."""
+    from pydantic import ValidationError
+
+    config = load_config("testing", BASE)
+    with pytest.raises(ValidationError, match="frozen"):
+        config.cache.top_k = 3
+    with pytest.raises(ValidationError, match="frozen"):
+        config.teacher = config.teacher
+    assert config.cache.model_copy(update={"top_k": 3}).top_k == 3 and config.cache.top_k != 3

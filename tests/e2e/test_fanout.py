@@ -83,6 +83,15 @@ def test_every_shard_is_scheduled_at_once(bare_stack, small_teacher_dir, corpus_
             cancel(client, build)
 
 
+def _wait_mid_shard(bare_stack, worker, out, seconds: float) -> None:
+    """Until a shard has published its second part (mid-shard: it has more to do), with the worker alive."""
+    deadline = time.monotonic() + seconds
+    while not list(out.glob("work/*/shard-*/part-00001.json")):
+        assert time.monotonic() < deadline, f"no part written\n{bare_stack.log_tail()}"
+        assert worker.poll() is None
+        time.sleep(0.2)
+
+
 def _kill_tree(process) -> None:
     """kill -9 a worker and every process under it (the flow run it was running)."""
     tree = psutil.Process(process.pid)
@@ -106,12 +115,7 @@ def test_a_build_survives_its_only_gpu_worker_killed_mid_shard(bare_stack, teach
             teacher_dir, corpus_path, out, samples=120, num_shards=2, part_samples=10))})
         assert response.status_code == 201, response.text
         build = response.json()["id"]
-        # Mid-shard: a part of one shard is published, the shard itself is not finished.
-        deadline = time.monotonic() + 180
-        while not list(out.glob("work/*/shard-*/part-00001.json")):
-            assert time.monotonic() < deadline, f"no part written\n{bare_stack.log_tail()}"
-            assert worker.poll() is None
-            time.sleep(0.2)
+        _wait_mid_shard(bare_stack, worker, out, seconds=180)
         assert not list(out.glob("work/*/shard-*.json")), "a shard finished before the kill: make the shards longer"
         _kill_tree(worker)
         time.sleep(5)
@@ -155,11 +159,7 @@ def test_a_gpu_worker_stopped_with_sigterm_stops_its_shard_within_20_s_and_the_b
         response = trigger(client, {"profile": "testing", "overrides": override_strings(run)})
         assert response.status_code == 201, response.text
         build = response.json()["id"]
-        deadline = time.monotonic() + 240
-        while not list(out.glob("work/*/shard-*/part-00001.json")):
-            assert time.monotonic() < deadline, f"no part written\n{bare_stack.log_tail()}"
-            assert worker.poll() is None
-            time.sleep(0.2)
+        _wait_mid_shard(bare_stack, worker, out, seconds=240)
         tree = _tree(worker.pid)
         assert len(tree) > 1, "the worker runs its shard in a subprocess"
         done_before = len(list(out.glob("work/*/shard-*/part-*.json")))

@@ -29,6 +29,9 @@ Then the layout table: the same rows rewritten by CacheWriter into one file with
 bytes in per second, wall; CPU seconds per GB, the compression pool's threads included), stored bytes per token,
 and each file read in this process: random order, file order (CacheReader) and front to back (iter_samples, what
 StreamingCacheDataset uses), in tokens per CPU-second.
+
+--inflate adds where the floor is: per dataset, h5py reading the part files whole and zlib / zlib-ng inflating
+their raw chunks, and the tokens per CPU-second of reading everything whole (no per-sample reader beats it).
 """
 
 from __future__ import annotations
@@ -184,6 +187,58 @@ def layout_table(uri: str, work: Path, max_length: int, repeat: int) -> None:
               f"{stats['bytes_decompressed'] / stats['bytes_returned']:.2f} | {reads['file'][0]:,.0f} | {stream:,.0f} |")
 
 
+def inflate_table(uri: str, repeat: int = 3) -> None:
+    """Where a reader's floor is: per row dataset of the cache's part files, h5py reading it whole (a fresh handle
+    per file, so no chunk is cached) and zlib / zlib-ng (when installed) inflating its raw chunks alone
+    (read_direct_chunk; the shuffle filter not undone), in MB of output per CPU-second; then the tokens per
+    CPU-second of h5py reading every row dataset whole, which no per-sample reader of these files can beat."""
+    import zlib
+
+    import h5py
+
+    from kd_core.h5cache import CacheReader
+    from kd_core.h5cache.format import row_datasets
+
+    try:
+        from zlib_ng import zlib_ng
+    except ImportError:  # optional: pip install zlib-ng
+        zlib_ng = None
+    with CacheReader(uri) as reader:
+        files, tokens = [f for f in reader.files], reader.num_tokens
+    with h5py.File(files[0]) as first:
+        names = list(row_datasets(first))
+    print(f"\ninflate: {len(files)} part files read whole {repeat}x; MB of output per CPU-second")
+    print("| dataset | raw MB | h5py | zlib | zlib-ng |")
+    print("|---|---:|---:|---:|---:|")
+    h5py_cpu = 0.0
+    for name in names:
+        raw = 0
+        cpu = time.process_time()
+        for _ in range(repeat):
+            for f in files:
+                with h5py.File(f, rdcc_nbytes=0) as h:
+                    raw += h[name][:].nbytes
+        h5py_cpu += time.process_time() - cpu
+        rate = {"h5py": raw / (time.process_time() - cpu) / 1e6}
+        chunks = []
+        for f in files:
+            with h5py.File(f) as h:
+                d = h[name].id
+                chunks += [d.read_direct_chunk(d.get_chunk_info(i).chunk_offset)[1] for i in range(d.get_num_chunks())]
+        for label, lib in (("zlib", zlib), ("zlib-ng", zlib_ng)):
+            if lib is None:
+                rate[label] = None
+                continue
+            cpu = time.process_time()
+            for _ in range(repeat):
+                for c in chunks:
+                    lib.decompress(c)
+            rate[label] = raw / (time.process_time() - cpu) / 1e6
+        cells = " | ".join("-" if rate[k] is None else f"{rate[k]:,.0f}" for k in ("h5py", "zlib", "zlib-ng"))
+        print(f"| {name} | {raw / repeat / 1e6:.1f} | {cells} |")
+    print(f"h5py, every row dataset whole: {tokens * repeat / h5py_cpu:,.0f} tokens per CPU-second")
+
+
 def serve_s3(latency_ms: float) -> None:
     """Run moto's S3 server here, every request delayed by latency_ms; print the endpoint, serve until killed."""
     import logging
@@ -227,6 +282,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--layouts", type=int, default=3, metavar="REPEAT",
                         help="also the layout table: the rows rewritten REPEAT times per chunking (0: skip it)")
+    parser.add_argument("--inflate", action="store_true",
+                        help="also the inflate table: h5py, zlib and zlib-ng (if installed) on the part files' chunks")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--opts", help=argparse.SUPPRESS)
@@ -289,6 +346,8 @@ def main() -> None:
             server.kill()
     if args.layouts:
         layout_table(uri, args.work, args.max_length, args.layouts)
+    if args.inflate:
+        inflate_table(uri)
 
 
 if __name__ == "__main__":

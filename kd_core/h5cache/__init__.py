@@ -4,6 +4,7 @@
     writer   CacheWriter (one file) and SplitWriter (files of at most output.max_object_bytes)
     index    the index of a version: virtual datasets over its part files
     reader   CacheReader (random access by sample, any URI form) and whole-file iteration
+    chunks   rows of a dataset from its raw chunks, inflated by libdeflate (what the reader reads with)
     verify   a file against its structure and checksums
     export   a version as one self-contained file
 

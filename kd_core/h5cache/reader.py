@@ -12,6 +12,7 @@ import numpy as np
 
 from kd_core import io, store
 from kd_core.errors import CacheFileError, StorageError
+from kd_core.h5cache.chunks import raw_column
 from kd_core.h5cache.contained import check_contained, safe_name
 from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attrs,
                                     row_datasets, sampled_draws, unpack_sampled)
@@ -28,10 +29,11 @@ LOAD_SAMPLES = 1 << 21  # per-sample arrays of up to 2M samples (32-48 MB) are l
 
 class _Part:
     """One open cache file, with what every sample read needs loaded once: offsets (S+1,), sample_index (S,) and
-    the entry offsets of a sampled file (16-24 B per sample of the file, up to LOAD_SAMPLES), and the datasets'
-    handles. Counts the bytes its reads decompress (`decompressed`: the chunks spanned, less the chunk the
-    previous read of the same dataset ended in, which HDF5's chunk cache still holds) and return (`returned`),
-    both as stored."""
+    the entry offsets of a sampled file (16-24 B per sample of the file, up to LOAD_SAMPLES), and a reader per row
+    dataset: a chunks.RawColumn (raw chunks inflated by libdeflate) for every dataset it reads, h5py for any
+    other. Counts the bytes its reads decompress (`decompressed`: every chunk a RawColumn inflated; for an h5py
+    dataset the chunks spanned, less the chunk the previous read of it ended in) and return (`returned`), both
+    as stored."""
 
     def __init__(self, file: h5py.File, fileobj: Any):
         self.file, self.fileobj = file, fileobj
@@ -41,28 +43,37 @@ class _Part:
         self.entry_offsets = (file[ENTRY_OFFSETS][:] if load else file[ENTRY_OFFSETS]) if ENTRY_OFFSETS in file else None
         self.draws = int(file.attrs["samples"]) if ENTRY_OFFSETS in file else None  # N of a sampled file
         self.datasets = {name: file[name] for name in row_datasets(file)}
-        # name -> (rows per chunk, bytes per row) of a chunked dataset; virtual datasets (an index) have no chunks
-        self.geometry = {name: (d.chunks[0], d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64)))
-                         for name, d in self.datasets.items() if d.chunks}
+        self.columns = {name: column for name, d in self.datasets.items() if (column := raw_column(d)) is not None}
+        self.row_bytes = {name: d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))
+                          for name, d in self.datasets.items()}
         self.last_chunk: dict[str, int] = {}
-        self.decompressed = self.returned = 0
+        self.modelled = self.returned = 0  # bytes h5py's reads decompressed (modelled), bytes returned
 
-    def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
-        if hi > lo and name in self.geometry:
-            chunk_rows, row_bytes = self.geometry[name]
+    @property
+    def decompressed(self) -> int:
+        return self.modelled + sum(column.decoded for column in self.columns.values())
+
+    def rows(self, name: str, lo: int, hi: int, dtype: Any = None) -> np.ndarray:
+        """Rows [lo, hi) of a row dataset, in `dtype` (default: as stored)."""
+        self.returned += (hi - lo) * self.row_bytes[name]
+        if name in self.columns:
+            return self.columns[name].rows(lo, hi, dtype)
+        dataset = self.datasets[name]
+        if hi > lo and dataset.chunks:  # h5py decompresses whole chunks; its chunk cache keeps the last one
+            chunk_rows = dataset.chunks[0]
             first, last = lo // chunk_rows, (hi - 1) // chunk_rows
             chunks = last - first + 1 - (self.last_chunk.get(name) == first)
             self.last_chunk[name] = last
-            self.decompressed += chunks * chunk_rows * row_bytes
-            self.returned += (hi - lo) * row_bytes
-        return self.datasets[name][lo:hi]
+            self.modelled += chunks * chunk_rows * self.row_bytes[name]
+        rows = dataset[lo:hi]
+        return rows if dtype is None else rows.astype(dtype)
 
     def read(self, j: int) -> dict[str, Any]:
         lo, hi = int(self.offsets[j]), int(self.offsets[j + 1])
         sample = {"sample_index": int(self.sample_index[j])}
         for name in self.datasets:
             if name not in ENTRY_DATASETS:
-                sample[name] = _as_read(name, self.rows(name, lo, hi))
+                sample[name] = self.rows(name, lo, hi, READ_DTYPES.get(name))
         if self.entry_offsets is not None:  # a sampled cache: its entries, back to (L, m)
             first, last = int(self.entry_offsets[j]), int(self.entry_offsets[j + 1])
             gaps, counts = (self.rows(name, first, last) for name in ENTRY_DATASETS)
@@ -98,18 +109,18 @@ def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) ->
         if build_id is not None and (found := read_attrs(file).get("build_id")) != build_id:
             raise CacheFileError(f"{name}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
                                  "(a foreign part). The version is damaged: run the build again.")
-        if ENTRY_OFFSETS in file:
-            part = _Part(file, None)
+        part = _Part(file, None)
+        if part.entry_offsets is not None:
             for j in range(len(part.sample_index)):
                 yield part.read(j)
             return
-        offsets, sample_index = file["offsets"][:], file["sample_index"][:]
-        names = list(row_datasets(file))
+        offsets, sample_index = part.offsets[:], part.sample_index[:]  # loaded, or read whole here (an export)
+        names = list(part.datasets)
         s = 0
         while s < len(sample_index):
             e = max(s + 1, int(np.searchsorted(offsets, offsets[s] + block_tokens, side="right")) - 1)
             lo, hi = int(offsets[s]), int(offsets[e])
-            block = {name: file[name][lo:hi] for name in names}
+            block = {name: part.rows(name, lo, hi) for name in names}
             for i in range(s, e):
                 a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
                 yield {"sample_index": int(sample_index[i]), **{n: block[n][a:b].copy() for n in names}}
@@ -172,8 +183,9 @@ class CacheReader:
     `stats()` counts the bytes reads decompressed and returned (docs/PERFORMANCE.md: read amplification).
     """
 
-    # Files kept open: a local handle costs its offsets and HDF5's chunk cache (1 MiB per dataset read); a remote
-    # one also holds up to io.READ_CACHE_BLOCKS blocks of io.READ_BLOCK_BYTES (16 MiB).
+    # Files kept open: a local handle costs its offsets and the last chunks.KEEP_CHUNKS decoded chunks of each row
+    # dataset (a few KB to a few MB); a remote one also holds up to io.READ_CACHE_BLOCKS blocks of
+    # io.READ_BLOCK_BYTES (16 MiB).
     MAX_OPEN = {"local": 16, "remote": 8}
 
     def __init__(self, uri: str | Path, storage_options: dict[str, Any] | None = None,

@@ -19,19 +19,23 @@ and reused while its settings match. Rows, each in a fresh process (so memory is
 Columns: samples/s and tokens/s (wall clock; tokens = rows of the samples returned), tokens/CPU-s (per second of
 the reading process's own CPU time, the workers' for loader rows: what one unshared core would do, so it holds on
 a busy machine), read amplification = bytes decompressed / bytes of the samples returned (as stored; from
-CacheReader.stats(): the chunks each read spans, less the one the previous read ended in; HDF5's chunk cache can
-save more when a cache is small), RSS = peak resident memory of the reading process (the largest worker's for
-loader rows), GETs = requests the S3 server answered. Each row reads for about --seconds, or one epoch, whichever
-ends first.
+CacheReader.stats(): every chunk the reads inflated, whole; the reader keeps each dataset's last two chunks, so a
+small cache read again is not flattered by a chunk cache), RSS = peak resident memory of the reading process (the largest worker's for
+loader rows), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
+new order each), timed from its dataset's first read: opening a cache (manifest, listing) is a fixed cost, not
+throughput. An S3 row reads one epoch at most, timed from opening, so its downloads count.
 
-Then the layout table: the same rows rewritten by CacheWriter into one file with the chunks files had before
-(1 MiB) and with sample-sized chunks (h5cache.format.token_chunk_rows), --layouts times each: write speed (raw
-bytes in per second, wall; CPU seconds per GB, the compression pool's threads included), stored bytes per token,
-and each file read in this process: random order, file order (CacheReader) and front to back (iter_samples, what
+Then the layout table: the same rows rewritten by CacheWriter into one file per layout: 1 MiB chunks (what files
+without a max_length get, and every file before sample-sized chunks) and sample-sized chunks
+(h5cache.format.token_chunk_rows of --max-length, or of each --layout-lengths value), each coded as the writer did
+before (zlib, level 1) and does now (libdeflate, level 6); --layouts times each: write speed (raw bytes in per
+second, wall; CPU seconds per GB, the compression pool's threads included), stored bytes per token, and each file
+read in this process: random order, file order (CacheReader) and front to back (iter_samples, what
 StreamingCacheDataset uses), in tokens per CPU-second.
 
---inflate adds where the floor is: per dataset, h5py reading the part files whole and zlib / zlib-ng inflating
-their raw chunks, and the tokens per CPU-second of reading everything whole (no per-sample reader beats it).
+--inflate adds where the floor is: per dataset, h5py reading the part files whole, zlib / zlib-ng / libdeflate
+inflating their raw chunks, and the reader's RawColumn; then the tokens per CPU-second of reading everything whole
+(no per-sample reader beats it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,31 +110,46 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
     rss = 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
     stats = None
+    epochs = 1 if mode.startswith("s3") else 1 << 30  # local rows: epoch after epoch, until `seconds` have passed
     if mode in ("file", "random", "s3random", "s3ranged"):
         scratch = tempfile.mkdtemp(prefix="kd-bench-parts-")  # an empty part cache: the first read of each downloads
         ds = CacheDataset(uri, opts, cache_dir=scratch, cache_bytes=0 if mode == "s3ranged" else 1 << 30)
-        order = range(len(ds)) if mode == "file" else np.random.default_rng(0).permutation(len(ds))
-        for i in order:
-            s = ds[int(i)]
-            samples, tokens = samples + 1, tokens + len(s["input_ids"])
+        if not mode.startswith("s3"):  # a local row measures reading, not opening the cache (its manifest, listing)
+            started, cpu_started = time.perf_counter(), time.process_time()
+        for epoch in range(epochs):
+            order = range(len(ds)) if mode == "file" else np.random.default_rng(epoch).permutation(len(ds))
+            for i in order:
+                s = ds[int(i)]
+                samples, tokens = samples + 1, tokens + len(s["input_ids"])
+                if time.perf_counter() - started > seconds:
+                    break
             if time.perf_counter() - started > seconds:
                 break
         stats = ds.stats()
         shutil.rmtree(scratch, ignore_errors=True)
     elif mode.startswith("loader"):
         ds = CacheDataset(uri, opts)
-        loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=int(mode[6:]), collate_fn=with_rss,
-                            generator=__import__("torch").Generator().manual_seed(0))
+        workers = int(mode[6:])
+        loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, collate_fn=with_rss,
+                            generator=__import__("torch").Generator().manual_seed(0), persistent_workers=workers > 0)
         per_worker = {}
-        for batch, worker_rss, worker, worker_stats in loader:
-            rss, per_worker[worker] = max(rss, worker_rss), worker_stats
-            samples, tokens = samples + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
-            if time.perf_counter() - started > seconds:
-                break
+        while time.perf_counter() - started <= seconds:  # epoch after epoch; the workers' start is in the first
+            for batch, worker_rss, worker, worker_stats in loader:
+                rss, per_worker[worker] = max(rss, worker_rss), worker_stats
+                samples, tokens = samples + len(batch["input_ids"]), tokens + int(batch["attention_mask"].sum())
+                if time.perf_counter() - started > seconds:
+                    break
         stats = {k: sum(w[k] for w in per_worker.values()) for k in ("bytes_decompressed", "bytes_returned", "cpu")}
     else:  # stream, s3stream
-        for s in StreamingCacheDataset(uri, opts, seed=0):
-            samples, tokens = samples + 1, tokens + len(s["input_ids"])
+        ds = StreamingCacheDataset(uri, opts, seed=0)
+        if not mode.startswith("s3"):
+            started, cpu_started = time.perf_counter(), time.process_time()
+        for epoch in range(epochs):
+            ds.set_epoch(epoch)
+            for s in ds:
+                samples, tokens = samples + 1, tokens + len(s["input_ids"])
+                if time.perf_counter() - started > seconds:
+                    break
             if time.perf_counter() - started > seconds:
                 break
     elapsed = time.perf_counter() - started
@@ -140,9 +160,18 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
     return out
 
 
-def layout_table(uri: str, work: Path, max_length: int, repeat: int) -> None:
-    """The cache's rows rewritten by CacheWriter as one file per chunking, before (1 MiB chunks, what files
-    without max_length get) and after (sample-sized chunks): write speed, size, and reads of each, in-process."""
+def zlib_level_1(data: bytes, level: int) -> bytes:
+    """What the writer's chunks were before libdeflate (zlib, level 1): the layout table's "zlib 1" rows."""
+    return zlib.compress(data, 1)
+
+
+def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> None:
+    """The cache's rows rewritten by CacheWriter as one file per layout: 1 MiB chunks (what files without
+    max_length get) and sample-sized chunks, each with the deflate the writer had before (zlib, level 1) and has
+    now (libdeflate, level 6): write speed, size, and reads of each, in-process."""
+    from unittest import mock
+
+    import deflate
     import numpy as np
 
     from kd_core.h5cache import CacheReader, CacheWriter, iter_samples
@@ -155,13 +184,18 @@ def layout_table(uri: str, work: Path, max_length: int, repeat: int) -> None:
     print("| layout | write MB/s (raw) | write CPU-s per GB | B/token | random tok/CPU-s | random amplification | "
           "file order tok/CPU-s | stream tok/CPU-s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for label, length in (("1 MiB chunks (before)", None), (f"sample-sized (max_length {max_length})", max_length)):
-        path = work / f"layout-{length}.h5"
+    layouts = [(f"{chunks}, {coder}", length, coder)
+               for chunks, length in (("1 MiB chunks", None),
+                                      *((f"sample-sized (max_length {n})", n) for n in max_lengths))
+               for coder in ("zlib 1", "libdeflate 6")]
+    for label, length, coder in layouts:
+        path = work / f"layout-{length}-{coder.replace(' ', '')}.h5"
         wall = cpu = 0.0
         for _ in range(repeat):
             path.unlink(missing_ok=True)
             started, cpu_started = time.perf_counter(), time.process_time()
-            with CacheWriter(path, top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
+            with mock.patch.object(deflate, "zlib_compress", zlib_level_1 if coder == "zlib 1" else deflate.zlib_compress), \
+                    CacheWriter(path, top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
                 for s in range(len(offsets) - 1):
                     lo, hi = offsets[s], offsets[s + 1]
                     writer.append(int(arrays["sample_index"][s]), arrays["input_ids"][lo:hi],
@@ -189,14 +223,18 @@ def layout_table(uri: str, work: Path, max_length: int, repeat: int) -> None:
 
 def inflate_table(uri: str, repeat: int = 3) -> None:
     """Where a reader's floor is: per row dataset of the cache's part files, h5py reading it whole (a fresh handle
-    per file, so no chunk is cached) and zlib / zlib-ng (when installed) inflating its raw chunks alone
-    (read_direct_chunk; the shuffle filter not undone), in MB of output per CPU-second; then the tokens per
-    CPU-second of h5py reading every row dataset whole, which no per-sample reader of these files can beat."""
+    per file, so no chunk is cached), zlib / zlib-ng (when installed) / libdeflate inflating its raw chunks alone
+    (read_direct_chunk; the shuffle filter not undone), and the reader's RawColumn (chunks fetched, inflated by
+    libdeflate, unshuffled), in MB of output per CPU-second; then the tokens per CPU-second of reading every row
+    dataset whole through h5py and through RawColumn, which no per-sample reader of these files can beat."""
     import zlib
 
+    import deflate
     import h5py
+    import numpy as np
 
     from kd_core.h5cache import CacheReader
+    from kd_core.h5cache.chunks import raw_column
     from kd_core.h5cache.format import row_datasets
 
     try:
@@ -208,35 +246,42 @@ def inflate_table(uri: str, repeat: int = 3) -> None:
     with h5py.File(files[0]) as first:
         names = list(row_datasets(first))
     print(f"\ninflate: {len(files)} part files read whole {repeat}x; MB of output per CPU-second")
-    print("| dataset | raw MB | h5py | zlib | zlib-ng |")
-    print("|---|---:|---:|---:|---:|")
-    h5py_cpu = 0.0
+    print("| dataset | raw MB | h5py | zlib | zlib-ng | libdeflate | RawColumn |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    whole_cpu = {"h5py": 0.0, "RawColumn": 0.0}
+    libraries = {"zlib": lambda c, n: zlib.decompress(c), "zlib-ng": zlib_ng and (lambda c, n: zlib_ng.decompress(c)),
+                 "libdeflate": deflate.zlib_decompress}
     for name in names:
-        raw = 0
-        cpu = time.process_time()
-        for _ in range(repeat):
-            for f in files:
-                with h5py.File(f, rdcc_nbytes=0) as h:
-                    raw += h[name][:].nbytes
-        h5py_cpu += time.process_time() - cpu
-        rate = {"h5py": raw / (time.process_time() - cpu) / 1e6}
-        chunks = []
+        raw, rate, chunks = 0, {}, []
+        for reader_name in ("h5py", "RawColumn"):
+            cpu = time.process_time()
+            for _ in range(repeat):
+                for f in files:
+                    with h5py.File(f, rdcc_nbytes=0) as h:
+                        d = h[name]
+                        rows = d[:] if reader_name == "h5py" else raw_column(d).rows(0, d.shape[0])
+                        raw += rows.nbytes if reader_name == "h5py" else 0
+            whole_cpu[reader_name] += time.process_time() - cpu
+            rate[reader_name] = raw / (time.process_time() - cpu) / 1e6
         for f in files:
             with h5py.File(f) as h:
                 d = h[name].id
-                chunks += [d.read_direct_chunk(d.get_chunk_info(i).chunk_offset)[1] for i in range(d.get_num_chunks())]
-        for label, lib in (("zlib", zlib), ("zlib-ng", zlib_ng)):
-            if lib is None:
+                size = h[name].dtype.itemsize * int(np.prod(h[name].chunks))
+                chunks += [(d.read_direct_chunk(d.get_chunk_info(i).chunk_offset)[1], size) for i in range(d.get_num_chunks())]
+        for label, inflate in libraries.items():
+            if inflate is None:
                 rate[label] = None
                 continue
             cpu = time.process_time()
             for _ in range(repeat):
-                for c in chunks:
-                    lib.decompress(c)
+                for c, size in chunks:
+                    inflate(c, size)
             rate[label] = raw / (time.process_time() - cpu) / 1e6
-        cells = " | ".join("-" if rate[k] is None else f"{rate[k]:,.0f}" for k in ("h5py", "zlib", "zlib-ng"))
+        cells = " | ".join("-" if rate[k] is None else f"{rate[k]:,.0f}"
+                           for k in ("h5py", "zlib", "zlib-ng", "libdeflate", "RawColumn"))
         print(f"| {name} | {raw / repeat / 1e6:.1f} | {cells} |")
-    print(f"h5py, every row dataset whole: {tokens * repeat / h5py_cpu:,.0f} tokens per CPU-second")
+    for reader_name, cpu in whole_cpu.items():
+        print(f"{reader_name}, every row dataset whole: {tokens * repeat / cpu:,.0f} tokens per CPU-second")
 
 
 def serve_s3(latency_ms: float) -> None:
@@ -280,6 +325,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--layout-lengths", type=lambda v: [int(n) for n in v.split(",")],
+                        help="the layout table's sample-sized rows: chunks for these max_length values (default: "
+                             "--max-length); rows of a longer max_length show its bytes, their amplification is "
+                             "that of this cache's shorter samples")
     parser.add_argument("--layouts", type=int, default=3, metavar="REPEAT",
                         help="also the layout table: the rows rewritten REPEAT times per chunking (0: skip it)")
     parser.add_argument("--inflate", action="store_true",
@@ -345,7 +394,7 @@ def main() -> None:
         if server is not None:
             server.kill()
     if args.layouts:
-        layout_table(uri, args.work, args.max_length, args.layouts)
+        layout_table(uri, args.work, args.layout_lengths or [args.max_length], args.layouts)
     if args.inflate:
         inflate_table(uri)
 

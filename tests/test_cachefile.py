@@ -192,3 +192,20 @@ def test_many_chunks_compressed_in_parallel_read_back_exactly(tmp_path, monkeypa
             np.testing.assert_array_equal(f[name][:], want)  # HDF5's own filters decode what we encoded
             assert json.loads(f.attrs["checksums"])[name] == hashlib.sha256(want.tobytes()).hexdigest()
     verify_file(tmp_path / "c.h5")
+
+
+@pytest.mark.parametrize("name, dtype", [("topk_logprobs", np.float16), ("topk_indices", np.uint16),
+                                         ("sampled_id_gaps", np.uint32), ("sampled_counts", np.uint8)])
+def test_a_chunk_is_never_stored_larger_than_the_bound_the_estimate_uses(name, dtype):
+    """Incompressible bytes through each codec (libdeflate's, zlib's run-length): within format.deflate_bound, and
+    a zlib stream HDF5's gzip filter reads."""
+    import zlib
+
+    from kd_core.h5cache.format import codec, deflate_bound
+    from kd_core.h5cache.writer import encode_chunk
+
+    for rows in (1, 333, 4096, 1 << 17):
+        chunk = np.random.default_rng(rows).integers(0, 256, rows * 16, dtype=np.uint8).view(dtype)
+        stored = encode_chunk(chunk, codec(name, np.dtype(dtype)))
+        assert len(stored) <= deflate_bound(chunk.nbytes)
+        assert len(zlib.decompress(stored)) == chunk.nbytes

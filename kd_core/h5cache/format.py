@@ -49,7 +49,8 @@ ENTRY_OFFSETS = "sampled_offsets"
 PER_SAMPLE_DATASETS = ("offsets", "sample_index", ENTRY_OFFSETS)
 CHUNK_BYTES = 1 << 20  # ~1 MiB chunks (sampled mode, and top-k files written without a max_length)
 SAMPLE_CHUNK_ROWS = 1 << 16  # rows per chunk of the per-sample datasets (512 KiB of int64)
-COMPRESSION = {"compression": "gzip", "compression_opts": 1}  # deflate level 1: fast; higher levels gain little
+# HDF5's filter for every dataset (the level is what HDF5 records; the writer codes chunks itself: Codec)
+COMPRESSION = {"compression": "gzip", "compression_opts": 1}
 # Sampled caches' layout: part of their version key (a resume never mixes layouts). 2: no /sampled_lengths and no
 # /logsumexp (layout 1 had both).
 SAMPLED_LAYOUT = 2
@@ -57,11 +58,14 @@ SAMPLED_LAYOUT = 2
 
 @dataclass(frozen=True)
 class Codec:
-    """How a dataset's chunks are coded: HDF5's shuffle filter or not, and the zlib strategy of the deflate stream
-    (any strategy gives a standard stream that HDF5's gzip filter reads: the strategy is the writer's choice)."""
+    """How a dataset's chunks are coded: HDF5's shuffle filter or not, and the deflate stream's strategy and level
+    (any gives a standard zlib stream that HDF5's gzip filter reads: the writer's choice). The default strategy is
+    libdeflate's (level 6: 3-5% smaller than zlib's level 1 on top-k ids and log-probs, and faster; zlib's level 6
+    is as small at half zlib-1's speed); another strategy is zlib's, which libdeflate does not offer."""
 
     shuffle: bool = True
     strategy: int = zlib.Z_DEFAULT_STRATEGY
+    level: int = 6
 
 
 def codec(name: str, dtype: np.dtype) -> Codec:
@@ -69,13 +73,13 @@ def codec(name: str, dtype: np.dtype) -> Codec:
     - uint16 top-k ids unshuffled: both bytes are informative at a 32k vocabulary, and whole-id repeats across
       rows make LZ matches (5.0-5.5 B/token smaller at k=64 on the H100 benchmark, docs/PERFORMANCE.md); uint32
       ids (vocab > 65536) shuffled: their high bytes are nearly constant (-15% on the 70k test teacher);
-    - a sampled cache's id gaps and counts: run-length deflate (matches at distance 1 only), against the default
-      strategy at level 1: gaps -5 to -9%, counts -25 to -34% (mostly 1s: deflate's general matching costs more
-      than it finds), and faster."""
+    - a sampled cache's id gaps and counts: zlib's run-length deflate at level 1 (matches at distance 1 only),
+      against zlib's default strategy at level 1: gaps -5 to -9%, counts -25 to -34% (mostly 1s: deflate's
+      general matching costs more than it finds), and faster."""
     if name == "topk_indices":
         return Codec(shuffle=dtype.itemsize > 2)
     if name in ("sampled_id_gaps", "sampled_counts"):
-        return Codec(strategy=zlib.Z_RLE)
+        return Codec(strategy=zlib.Z_RLE, level=1)
     return Codec()
 
 
@@ -198,7 +202,8 @@ def sample_bound(num_tokens: int, top_k: int, vocab_size: int, samples: int | No
 
 
 def deflate_bound(n: int) -> int:
-    """zlib's worst case for n input bytes (compressBound), rounded up."""
+    """The worst case for n input bytes of zlib (compressBound) and of libdeflate (5 B per 5,000-byte block, a
+    zlib header and trailer and 9 B more), rounded up: both are under it."""
     return n + n // 1000 + 64
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import deflate
 import h5py
 import numpy as np
 
@@ -23,14 +24,18 @@ from kd_core.h5cache.format import (CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION,
 from kd_core.h5cache.verify import verify_file
 
 
-def encode_chunk(chunk: np.ndarray, coding: Codec, level: int = COMPRESSION["compression_opts"]) -> bytes:
-    """What HDF5's shuffle + deflate filters would store for this chunk (run on a worker thread: zlib releases
-    the GIL, so chunks compress on several cores at once)."""
+def encode_chunk(chunk: np.ndarray, coding: Codec) -> bytes:
+    """What HDF5's shuffle + deflate filters would store for this chunk: a zlib stream, from libdeflate at
+    coding.level, or from zlib where the codec needs zlib's run-length strategy (both run on a worker thread and
+    release the GIL, so chunks compress on several cores at once)."""
     raw = chunk.reshape(-1).view(np.uint8)
     if coding.shuffle:  # byte k of every element together: the high bytes of small ids and similar floats compress well
         raw = raw.reshape(-1, chunk.dtype.itemsize).T
-    deflate = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, coding.strategy)
-    return deflate.compress(np.ascontiguousarray(raw).tobytes()) + deflate.flush()
+    data = np.ascontiguousarray(raw).tobytes()
+    if coding.strategy == zlib.Z_DEFAULT_STRATEGY:
+        return deflate.zlib_compress(data, coding.level)
+    stream = zlib.compressobj(coding.level, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, coding.strategy)
+    return stream.compress(data) + stream.flush()
 
 
 def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[bytes]:

@@ -10,6 +10,8 @@ and reused while its settings match. Rows, each in a fresh process (so memory is
   file order        CacheDataset[i] for i = 0, 1, 2, ...
   random order      CacheDataset[i] over a seeded permutation (what DataLoader(shuffle=True) does)
   loader wN         DataLoader(CacheDataset, shuffle=True, batch_size=8, num_workers=N, collate_fn=pad_collate)
+  tokens wN         the same with batch_sampler=TokenBatchSampler(lengths, max_tokens=4096): batches of similar
+                    lengths, so little padding to build and hand over
   streaming         StreamingCacheDataset, one epoch
   s3random          CacheDataset over s3:// (moto's server on loopback, in its own process, each request delayed
                     by --latency-ms), random order, its parts downloaded whole into an empty local part cache
@@ -56,7 +58,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-MODES = ("file", "random", "loader1", "loader2", "loader4", "stream", "s3random", "s3ranged", "s3stream")
+MODES = ("file", "random", "loader1", "loader2", "loader4", "tokens2", "stream", "s3random", "s3ranged", "s3stream")
 
 
 def build_cache(work: Path, samples: int, top_k: int, max_length: int) -> str:
@@ -127,11 +129,14 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
                 break
         stats = ds.stats()
         shutil.rmtree(scratch, ignore_errors=True)
-    elif mode.startswith("loader"):
+    elif mode.startswith(("loader", "tokens")):
+        from kd_core.samplers import TokenBatchSampler
+
         ds = CacheDataset(uri, opts)
         workers = int(mode[6:])
-        loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, collate_fn=with_rss,
-                            generator=__import__("torch").Generator().manual_seed(0), persistent_workers=workers > 0)
+        batches = (dict(batch_size=8, shuffle=True, generator=__import__("torch").Generator().manual_seed(0))
+                   if mode.startswith("loader") else dict(batch_sampler=TokenBatchSampler(ds.lengths(), max_tokens=4096)))
+        loader = DataLoader(ds, num_workers=workers, collate_fn=with_rss, persistent_workers=workers > 0, **batches)
         per_worker = {}
         while time.perf_counter() - started <= seconds:  # epoch after epoch; the workers' start is in the first
             for batch, worker_rss, worker, worker_stats in loader:

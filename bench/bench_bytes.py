@@ -3,10 +3,17 @@ files), the entries per row of a sampled cache, and the file total. Prints a tab
 
     python bench/bench_bytes.py OUT_URI [OUT_URI ...]      # caches already built (an output.uri or a version)
     python bench/bench_bytes.py --test-teacher-70k         # builds the 70k-vocabulary test teacher and its top-64 cache
+    python bench/bench_bytes.py --sampled-codings OUT_URI  # also: a sampled cache's gaps and counts coded other ways
 
 The second form rebuilds what tests/conftest.py's `teacher_dir` is (a tiny untrained Llama whose 70,000-row output
 layer needs uint32 ids) over the first 300 stdlib docstrings (kd_core.demo.build_corpus), max_length 128, and
 caches its exact top-64 through the pipeline (~1 min on 2 cores), under --work (reused).
+
+--sampled-codings: for each sampled cache, its id gaps and counts re-coded in 1 MiB chunks as the writer does
+(shuffle, then deflate), by zlib's run-length strategy at level 1 (what the writer uses), zlib's default strategy,
+and libdeflate at levels 6, 9 and 12 (compressing MB/s beside each); and the gaps of ids renumbered by how often
+this cache draws them (the most drawn id 0, ...; ranks sorted per row, then gapped): what a file storing a
+frequency order beside its gaps would take, at best (the order is this cache's own).
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import deflate  # noqa: E402
 import h5py  # noqa: E402
+import numpy as np  # noqa: E402
 
 from kd_core import io  # noqa: E402
 from kd_core.build import validate  # noqa: E402
@@ -77,11 +88,53 @@ def build_test_teacher_cache(work: Path) -> str:
     return str(out)
 
 
+def sampled_codings(uri: str) -> None:
+    """The --sampled-codings table of one sampled cache (see the module's docstring)."""
+    arrays: dict[str, list[np.ndarray]] = {"sampled_id_gaps": [], "sampled_counts": []}
+    with CacheReader(uri) as reader:
+        tokens, draws, vocab = reader.num_tokens, reader.samples, reader.vocab_size
+        for file in reader.files:
+            with h5py.File(io.local_path(file), "r") as f:
+                for name in arrays:
+                    arrays[name].append(f[name][:])
+    gaps, counts = (np.concatenate(arrays[name]) for name in arrays)  # (E,), (E,)
+    # Ids back from the gaps (a row's ids ascending, its first gap the id itself), then renumbered by frequency.
+    row = (np.cumsum(counts.astype(np.int64)) - 1) // draws  # (E,) the entry's row over the whole cache
+    first = np.r_[True, row[1:] != row[:-1]]
+    running = np.cumsum(gaps.astype(np.int64))
+    ids = running - np.maximum.accumulate(np.where(first, running - gaps, 0))  # (E,)
+    rank = np.empty(vocab, np.int64)
+    rank[np.argsort(-np.bincount(ids, minlength=vocab), kind="stable")] = np.arange(vocab)
+    ranks = rank[ids][np.lexsort((rank[ids], row))]  # (E,) ascending per row
+    renumbered = np.where(first, ranks, np.r_[0, np.diff(ranks)]).astype(gaps.dtype)
+
+    def run_length(data: bytes, level: int = 1) -> bytes:
+        stream = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_RLE)
+        return stream.compress(data) + stream.flush()
+
+    coders = {"zlib run-length 1": run_length, "zlib 1": lambda d: zlib.compress(d, 1),
+              **{f"libdeflate {n}": (lambda d, n=n: deflate.zlib_compress(d, n)) for n in (6, 9, 12)}}
+    print(f"\n{uri}: {tokens:,} tokens, N = {draws}, {len(gaps) / tokens:.1f} entries per row; B/token (MB/s)")
+    print("| dataset | " + " | ".join(coders) + " |")
+    print("|---|" + "---:|" * len(coders))
+    for name, values in (("sampled_id_gaps", gaps), ("sampled_counts", counts), ("gaps of frequency ranks", renumbered)):
+        step = (1 << 20) // values.dtype.itemsize
+        chunks = [np.ascontiguousarray(values[i:i + step].view(np.uint8).reshape(-1, values.dtype.itemsize).T).tobytes()
+                  for i in range(0, len(values), step)]  # shuffled, as the writer stores them
+        cells = []
+        for code in coders.values():
+            started = time.process_time()
+            size = sum(len(code(chunk)) for chunk in chunks)
+            cells.append(f"{size / tokens:.2f} ({values.nbytes / (time.process_time() - started) / 1e6:.0f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("uris", nargs="*")
     parser.add_argument("--test-teacher-70k", action="store_true")
     parser.add_argument("--work", default="./out/bench-bytes")
+    parser.add_argument("--sampled-codings", action="store_true", help="also the codings table of sampled caches")
     args = parser.parse_args()
     uris = list(args.uris) + ([build_test_teacher_cache(Path(args.work))] if args.test_teacher_70k else [])
     print("| cache | tokens | entries per row | dataset | B/token |")
@@ -92,6 +145,9 @@ def main() -> None:
         for name, size in sorted(sizes.items(), key=lambda kv: -kv[1]):
             print(f"| {uri} | {tokens:,} | {per_row} | {name} | {size / tokens:.2f} |")
         print(f"| {uri} | {tokens:,} | {per_row} | **every file of the version** | **{file_bytes / tokens:.1f}** |")
+    for uri in uris if args.sampled_codings else []:
+        if _entries(uri):
+            sampled_codings(uri)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Every row dataset of a cache file is chunked along its rows and coded by HDF5's shuffle (optional) + deflate
 filters, so any stock HDF5 reader opens it. Going through those filters costs a reader most of its time: HDF5
 inflates with zlib and adds a per-chunk overhead that dominates the small chunks of a sample-sized layout
-(docs/PERFORMANCE.md, "Reading": h5py 142-208 MB/s on the large datasets, libdeflate 386-576 MB/s on the same
+(docs/PERFORMANCE.md, "Reading": h5py 170-243 MB/s on the large datasets, libdeflate 490-689 MB/s on the same
 chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`: HDF5's own chunk index and file
 driver, so a local file and an fsspec file object read alike), inflates them with libdeflate (the zlib stream's
 Adler-32 checked, the size checked against the chunk's), undoes the shuffle, and keeps the last few chunks.

@@ -270,12 +270,16 @@ def write_attrs(file: h5py.File, attrs: dict[str, Any]) -> None:
 
 
 def read_attrs(file: h5py.File) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in file.attrs.items():
-        if isinstance(value, bytes):
-            value = value.decode()
-        elif isinstance(value, np.generic):
-            value = value.item()
-        out[key] = value
-    return out
+    return {key: _attr_value(value) for key, value in file.attrs.items()}
+
+
+def read_attr(file: h5py.File, name: str) -> Any:
+    """One root attribute (None when absent): what a reader checks on every open, without the config's JSON."""
+    return _attr_value(file.attrs[name]) if name in file.attrs else None
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    return value.item() if isinstance(value, np.generic) else value
 

@@ -14,8 +14,8 @@ from kd_core import io, store
 from kd_core.errors import CacheFileError, StorageError
 from kd_core.h5cache.chunks import raw_column
 from kd_core.h5cache.contained import check_contained, safe_name
-from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attrs,
-                                    row_datasets, sampled_draws, unpack_sampled)
+from kd_core.h5cache.format import (ENTRY_DATASETS, ENTRY_OFFSETS, FORMAT_VERSION, PER_SAMPLE_DATASETS, read_attr,
+                                    read_attrs, row_datasets, sampled_draws, unpack_sampled)
 from kd_core.h5cache.verify import verify_file
 from kd_core.partcache import PartCache
 
@@ -39,8 +39,8 @@ class _Part:
         self.file, self.fileobj = file, fileobj
         # Loaded whole up to LOAD_SAMPLES (a part); a larger single file (an export) is sliced per read instead.
         load = file["offsets"].shape[0] <= LOAD_SAMPLES
-        self.offsets, self.sample_index = ((file[n][:] if load else file[n]) for n in ("offsets", "sample_index"))
-        self.entry_offsets = (file[ENTRY_OFFSETS][:] if load else file[ENTRY_OFFSETS]) if ENTRY_OFFSETS in file else None
+        self.offsets, self.sample_index = (_per_sample(file[n], load) for n in ("offsets", "sample_index"))
+        self.entry_offsets = _per_sample(file[ENTRY_OFFSETS], load) if ENTRY_OFFSETS in file else None
         self.draws = int(file.attrs["samples"]) if ENTRY_OFFSETS in file else None  # N of a sampled file
         self.datasets = {name: file[name] for name in row_datasets(file)}
         self.columns = {name: column for name, d in self.datasets.items() if (column := raw_column(d)) is not None}
@@ -86,6 +86,16 @@ class _Part:
             self.fileobj.close()
 
 
+def _per_sample(dataset: h5py.Dataset, load: bool) -> Any:
+    """A per-sample dataset: loaded whole (through RawColumn when it can: its one chunk of 65,536 entries is 512 KiB
+    to inflate even for a part of a few samples, a third of what opening a part cost through h5py), or the dataset
+    itself, sliced per read (an export of more than LOAD_SAMPLES samples)."""
+    if not load:
+        return dataset
+    column = raw_column(dataset)
+    return dataset[:] if column is None else column.rows(0, dataset.shape[0])
+
+
 def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None,
                  build_id: str | None = None) -> Iterator[dict[str, Any]]:
     """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
@@ -106,7 +116,7 @@ def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None
 def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) -> Iterator[dict[str, Any]]:
     with h5py.File(source, "r") as file:
         check_contained(file, name)
-        if build_id is not None and (found := read_attrs(file).get("build_id")) != build_id:
+        if build_id is not None and (found := read_attr(file, "build_id")) != build_id:
             raise CacheFileError(f"{name}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
                                  "(a foreign part). The version is damaged: run the build again.")
         part = _Part(file, None)
@@ -194,6 +204,7 @@ class CacheReader:
         self.source = store.resolve(self.uri, storage_options)
         self._open_files: OrderedDict[int, _Part] = OrderedDict()  # file number -> its open part
         self._closed_stats = [0, 0]  # decompressed, returned bytes of the parts closed so far
+        self._opened = 0  # files opened for sample reads (a file closed to make room and read again counts again)
         manifest = self.source.manifest
         self.build_id = getattr(manifest, "build_id", None)  # manifests before build ids: sizes only
         if manifest is not None:  # a version: its parts, and the index for the attributes
@@ -291,7 +302,7 @@ class CacheReader:
                                  "again (a damaged version is rebuilt), or `kd-cache inspect --deep` for details.") from None
         try:
             check_contained(file, uri, sources)
-            if self.build_id is not None and (found := read_attrs(file).get("build_id")) != self.build_id:
+            if self.build_id is not None and (found := read_attr(file, "build_id")) != self.build_id:
                 raise CacheFileError(f"{uri}: build {found!r}, the manifest's is {self.build_id!r}: a file of another "
                                      "build (a foreign part). The version is damaged: run the build again.")
         except BaseException:
@@ -313,6 +324,7 @@ class CacheReader:
                 entry = self.source.manifest.parts[f]
                 uri, local = str(self.part_cache.local(uri, entry.bytes, entry.sha256)), True
             handle = self._open(uri)
+            self._opened += 1
             try:
                 self._open_files[f] = _Part(*handle)
             except (OSError, KeyError, ValueError) as e:  # its offsets unreadable: a damaged chunk
@@ -334,11 +346,12 @@ class CacheReader:
         part.close()
 
     def stats(self) -> dict[str, int]:
-        """{bytes_decompressed, bytes_returned} by this reader's sample reads so far (both as stored; chunks of
-        virtual datasets are not counted): their ratio is the read amplification."""
+        """{bytes_decompressed, bytes_returned, files_opened} by this reader's sample reads so far (bytes as stored;
+        chunks of virtual datasets are not counted): the bytes' ratio is the read amplification; a file reopened
+        after MAX_OPEN others pushed it out counts each time (several ms each)."""
         parts = list(self._open_files.values())
         return {"bytes_decompressed": self._closed_stats[0] + sum(p.decompressed for p in parts),
-                "bytes_returned": self._closed_stats[1] + sum(p.returned for p in parts)}
+                "bytes_returned": self._closed_stats[1] + sum(p.returned for p in parts), "files_opened": self._opened}
 
     def lengths(self) -> np.ndarray:
         """(S,) int64 tokens of every sample: from the index's /offsets (a version) or the file's (one file)."""

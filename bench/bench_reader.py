@@ -9,6 +9,8 @@ and reused while its settings match. Rows, each in a fresh process (so memory is
 
   file order        CacheDataset[i] for i = 0, 1, 2, ...
   random order      CacheDataset[i] over a seeded permutation (what DataLoader(shuffle=True) does)
+  grouped           CacheDataset[i] in EpochSampler(file_starts=ds.file_starts()) order: random within groups of
+                    16 files (the files a reader keeps open), the groups one after another
   loader wN         DataLoader(CacheDataset, shuffle=True, batch_size=8, num_workers=N, collate_fn=pad_collate)
   tokens wN         the same with batch_sampler=TokenBatchSampler(lengths, max_tokens=4096): batches of similar
                     lengths, so little padding to build and hand over
@@ -23,7 +25,8 @@ the reading process's own CPU time, the workers' for loader rows: what one unsha
 a busy machine), read amplification = bytes decompressed / bytes of the samples returned (as stored; from
 CacheReader.stats(): every chunk the reads inflated, whole; the reader keeps each dataset's last two chunks, so a
 small cache read again is not flattered by a chunk cache), RSS = peak resident memory of the reading process (the largest worker's for
-loader rows), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
+loader rows), files opened = part files the reader opened (again after MAX_OPEN others pushed one out: several ms
+each), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
 new order each), timed from its dataset's first read: opening a cache (manifest, listing) is a fixed cost, not
 throughput. An S3 row reads one epoch at most, timed from opening, so its downloads count.
 
@@ -58,22 +61,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-MODES = ("file", "random", "loader1", "loader2", "loader4", "tokens2", "stream", "s3random", "s3ranged", "s3stream")
+MODES = ("file", "random", "grouped", "loader1", "loader2", "loader4", "tokens2", "stream", "s3random", "s3ranged", "s3stream")
 
 
-def build_cache(work: Path, samples: int, top_k: int, max_length: int) -> str:
-    """The cache under work/local (built once per settings); its output.uri."""
+def build_cache(work: Path, samples: int, top_k: int, max_length: int, parts: int = 8) -> str:
+    """The cache under work/local, in about `parts` part files (built once per settings); its output.uri."""
     from kd_core.build import validate
     from kd_core.estimate import estimate
     from kd_core.merge import merge
     from kd_core.shard import plan, run_shard
 
-    uri = str(work / f"local-{samples}-{top_k}-{max_length}")
+    uri = str(work / (f"local-{samples}-{top_k}-{max_length}" + (f"-{parts}parts" if parts != 8 else "")))
     if (Path(uri) / "latest.json").exists():
         return uri
     config = validate("demo", {
         "dataset": {"max_samples": samples}, "cache": {"top_k": top_k, "max_length": max_length},
-        "output": {"uri": uri}, "run": {"num_shards": 2, "part_samples": max(1, samples // 8)},
+        "output": {"uri": uri}, "run": {"num_shards": 2, "part_samples": max(1, samples // parts)},
         "teacher": {"device": "cpu"},
     })
     estimate(config)
@@ -107,19 +110,25 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
     from torch.utils.data import DataLoader
 
     from kd_core.dataset import CacheDataset, StreamingCacheDataset
+    from kd_core.samplers import EpochSampler
 
     samples = tokens = 0
     rss = 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
     stats = None
     epochs = 1 if mode.startswith("s3") else 1 << 30  # local rows: epoch after epoch, until `seconds` have passed
-    if mode in ("file", "random", "s3random", "s3ranged"):
+    if mode in ("file", "random", "grouped", "s3random", "s3ranged"):
         scratch = tempfile.mkdtemp(prefix="kd-bench-parts-")  # an empty part cache: the first read of each downloads
         ds = CacheDataset(uri, opts, cache_dir=scratch, cache_bytes=0 if mode == "s3ranged" else 1 << 30)
         if not mode.startswith("s3"):  # a local row measures reading, not opening the cache (its manifest, listing)
             started, cpu_started = time.perf_counter(), time.process_time()
         for epoch in range(epochs):
-            order = range(len(ds)) if mode == "file" else np.random.default_rng(epoch).permutation(len(ds))
+            if mode == "file":
+                order = range(len(ds))
+            elif mode == "grouped":  # random within groups of the files a reader keeps open
+                order = EpochSampler(len(ds), seed=epoch, file_starts=ds.file_starts())
+            else:
+                order = np.random.default_rng(epoch).permutation(len(ds))
             for i in order:
                 s = ds[int(i)]
                 samples, tokens = samples + 1, tokens + len(s["input_ids"])
@@ -162,6 +171,8 @@ def read_mode(mode: str, uri: str, opts: dict | None, seconds: float) -> dict:
     out = {"samples": samples, "tokens": tokens, "seconds": elapsed, "cpu": cpu, "rss": max(rss, peak_rss_mib())}
     if stats is not None and stats.get("bytes_returned"):
         out["amplification"] = stats["bytes_decompressed"] / stats["bytes_returned"]
+    if stats is not None and "files_opened" in stats:
+        out["opened"] = stats["files_opened"]
     return out
 
 
@@ -327,6 +338,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1200)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--parts", type=int, default=8, help="part files of the cache (more than CacheReader keeps "
+                        "open makes random order reopen files, as a large cache does)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--modes", default=",".join(MODES))
@@ -350,7 +363,7 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
-    uri = build_cache(args.work, args.samples, args.top_k, args.max_length)
+    uri = build_cache(args.work, args.samples, args.top_k, args.max_length, args.parts)
     from kd_core.h5cache import CacheReader
 
     with CacheReader(uri) as reader:
@@ -376,8 +389,8 @@ def main() -> None:
         server.stdin.flush()
         return int(server.stdout.readline())
 
-    print("| reader | samples | samples/s | tokens/s | tokens/CPU-s | read amplification | RSS MiB | GETs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| reader | samples | samples/s | tokens/s | tokens/CPU-s | read amplification | files opened | RSS MiB | GETs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for mode in modes:
             remote = mode.startswith("s3")
@@ -394,7 +407,7 @@ def main() -> None:
             amp = f"{row['amplification']:.2f}" if "amplification" in row else "-"
             print(f"| {mode} | {row['samples']:,} | {row['samples'] / row['seconds']:,.0f} | "
                   f"{row['tokens'] / row['seconds']:,.0f} | {row['tokens'] / row['cpu']:,.0f} | {amp} | "
-                  f"{row['rss']:.0f} | {gets} |")
+                  f"{row.get('opened', '-')} | {row['rss']:.0f} | {gets} |")
     finally:
         if server is not None:
             server.kill()

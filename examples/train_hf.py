@@ -69,7 +69,8 @@ class KDTrainer(Trainer):
         if self.max_tokens is None:
             return super().get_train_dataloader()
         sampler = TokenBatchSampler(self.train_dataset.lengths(), self.max_tokens, seed=self.args.seed,
-                                    rank=self.args.process_index, world_size=self.args.world_size)
+                                    rank=self.args.process_index, world_size=self.args.world_size,
+                                    file_starts=self.train_dataset.file_starts())  # each part file opened once
         # Not through accelerate's prepare: the sampler already gives each rank its own batches, and Trainer
         # moves every batch to the device itself (_prepare_inputs).
         return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,

@@ -4,7 +4,8 @@
     ds = StreamingCacheDataset("s3://bucket/kd/run1", seed=0)   # sequential, for training from object storage
     loader = DataLoader(ds, batch_size=8, collate_fn=pad_collate, num_workers=2)
     # or batches of similar lengths, resumable mid-epoch (kd_core.samplers; torchdata's StatefulDataLoader):
-    # StatefulDataLoader(ds, batch_sampler=TokenBatchSampler(ds.lengths(), max_tokens=16384), collate_fn=pad_collate)
+    # StatefulDataLoader(ds, batch_sampler=TokenBatchSampler(ds.lengths(), max_tokens=16384,
+    #                    file_starts=ds.file_starts()), collate_fn=pad_collate)    # file_starts: a cache of many files
     for batch in loader:
         logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         loss = topk_kd_loss(logits, batch["topk_indices"], batch["topk_logprobs"], mask=batch["attention_mask"])
@@ -76,6 +77,11 @@ class CacheDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """(S,) int64 tokens of every sample, for TokenBatchSampler."""
         return self.reader.lengths()
+
+    def file_starts(self) -> np.ndarray:
+        """(F,) int64 the first sample of each file, for the samplers' file_starts: a random order by groups of
+        files, so that a cache of many files is not reopened for almost every sample (kd_core.samplers)."""
+        return self.reader.starts[:-1].copy()
 
     def state_dict(self) -> dict[str, Any]:
         return {"cache": self.identity}

@@ -74,17 +74,42 @@ class _Resumable:
         self.epoch, self._start, self._yielded = int(state["epoch"]), int(state["position"]), int(state["position"])
 
 
-class EpochSampler(_Resumable, Sampler[int]):
-    """Sample indices 0..num_samples-1 in a seeded random order per epoch (shuffle=False: in order). Resumable."""
+def file_groups(rng: np.random.Generator, num_samples: int, file_starts: Sequence[int] | None,
+                open_files: int) -> list[np.ndarray]:
+    """The samples of an epoch in groups: [all samples] without file_starts; else the files in a random order, cut
+    into groups of open_files files, each group's samples (in file order). file_starts: (F,) the first sample of each
+    file, ascending from 0 (CacheDataset.file_starts())."""
+    if file_starts is None:
+        return [np.arange(num_samples)]
+    bounds = np.append(np.asarray(file_starts, dtype=np.int64), num_samples)  # (F + 1,)
+    if bounds[0] != 0 or (np.diff(bounds) < 0).any():
+        raise ValueError(f"file_starts must ascend from 0 to at most {num_samples}, got {list(file_starts)[:8]}...")
+    files = rng.permutation(len(bounds) - 1)
+    return [np.concatenate([np.arange(bounds[f], bounds[f + 1]) for f in files[g:g + open_files]])
+            for g in range(0, len(files), open_files)]
 
-    def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+
+class EpochSampler(_Resumable, Sampler[int]):
+    """Sample indices 0..num_samples-1 in a seeded random order per epoch (shuffle=False: in order). Resumable.
+
+    file_starts (CacheDataset.file_starts()): shuffle within groups of `open_files` files, the files in a random
+    order, instead of over the whole cache. A reader keeps a few files open (CacheReader.MAX_OPEN); on a cache of
+    more files than that, a fully random order reopens a file for almost every sample (several ms each), and this
+    order opens each file once per epoch. Every sample still comes once per epoch; a batch mixes samples of
+    open_files files drawn from the whole cache (the shuffle-block trade-off of MosaicML's streaming)."""
+
+    def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 file_starts: Sequence[int] | None = None, open_files: int = 16):
         _Resumable.__init__(self, seed, rank, world_size)
         self.num_samples, self.shuffle = num_samples, shuffle
+        self.file_starts, self.open_files = file_starts, open_files
 
     def _items(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.num_samples))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = file_groups(rng, self.num_samples, self.file_starts, self.open_files)
+        return np.concatenate([rng.permutation(group) for group in groups]).tolist()
 
 
 class TokenBatchSampler(_Resumable, Sampler[list[int]]):
@@ -96,20 +121,29 @@ class TokenBatchSampler(_Resumable, Sampler[list[int]]):
     longer than max_tokens is a batch by itself. Larger windows mean less padding and less randomness.
 
     lengths: (S,) tokens of each sample (CacheDataset.lengths()). Resumable by batch (state_dict's position
-    counts batches).
+    counts batches). file_starts and open_files: as EpochSampler's (all of the above within each group of files,
+    the groups one after another).
     """
 
     def __init__(self, lengths: Sequence[int] | np.ndarray, max_tokens: int, *, seed: int = 0, window: int = 1024,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, file_starts: Sequence[int] | None = None, open_files: int = 16):
         if max_tokens < 1 or window < 1:
             raise ValueError(f"max_tokens and window must be >= 1, got {max_tokens} and {window}")
         _Resumable.__init__(self, seed, rank, world_size)
         self.lengths = np.asarray(lengths, dtype=np.int64)  # (S,)
         self.max_tokens, self.window = max_tokens, window
+        self.file_starts, self.open_files = file_starts, open_files
 
     def _items(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
+        batches: list[list[int]] = []
+        for group in file_groups(rng, len(self.lengths), self.file_starts, self.open_files):
+            batches += self._batches(rng, group)
+        return batches
+
+    def _batches(self, rng: np.random.Generator, samples: np.ndarray) -> list[list[int]]:
+        """One group's samples in batches: shuffled, windows sorted by length and cut, batches shuffled."""
+        order = rng.permutation(samples)
         batches: list[list[int]] = []
         for w in range(0, len(order), self.window):
             chunk = order[w:w + self.window]

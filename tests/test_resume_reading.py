@@ -142,3 +142,39 @@ def test_token_batches_hold_every_sample_once_under_max_tokens():
     assert list(sampler) != batches
     halves = [list(TokenBatchSampler(lengths, 1000, seed=1, window=64, rank=r, world_size=2)) for r in (0, 1)]
     assert len(halves[0]) == len(halves[1]) and not {i for b in halves[0] for i in b} & {i for b in halves[1] for i in b}
+
+
+def test_orders_by_groups_of_files_open_each_file_once_per_epoch(cache):
+    """file_starts: every sample once, each group's samples together, so a reader that keeps 2 files open opens each
+    of the 8 files once per epoch, where a fully random order reopens them; resumable like the plain order."""
+    ds = CacheDataset(cache)
+    starts = ds.file_starts()
+    assert len(starts) == 8 and starts[0] == 0
+    file_of = np.searchsorted(starts, np.arange(len(ds)), side="right") - 1  # (S,) each sample's file
+
+    def opened(order) -> int:
+        reader = CacheDataset(cache).reader
+        reader.MAX_OPEN = {"local": 2, "remote": 2}
+        for i in order:
+            reader[int(i)]
+        return reader.stats()["files_opened"]
+
+    sampler = EpochSampler(len(ds), seed=3, file_starts=starts, open_files=2)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(ds)))
+    groups: list[set] = [set()]  # the order cut greedily into stretches of at most 2 files
+    for f in file_of[order]:
+        if f not in groups[-1] and len(groups[-1]) == 2:
+            groups.append(set())
+        groups[-1].add(f)
+    assert len(groups) == 4 and set().union(*groups) == set(range(8))  # each file in one stretch
+    assert opened(order) == 8 < opened(EpochSampler(len(ds), seed=3))
+    sampler.load_state_dict({**sampler.state_dict(consumed=13)})
+    assert list(sampler) == order[13:]
+
+    batches = list(TokenBatchSampler(ds.lengths(), max_tokens=200, seed=3, file_starts=starts, open_files=2))
+    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
+    assert all(len(set(file_of[b])) <= 2 for b in batches)
+    assert opened([i for b in batches for i in b]) == 8
+    with pytest.raises(ValueError, match="file_starts"):
+        list(EpochSampler(10, file_starts=[1, 5]))

@@ -26,6 +26,11 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
+from kd_core.h5cache import CacheReader
+
+# Files in a group of file_starts' order: as many as a reader keeps open, so none is opened twice in a group.
+OPEN_FILES = CacheReader.MAX_OPEN["local"]
+
 
 class _Resumable:
     """The part both samplers share: (seed, epoch) -> order of items; a position in it; rank slicing."""
@@ -99,7 +104,7 @@ class EpochSampler(_Resumable, Sampler[int]):
     open_files files drawn from the whole cache (the shuffle-block trade-off of MosaicML's streaming)."""
 
     def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
-                 file_starts: Sequence[int] | None = None, open_files: int = 16):
+                 file_starts: Sequence[int] | None = None, open_files: int = OPEN_FILES):
         _Resumable.__init__(self, seed, rank, world_size)
         self.num_samples, self.shuffle = num_samples, shuffle
         self.file_starts, self.open_files = file_starts, open_files
@@ -126,7 +131,7 @@ class TokenBatchSampler(_Resumable, Sampler[list[int]]):
     """
 
     def __init__(self, lengths: Sequence[int] | np.ndarray, max_tokens: int, *, seed: int = 0, window: int = 1024,
-                 rank: int = 0, world_size: int = 1, file_starts: Sequence[int] | None = None, open_files: int = 16):
+                 rank: int = 0, world_size: int = 1, file_starts: Sequence[int] | None = None, open_files: int = OPEN_FILES):
         if max_tokens < 1 or window < 1:
             raise ValueError(f"max_tokens and window must be >= 1, got {max_tokens} and {window}")
         _Resumable.__init__(self, seed, rank, world_size)

@@ -14,7 +14,7 @@ and reused while its settings match. Rows, each in a fresh process (so memory is
   loader wN         DataLoader(CacheDataset, shuffle=True, batch_size=8, num_workers=N, collate_fn=pad_collate)
   tokens wN         the same with batch_sampler=TokenBatchSampler(lengths, max_tokens=4096): batches of similar
                     lengths, so little padding to build and hand over
-  streaming         StreamingCacheDataset, one epoch
+  streaming         StreamingCacheDataset, epoch after epoch (set_epoch)
   s3random          CacheDataset over s3:// (moto's server on loopback, in its own process, each request delayed
                     by --latency-ms), random order, its parts downloaded whole into an empty local part cache
   s3ranged          the same with cache_bytes=0: parts read in place by ranged GETs (fsspec's block cache)
@@ -24,9 +24,9 @@ Columns: samples/s and tokens/s (wall clock; tokens = rows of the samples return
 the reading process's own CPU time, the workers' for loader rows: what one unshared core would do, so it holds on
 a busy machine), read amplification = bytes decompressed / bytes of the samples returned (as stored; from
 CacheReader.stats(): every chunk the reads inflated, whole; the reader keeps each dataset's last two chunks, so a
-small cache read again is not flattered by a chunk cache), RSS = peak resident memory of the reading process (the largest worker's for
-loader rows), files opened = part files the reader opened (again after MAX_OPEN others pushed one out: several ms
-each), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
+small cache read again is not flattered by a chunk cache), files opened = part files the reader opened (again
+after MAX_OPEN others pushed one out: several ms each), RSS = peak resident memory of the reading process (the
+largest worker's for loader rows), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
 new order each), timed from its dataset's first read: opening a cache (manifest, listing) is a fixed cost, not
 throughput. An S3 row reads one epoch at most, timed from opening, so its downloads count.
 
@@ -61,7 +61,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-MODES = ("file", "random", "grouped", "loader1", "loader2", "loader4", "tokens2", "stream", "s3random", "s3ranged", "s3stream")
+MODES = ("file", "random", "grouped", "loader1", "loader2", "loader4", "tokens2", "stream", "s3random", "s3ranged",
+         "s3stream")
 
 
 def build_cache(work: Path, samples: int, top_k: int, max_length: int, parts: int = 8) -> str:

@@ -115,10 +115,7 @@ def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None
 
 def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) -> Iterator[dict[str, Any]]:
     with h5py.File(source, "r") as file:
-        check_contained(file, name)
-        if build_id is not None and (found := read_attr(file, "build_id")) != build_id:
-            raise CacheFileError(f"{name}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
-                                 "(a foreign part). The version is damaged: run the build again.")
+        _check_file(file, name, build_id)
         part = _Part(file, None)
         if part.entry_offsets is not None:
             for j in range(len(part.sample_index)):
@@ -135,6 +132,15 @@ def _iter_samples(source, block_tokens: int, name: str, build_id: str | None) ->
                 a, b = int(offsets[i]) - lo, int(offsets[i + 1]) - lo
                 yield {"sample_index": int(sample_index[i]), **{n: block[n][a:b].copy() for n in names}}
             s = e
+
+
+def _check_file(file: h5py.File, where: str, build_id: str | None, sources: frozenset[str] = frozenset()) -> None:
+    """CacheFileError naming `where` unless the file reads nothing outside the cache (check_contained) and, when
+    the manifest records one, carries its build id (else it is a part of another build)."""
+    check_contained(file, where, sources)
+    if build_id is not None and (found := read_attr(file, "build_id")) != build_id:
+        raise CacheFileError(f"{where}: build {found!r}, the manifest's is {build_id!r}: a file of another build "
+                             "(a foreign part). The version is damaged: run the build again.")
 
 
 def as_read(sample: dict[str, Any]) -> dict[str, Any]:
@@ -301,10 +307,7 @@ class CacheReader:
             raise CacheFileError(f"{uri}: not a readable HDF5 file ({_first_line(e)}). It is damaged: run the build "
                                  "again (a damaged version is rebuilt), or `kd-cache inspect --deep` for details.") from None
         try:
-            check_contained(file, uri, sources)
-            if self.build_id is not None and (found := read_attr(file, "build_id")) != self.build_id:
-                raise CacheFileError(f"{uri}: build {found!r}, the manifest's is {self.build_id!r}: a file of another "
-                                     "build (a foreign part). The version is damaged: run the build again.")
+            _check_file(file, uri, self.build_id, sources)
         except BaseException:
             self._close((file, fileobj))
             raise

@@ -11,6 +11,7 @@ import pytest
 
 from kd_core.errors import CacheFileError
 from kd_core.h5cache import CacheReader, CacheWriter
+from kd_core.h5cache import chunks
 from kd_core.h5cache.chunks import ChunkError, raw_column
 
 CASES = [  # dtype, row shape, shuffle: every kind of row dataset a cache holds
@@ -71,7 +72,14 @@ def test_a_chunk_stored_without_a_filter_reads_as_stored(tmp_path):
         assert np.array_equal(raw_column(f["d"]).rows(0, 256), data)
 
 
-def test_damage_is_a_chunk_error_where_h5py_reads_fill_values(tmp_path):
+# How a column fetches chunks: through HDF5 one by one (TABLE_AFTER 0: never listed), or listed on the first
+# fetch and read with os.pread (a huge TABLE_AFTER).
+FETCHES = pytest.mark.parametrize("table_after", [0, 1 << 30], ids=["through-hdf5", "listed"])
+
+
+@FETCHES
+def test_damage_is_a_chunk_error_where_h5py_reads_fill_values(tmp_path, monkeypatch, table_after):
+    monkeypatch.setattr(chunks, "TABLE_AFTER", table_after)
     data = np.arange(512, dtype=np.uint32)
     with h5py.File(tmp_path / "f.h5", "w") as f:
         d = f.create_dataset("d", shape=(512,), dtype=np.uint32, chunks=(128,), compression="gzip", shuffle=False)
@@ -85,14 +93,34 @@ def test_damage_is_a_chunk_error_where_h5py_reads_fill_values(tmp_path):
         assert not f["d"][384:512].any()
         column = raw_column(f["d"])
         assert np.array_equal(column.rows(0, 128), data[:128])
+        assert (column._table is not None) == bool(table_after)
         for lo, hi, why in [(130, 140, "does not inflate"), (256, 260, "holds 176 bytes"), (400, 401, "not stored")]:
             with pytest.raises(ChunkError, match=why):
                 column.rows(lo, hi)
 
 
-def test_cache_reader_reads_raw_chunks_and_refuses_a_damaged_one(tmp_path):
+def test_a_column_lists_its_chunks_only_once_it_has_fetched_a_share_of_them(tmp_path):
+    """Listing costs ~1 us a chunk: a file read for a few samples and closed (a random order over many parts)
+    fetches through HDF5; one read on lists them once and reads the same rows with os.pread."""
+    rng = np.random.default_rng(3)
+    data = values(rng, np.float16, (64 * 64, 8))  # 64 chunks of 64 rows
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("d", data=data, chunks=(64, 8), compression="gzip", shuffle=True)
+    with h5py.File(tmp_path / "f.h5") as f:
+        column = raw_column(f["d"])
+        for c in range(64 // chunks.TABLE_AFTER - 1):
+            assert np.array_equal(column.rows(c * 64 + 3, c * 64 + 5), data[c * 64 + 3:c * 64 + 5])
+        assert column._table is None
+        for lo in rng.integers(0, len(data) - 200, 100):
+            assert np.array_equal(column.rows(lo, lo + 200), data[lo:lo + 200])
+        assert column._table is not None
+
+
+@FETCHES
+def test_cache_reader_reads_raw_chunks_and_refuses_a_damaged_one(tmp_path, monkeypatch, table_after):
     """Through CacheReader: every dataset of a top-k file goes through RawColumn, samples equal h5py's rows, and a
     flipped byte in a chunk is one CacheFileError naming the file."""
+    monkeypatch.setattr(chunks, "TABLE_AFTER", table_after)
     rng = np.random.default_rng(2)
     path = tmp_path / "c.h5"
     with CacheWriter(path, top_k=8, vocab_size=70_000, attrs={}, max_length=64) as writer:

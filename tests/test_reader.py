@@ -10,9 +10,9 @@ import torch
 
 from kd_core import io
 from kd_core.build import validate
-from kd_core.dataset import CacheDataset
+from kd_core.dataset import CacheDataset, StreamingCacheDataset
 from kd_core.errors import CacheFileError
-from kd_core.h5cache import CacheReader, CacheWriter
+from kd_core.h5cache import CacheReader, CacheWriter, as_read, iter_samples
 from kd_core.h5cache.format import token_chunk_rows
 from kd_core.partcache import PartCache
 from s3helpers import build, bucket, moto_endpoint, overrides, s3_options  # noqa: F401
@@ -28,6 +28,29 @@ def rows(rng, n, length, k=8, vocab=1000):
 @pytest.mark.parametrize("max_length, want", [(None, None), (16, 64), (512, 128), (2048, 512), (1 << 20, 8192)])
 def test_chunk_rows_follow_max_length(max_length, want):
     assert token_chunk_rows(max_length) == want
+
+
+def test_the_torch_datasets_return_what_the_reader_returns(tmp_path):
+    """The datasets take samples as stored and convert them themselves (float16 in torch): the same values and
+    dtypes as CacheReader's (int64 ids, float32 log-probs), in random order and streamed."""
+    path = tmp_path / "c.h5"
+    with CacheWriter(path, top_k=8, vocab_size=1000, attrs={}, max_length=64) as writer:
+        for row in rows(np.random.default_rng(4), 120, 40):
+            writer.append(*row)
+    reader, dataset = CacheReader(str(path)), CacheDataset(str(path))
+    stored = list(iter_samples(path))
+    for i in np.random.default_rng(5).permutation(120):
+        want, got = reader[int(i)], dataset[int(i)]
+        assert want.keys() == got.keys()
+        for name, value in want.items():
+            assert got[name].dtype == torch.as_tensor(value).dtype
+            assert torch.equal(got[name], torch.as_tensor(value)), name
+    assert got["topk_indices"].dtype == torch.int64 and got["topk_logprobs"].dtype == torch.float32
+    streamed = {int(s["sample_index"]): s for s in StreamingCacheDataset(str(path))}
+    assert len(streamed) == 120
+    for s in stored:
+        for name, value in as_read(s).items():
+            assert torch.equal(streamed[s["sample_index"]][name], torch.as_tensor(value)), name
 
 
 def test_files_with_sample_sized_chunks_read_like_files_with_the_old_chunks(tmp_path):

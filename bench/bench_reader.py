@@ -33,10 +33,11 @@ throughput. An S3 row reads one epoch at most, timed from opening, so its downlo
 Then the layout table: the same rows rewritten by CacheWriter into one file per layout: 1 MiB chunks (what files
 without a max_length get, and every file before sample-sized chunks) and sample-sized chunks
 (h5cache.format.token_chunk_rows of --max-length, or of each --layout-lengths value), each coded as the writer did
-before (zlib, level 1) and does now (libdeflate, level 6); --layouts times each: write speed (raw bytes in per
-second, wall; CPU seconds per GB, the compression pool's threads included), stored bytes per token, and each file
-read in this process: random order, file order (CacheReader) and front to back (iter_samples, what
-StreamingCacheDataset uses), in tokens per CPU-second.
+before (zlib, level 1, uint16 ids unshuffled), with libdeflate at level 6 and the ids still unshuffled, and as it
+does now (libdeflate 6, uint16 ids shuffled or not per group of chunks, whichever is smaller); --layouts times
+each: write speed (raw bytes in per second, wall; CPU seconds per GB, the compression pool's threads included),
+stored bytes per token, and each file read in this process: random order, file order (CacheReader) and front to
+back (iter_samples, what StreamingCacheDataset uses), in tokens per CPU-second.
 
 --inflate adds where the floor is: per dataset, h5py reading the part files whole, zlib / zlib-ng / libdeflate
 inflating their raw chunks, and the reader's RawColumn; then the tokens per CPU-second of reading everything whole
@@ -184,14 +185,16 @@ def zlib_level_1(data: bytes, level: int) -> bytes:
 
 def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> None:
     """The cache's rows rewritten by CacheWriter as one file per layout: 1 MiB chunks (what files without
-    max_length get) and sample-sized chunks, each with the deflate the writer had before (zlib, level 1) and has
-    now (libdeflate, level 6): write speed, size, and reads of each, in-process."""
+    max_length get) and sample-sized chunks, each coded as the writer did before (zlib, level 1, ids unshuffled), with
+    libdeflate 6 (ids unshuffled), and as it does now (libdeflate 6, ids shuffled or not per group): write speed,
+    size, and reads of each, in-process."""
     from unittest import mock
 
     import deflate
     import numpy as np
 
     from kd_core.h5cache import CacheReader, CacheWriter, iter_samples
+    from kd_core.h5cache import writer as writer_module
 
     with CacheReader(uri) as reader:
         arrays, top_k, vocab = reader.read_all(), reader.top_k, reader.vocab_size
@@ -204,14 +207,16 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
     layouts = [(f"{chunks}, {coder}", length, coder)
                for chunks, length in (("1 MiB chunks", None),
                                       *((f"sample-sized (max_length {n})", n) for n in max_lengths))
-               for coder in ("zlib 1", "libdeflate 6")]
+               for coder in ("zlib 1", "libdeflate 6, ids unshuffled", "libdeflate 6")]
     for label, length, coder in layouts:
-        path = work / f"layout-{length}-{coder.replace(' ', '')}.h5"
+        path = work / f"layout-{length}-{coder.replace(' ', '').replace(',', '-')}.h5"
         wall = cpu = 0.0
         for _ in range(repeat):
             path.unlink(missing_ok=True)
             started, cpu_started = time.perf_counter(), time.process_time()
             with mock.patch.object(deflate, "zlib_compress", zlib_level_1 if coder == "zlib 1" else deflate.zlib_compress), \
+                    mock.patch.object(writer_module, "TRIAL_CHUNKS", 1 << 30 if "unshuffled" in coder or "zlib" in coder
+                                      else writer_module.TRIAL_CHUNKS), \
                     CacheWriter(path, top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
                 for s in range(len(offsets) - 1):
                     lo, hi = offsets[s], offsets[s + 1]

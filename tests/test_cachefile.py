@@ -209,3 +209,32 @@ def test_a_chunk_is_never_stored_larger_than_the_bound_the_estimate_uses(name, d
         stored = encode_chunk(chunk, codec(name, np.dtype(dtype)))
         assert len(stored) <= deflate_bound(chunk.nbytes)
         assert len(zlib.decompress(stored)) == chunk.nbytes
+
+
+def test_uint16_ids_are_stored_shuffled_or_not_whichever_is_smaller_and_read_the_same(tmp_path):
+    """Per group of chunks the writer tries the ids shuffled and not and keeps the smaller; a chunk stored
+    unshuffled says so in its filter mask, and stock h5py, the reader and an export read the same ids either way.
+    Ids of a small vocabulary shuffle better (their high bytes are all zero); rows drawn from a few whole top-k
+    lists of a large vocabulary are smaller unshuffled (a row is one 16-byte match, two 8-byte ones shuffled)."""
+    from kd_core.h5cache import CacheReader, CacheWriter
+    from kd_core.h5cache.format import SHUFFLE_SKIPPED
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 16, (4096, 8)).astype(np.uint16)  # high bytes all 0: shuffle wins
+    repeated = rng.integers(0, 65_000, (32, 8)).astype(np.uint16)[rng.integers(0, 32, 4096)]
+    path = tmp_path / "c.h5"
+    # chunks of 64 rows (1 KiB of ids) in groups of 8 chunks: each half of the rows is 8 groups
+    with CacheWriter(path, top_k=8, vocab_size=65_000, attrs={}, max_length=256, chunk_bytes=8192) as writer:
+        for s, ids in enumerate((small, repeated)):
+            for lo in range(0, len(ids), 64):
+                rows = ids[lo:lo + 64]
+                writer.append(2 * s * 64 + lo, rows[:, 0].astype(np.uint32), rows, np.zeros(rows.shape, np.float16) - 1,
+                              np.zeros(len(rows), np.float32))
+    want = np.concatenate([small, repeated])
+    with h5py.File(path) as f:
+        d = f["topk_indices"]
+        masks = {d.id.get_chunk_info(i).filter_mask for i in range(d.id.get_num_chunks())}
+        assert masks == {0, SHUFFLE_SKIPPED} and d.shuffle
+        assert np.array_equal(d[:], want)
+    with CacheReader(str(path)) as reader:
+        assert np.array_equal(np.concatenate([reader[i]["topk_indices"] for i in range(len(reader))]), want)

@@ -66,18 +66,29 @@ class Codec:
     shuffle: bool = True
     strategy: int = zlib.Z_DEFAULT_STRATEGY
     level: int = 6
+    either: bool = False  # shuffled or not, whichever a trial on each group of chunks finds smaller (the writer's
+    # encode_chunks); the dataset's pipeline holds the shuffle, and a chunk stored unshuffled says so in its filter
+    # mask, which every HDF5 reader honours
+    shuffled_level: int = 6  # with `either`, the shuffled way's level
+
+
+# A chunk's HDF5 filter mask: bit i set when filter i of its dataset's pipeline was skipped. Shuffle is first.
+SHUFFLE_SKIPPED = 0b01
 
 
 def codec(name: str, dtype: np.dtype) -> Codec:
     """Per dataset, the cheapest coding measured (bench/bench_bytes.py; docs/FORMAT.md "Storage layout"):
-    - uint16 top-k ids unshuffled: both bytes are informative at a 32k vocabulary, and whole-id repeats across
-      rows make LZ matches (5.0-5.5 B/token smaller at k=64 on the H100 benchmark, docs/PERFORMANCE.md); uint32
-      ids (vocab > 65536) shuffled: their high bytes are nearly constant (-15% on the 70k test teacher);
+    - uint16 top-k ids either way, per group of chunks: unshuffled, whole-id repeats across rows make LZ matches
+      (5.0-5.5 B/token smaller at k=64, 32k vocabulary, 1 MiB chunks, on the H100 benchmark, docs/PERFORMANCE.md);
+      shuffled, the high bytes of a small vocabulary's ids cost little (-4% at 4,096 and -7% at 8,192 in chunks of
+      128-512 rows), at level 4: shuffled ids take libdeflate 25-40% longer at a level, and at 4 they cost what
+      unshuffled ids cost at 6, 0.2-1.1% larger than at 6; uint32 ids (vocab > 65536) shuffled: their high bytes are
+      nearly constant (-15% on the 70k test teacher);
     - a sampled cache's id gaps and counts: zlib's run-length deflate at level 1 (matches at distance 1 only),
       against zlib's default strategy at level 1: gaps -5 to -9%, counts -25 to -34% (mostly 1s: deflate's
       general matching costs more than it finds), and faster."""
     if name == "topk_indices":
-        return Codec(shuffle=dtype.itemsize > 2)
+        return Codec(either=True, shuffled_level=4) if dtype.itemsize == 2 else Codec()
     if name in ("sampled_id_gaps", "sampled_counts"):
         return Codec(strategy=zlib.Z_RLE, level=1)
     return Codec()

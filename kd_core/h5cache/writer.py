@@ -8,6 +8,7 @@ import json
 import os
 import zlib
 from collections import deque
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from kd_core.errors import ConfigError
 from kd_core.h5cache.format import (CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION, ENTRY_OFFSETS, FORMAT_VERSION,
-                                    METADATA_BYTES, SAMPLE_CHUNK_ROWS, SAMPLE_DATASETS, SAMPLED_LAYOUT, Codec,
+                                    METADATA_BYTES, SAMPLE_CHUNK_ROWS, SAMPLE_DATASETS, SAMPLED_LAYOUT, SHUFFLE_SKIPPED, Codec,
                                     chunk_rows, codec, deflate_bound, entry_layout, pack_sampled, per_sample_datasets,
                                     row_layout, sample_bound, temporary_path, write_attrs)
 from kd_core.h5cache.verify import verify_file
@@ -38,9 +39,26 @@ def encode_chunk(chunk: np.ndarray, coding: Codec) -> bytes:
     return stream.compress(data) + stream.flush()
 
 
-def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[bytes]:
-    """encode_chunk of each chunk_rows rows of `rows` (a whole number of chunks): one pool task for a group."""
-    return [encode_chunk(rows[start:start + chunk_rows], coding) for start in range(0, len(rows), chunk_rows)]
+# Groups of fewer chunks (1 MiB chunks: a file without max_length) are not tried both ways, which would double
+# their cost: `either` codes them unshuffled, as before the trial.
+TRIAL_CHUNKS = 8
+
+
+def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[tuple[bytes, int]]:
+    """(stored bytes, filter mask) of each chunk_rows rows of `rows` (a whole number of chunks): one pool task for a
+    group. With coding.either, the group's first chunk is coded shuffled and not, and the group takes the smaller
+    (a pure function of the rows, so a rerun writes the same bytes)."""
+    chunks = [rows[start:start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
+    if not coding.either:
+        return [(encode_chunk(chunk, coding), 0) for chunk in chunks]
+    plain = replace(coding, shuffle=False, either=False)
+    if len(chunks) < TRIAL_CHUNKS:
+        return [(encode_chunk(chunk, plain), SHUFFLE_SKIPPED) for chunk in chunks]
+    shuffled = replace(coding, shuffle=True, either=False, level=coding.shuffled_level)
+    tries = {0: encode_chunk(chunks[0], shuffled), SHUFFLE_SKIPPED: encode_chunk(chunks[0], plain)}
+    mask = min(tries, key=lambda m: len(tries[m]))
+    chosen = plain if mask else shuffled
+    return [(tries[mask], mask), *((encode_chunk(chunk, chosen), mask) for chunk in chunks[1:])]
 
 
 class _Column:
@@ -98,9 +116,9 @@ class _Column:
         end = min(start + len(encoded) * self.chunk_rows, self.rows)
         if self.dataset.shape[0] < end:
             self.dataset.resize((end, *self.tail))
-        for k, data in enumerate(encoded):
+        for k, (data, mask) in enumerate(encoded):
             self.stored += len(data)
-            self.dataset.id.write_direct_chunk((start + k * self.chunk_rows, *(0 for _ in self.tail)), data)
+            self.dataset.id.write_direct_chunk((start + k * self.chunk_rows, *(0 for _ in self.tail)), data, mask)
 
     def size_bound(self) -> int:
         """At most the bytes this dataset takes once closed: chunks written, plus a deflate bound for the groups

@@ -8,8 +8,8 @@ import json
 import os
 import zlib
 from collections import deque
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import numpy as np
 
 from kd_core.errors import ConfigError
 from kd_core.h5cache.format import (CHUNK_BYTES, CHUNK_INDEX_BYTES, COMPRESSION, ENTRY_OFFSETS, FORMAT_VERSION,
-                                    METADATA_BYTES, SAMPLE_CHUNK_ROWS, SAMPLE_DATASETS, SAMPLED_LAYOUT, SHUFFLE_SKIPPED, Codec,
-                                    chunk_rows, codec, deflate_bound, entry_layout, pack_sampled, per_sample_datasets,
-                                    row_layout, sample_bound, temporary_path, write_attrs)
+                                    METADATA_BYTES, SAMPLE_CHUNK_ROWS, SAMPLE_DATASETS, SAMPLED_LAYOUT,
+                                    SHUFFLE_SKIPPED, Codec, chunk_rows, codec, deflate_bound, entry_layout,
+                                    pack_sampled, per_sample_datasets, row_layout, sample_bound, temporary_path,
+                                    write_attrs)
 from kd_core.h5cache.verify import verify_file
 
 

@@ -4,6 +4,7 @@ files), the entries per row of a sampled cache, and the file total. Prints a tab
     python bench/bench_bytes.py OUT_URI [OUT_URI ...]      # caches already built (an output.uri or a version)
     python bench/bench_bytes.py --test-teacher-70k         # builds the 70k-vocabulary test teacher and its top-64 cache
     python bench/bench_bytes.py --sampled-codings OUT_URI  # also: a sampled cache's gaps and counts coded other ways
+    python bench/bench_bytes.py --ids-coding 64,512 OUT_URI  # also: a top-k cache's rows rewritten, ids both ways
 
 The second form rebuilds what tests/conftest.py's `teacher_dir` is (a tiny untrained Llama whose 70,000-row output
 layer needs uint32 ids) over the first 300 stdlib docstrings (kd_core.demo.build_corpus), max_length 128, and
@@ -14,13 +15,19 @@ caches its exact top-64 through the pipeline (~1 min on 2 cores), under --work (
 and libdeflate at levels 6, 9 and 12 (compressing MB/s beside each); and the gaps of ids renumbered by how often
 this cache draws them (the most drawn id 0, ...; ranks sorted per row, then gapped): what a file storing a
 frequency order beside its gaps would take, at best (the order is this cache's own).
+
+--ids-coding MAX_LENGTHS: for each top-k cache with uint16 ids, its part files' rows rewritten by CacheWriter
+with the chunks of each max_length, the ids stored unshuffled (the writer before the trials) and as the writer
+stores them now (shuffled or not per group of chunks, h5cache.writer.encode_chunks): every file's bytes per token.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -129,12 +136,48 @@ def sampled_codings(uri: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def ids_coding(uri: str, max_lengths: list[int]) -> None:
+    """The --ids-coding rows of one top-k cache (see the module's docstring)."""
+    from unittest import mock
+
+    from kd_core.h5cache import CacheWriter
+    from kd_core.h5cache import writer as writer_module
+
+    with CacheReader(uri) as reader:
+        files, top_k, vocab = reader.files, reader.top_k, reader.vocab_size
+    out = Path(tempfile.mkdtemp(prefix="kd-ids-coding-"))
+    try:
+        for max_length in max_lengths:
+            sizes = {}
+            for label, trials in (("unshuffled", 1 << 30), ("now", writer_module.TRIAL_CHUNKS)):
+                stored = tokens = 0
+                for file in files:
+                    with CacheReader(file) as part:
+                        arrays = part.read_all()
+                    offsets = arrays["offsets"]
+                    with mock.patch.object(writer_module, "TRIAL_CHUNKS", trials), \
+                            CacheWriter(out / "f.h5", top_k=top_k, vocab_size=vocab, attrs={}, max_length=max_length) as w:
+                        for s in range(len(offsets) - 1):
+                            lo, hi = offsets[s], offsets[s + 1]
+                            w.append(int(arrays["sample_index"][s]), *(arrays[n][lo:hi] for n in
+                                     ("input_ids", "topk_indices", "topk_logprobs", "logsumexp")))
+                    stored += (out / "f.h5").stat().st_size
+                    tokens += int(offsets[-1])
+                sizes[label] = stored / tokens
+            print(f"| {uri} | max_length {max_length} | {sizes['unshuffled']:.2f} | {sizes['now']:.2f} | "
+                  f"{(sizes['now'] / sizes['unshuffled'] - 1) * 100:+.1f}% |")
+    finally:
+        shutil.rmtree(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("uris", nargs="*")
     parser.add_argument("--test-teacher-70k", action="store_true")
     parser.add_argument("--work", default="./out/bench-bytes")
     parser.add_argument("--sampled-codings", action="store_true", help="also the codings table of sampled caches")
+    parser.add_argument("--ids-coding", type=lambda v: [int(n) for n in v.split(",")], metavar="MAX_LENGTHS",
+                        help="also: each top-k cache's rows rewritten with these max_lengths' chunks, ids both ways")
     args = parser.parse_args()
     uris = list(args.uris) + ([build_test_teacher_cache(Path(args.work))] if args.test_teacher_70k else [])
     print("| cache | tokens | entries per row | dataset | B/token |")
@@ -148,6 +191,11 @@ def main() -> None:
     for uri in uris if args.sampled_codings else []:
         if _entries(uri):
             sampled_codings(uri)
+    if args.ids_coding:
+        print("\n| cache | chunks | B/token, ids unshuffled | B/token, now | change |\n|---|---|---:|---:|---:|")
+        for uri in uris:
+            if not _entries(uri):
+                ids_coding(uri, args.ids_coding)
 
 
 if __name__ == "__main__":

@@ -223,8 +223,8 @@ def test_uint16_ids_are_stored_shuffled_or_not_whichever_is_smaller_and_read_the
     small = rng.integers(0, 16, (4096, 8)).astype(np.uint16)  # high bytes all 0: shuffle wins
     repeated = rng.integers(0, 65_000, (32, 8)).astype(np.uint16)[rng.integers(0, 32, 4096)]
     path = tmp_path / "c.h5"
-    # chunks of 64 rows (1 KiB of ids) in groups of 8 chunks: each half of the rows is 8 groups
-    with CacheWriter(path, top_k=8, vocab_size=65_000, attrs={}, max_length=256, chunk_bytes=8192) as writer:
+    # chunks of 64 rows (1 KiB of ids) in groups of 16 chunks: each half of the rows is 4 groups
+    with CacheWriter(path, top_k=8, vocab_size=65_000, attrs={}, max_length=256, chunk_bytes=16384) as writer:
         for s, ids in enumerate((small, repeated)):
             for lo in range(0, len(ids), 64):
                 rows = ids[lo:lo + 64]

@@ -40,15 +40,15 @@ def encode_chunk(chunk: np.ndarray, coding: Codec) -> bytes:
     return stream.compress(data) + stream.flush()
 
 
-# Groups of fewer chunks (1 MiB chunks: a file without max_length) are not tried both ways, which would double
-# their cost: `either` codes them unshuffled, as before the trial.
-TRIAL_CHUNKS = 8
+# `either` tries both codings on TRIALS chunks spread over a group of chunks; a group of fewer than TRIAL_CHUNKS
+# (1 MiB chunks: a file without max_length) is not tried, which would double its cost, and is coded unshuffled.
+TRIALS, TRIAL_CHUNKS = 4, 16
 
 
 def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[tuple[bytes, int]]:
     """(stored bytes, filter mask) of each chunk_rows rows of `rows` (a whole number of chunks): one pool task for a
-    group. With coding.either, the group's first chunk is coded shuffled and not, and the group takes the smaller
-    (a pure function of the rows, so a rerun writes the same bytes)."""
+    group. With coding.either, TRIALS chunks spread over the group are coded shuffled and not, and the group takes
+    the way that stored them smaller (a pure function of the rows, so a rerun writes the same bytes)."""
     chunks = [rows[start:start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
     if not coding.either:
         return [(encode_chunk(chunk, coding), 0) for chunk in chunks]
@@ -56,10 +56,12 @@ def encode_chunks(rows: np.ndarray, chunk_rows: int, coding: Codec) -> list[tupl
     if len(chunks) < TRIAL_CHUNKS:
         return [(encode_chunk(chunk, plain), SHUFFLE_SKIPPED) for chunk in chunks]
     shuffled = replace(coding, shuffle=True, either=False, level=coding.shuffled_level)
-    tries = {0: encode_chunk(chunks[0], shuffled), SHUFFLE_SKIPPED: encode_chunk(chunks[0], plain)}
-    mask = min(tries, key=lambda m: len(tries[m]))
+    trials = range(0, len(chunks), len(chunks) // TRIALS)[:TRIALS]
+    tries = {mask: {t: encode_chunk(chunks[t], way) for t in trials}
+             for mask, way in ((0, shuffled), (SHUFFLE_SKIPPED, plain))}
+    mask = min(tries, key=lambda m: sum(map(len, tries[m].values())))
     chosen = plain if mask else shuffled
-    return [(tries[mask], mask), *((encode_chunk(chunk, chosen), mask) for chunk in chunks[1:])]
+    return [(tries[mask][i] if i in tries[mask] else encode_chunk(chunk, chosen), mask) for i, chunk in enumerate(chunks)]
 
 
 class _Column:

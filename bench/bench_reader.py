@@ -37,7 +37,8 @@ before (zlib, level 1, uint16 ids unshuffled), with libdeflate at level 6 and th
 does now (libdeflate 6, uint16 ids shuffled or not per group of chunks, whichever is smaller); --layouts times
 each: write speed (raw bytes in per second, wall; CPU seconds per GB, the compression pool's threads included),
 stored bytes per token, and each file read in this process: random order, file order (CacheReader) and front to
-back (iter_samples, what StreamingCacheDataset uses), in tokens per CPU-second.
+back (iter_samples, what StreamingCacheDataset uses), in tokens per CPU-second. The writes go round the layouts
+--layouts times and each column is their median, so a shared machine's drift falls on every layout alike.
 
 --inflate adds where the floor is: per dataset, h5py reading the part files whole, zlib / zlib-ng / libdeflate
 inflating their raw chunks, and the reader's RawColumn; then the tokens per CPU-second of reading everything whole
@@ -200,7 +201,8 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
         arrays, top_k, vocab = reader.read_all(), reader.top_k, reader.vocab_size
     offsets, tokens = arrays["offsets"], int(arrays["offsets"][-1])
     raw = sum(arrays[n].nbytes for n in ("input_ids", "topk_indices", "topk_logprobs", "logsumexp"))
-    print(f"\n{tokens:,} tokens rewritten {repeat}x per layout; reads in this process, tokens per CPU-second")
+    print(f"\n{tokens:,} tokens rewritten {repeat}x per layout, the layouts in turn (medians); reads in this process, "
+          "tokens per CPU-second")
     print("| layout | write MB/s (raw) | write CPU-s per GB | B/token | random tok/CPU-s | random amplification | "
           "file order tok/CPU-s | stream tok/CPU-s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -208,23 +210,26 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
                for chunks, length in (("1 MiB chunks", None),
                                       *((f"sample-sized (max_length {n})", n) for n in max_lengths))
                for coder in ("zlib 1", "libdeflate 6, ids unshuffled", "libdeflate 6")]
-    for label, length, coder in layouts:
-        path = work / f"layout-{length}-{coder.replace(' ', '').replace(',', '-')}.h5"
-        wall = cpu = 0.0
-        for _ in range(repeat):
-            path.unlink(missing_ok=True)
+    paths = {label: work / f"layout-{length}-{coder.replace(' ', '').replace(',', '-')}.h5"
+             for label, length, coder in layouts}
+    writes: dict[str, list[tuple[float, float]]] = {label: [] for label in paths}  # (wall, CPU) seconds per write
+    for _ in range(repeat):  # the layouts in turn, `repeat` rounds: a shared machine's drift falls on all alike
+        for label, length, coder in layouts:
+            paths[label].unlink(missing_ok=True)
             started, cpu_started = time.perf_counter(), time.process_time()
             with mock.patch.object(deflate, "zlib_compress", zlib_level_1 if coder == "zlib 1" else deflate.zlib_compress), \
                     mock.patch.object(writer_module, "TRIAL_CHUNKS", 1 << 30 if "unshuffled" in coder or "zlib" in coder
                                       else writer_module.TRIAL_CHUNKS), \
-                    CacheWriter(path, top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
+                    CacheWriter(paths[label], top_k=top_k, vocab_size=vocab, attrs={}, max_length=length) as writer:
                 for s in range(len(offsets) - 1):
                     lo, hi = offsets[s], offsets[s + 1]
                     writer.append(int(arrays["sample_index"][s]), arrays["input_ids"][lo:hi],
                                   arrays["topk_indices"][lo:hi], arrays["topk_logprobs"][lo:hi],
                                   arrays["logsumexp"][lo:hi])
-            wall += time.perf_counter() - started
-            cpu += time.process_time() - cpu_started  # every thread of this process: the compression pool too
+            # CPU: every thread of this process, the compression pool's too
+            writes[label].append((time.perf_counter() - started, time.process_time() - cpu_started))
+    for label, path in paths.items():
+        wall, cpu = (float(np.median([w[k] for w in writes[label]])) for k in (0, 1))
         reads = {}
         for order in ("random", "file"):
             with CacheReader(str(path)) as reader:
@@ -238,7 +243,7 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
             pass
         stream = tokens / (time.process_time() - cpu_started)
         stats = reads["random"][1]
-        print(f"| {label} | {raw * repeat / wall / 1e6:,.0f} | {cpu / (raw * repeat / 1e9):,.1f} | "
+        print(f"| {label} | {raw / wall / 1e6:,.0f} | {cpu / (raw / 1e9):,.1f} | "
               f"{path.stat().st_size / tokens:.1f} | {reads['random'][0]:,.0f} | "
               f"{stats['bytes_decompressed'] / stats['bytes_returned']:.2f} | {reads['file'][0]:,.0f} | {stream:,.0f} |")
 

@@ -116,6 +116,18 @@ def test_a_column_lists_its_chunks_only_once_it_has_fetched_a_share_of_them(tmp_
         assert column._table is not None
 
 
+def test_a_file_read_through_a_file_object_keeps_fetching_through_hdf5(tmp_path):
+    """A file object (fsspec's ranged reads) has no descriptor to read at HDF5's addresses: the column never lists
+    its chunks and reads what h5py reads."""
+    data = values(np.random.default_rng(4), np.uint16, (64 * 32, 8))
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("d", data=data, chunks=(64, 8), compression="gzip", shuffle=True)
+    with open(tmp_path / "f.h5", "rb") as raw, h5py.File(raw, "r") as f:
+        column = raw_column(f["d"])
+        assert np.array_equal(column.rows(0, len(data)), data)
+        assert column._table is None and column._lookups is None
+
+
 @FETCHES
 def test_cache_reader_reads_raw_chunks_and_refuses_a_damaged_one(tmp_path, monkeypatch, table_after):
     """Through CacheReader: every dataset of a top-k file goes through RawColumn, samples equal h5py's rows, and a

@@ -53,15 +53,12 @@ class RawColumn:
         self.decoded = 0
         self._kept: OrderedDict[int, np.ndarray] = OrderedDict()  # chunk number -> its rows (chunk_rows, *tail)
         self.num_chunks = -(-dataset.shape[0] // self.chunk_rows)
-        file = dataset.file
-        # A local file (HDF5's sec2 driver; no user block, so HDF5's addresses are file offsets): its descriptor,
-        # which os.pread shares with HDF5 without moving anything.
-        local = file.driver == "sec2" and file.userblock_size == 0 and hasattr(os, "pread")
-        self._fd: int | None = file.id.get_vfd_handle() if local else None
+        self._dataset = dataset  # its file is looked at when the column lists its chunks, not on every open
+        self._fd: int | None = None  # the file's descriptor, once listed
         # Once listed, per chunk number: file offset (-1: not stored), stored size, filter mask. 13 B a chunk: 1.7 MB
         # for a 4 GiB part of 2,048-token samples.
         self._table: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._lookups = 0
+        self._lookups: int | None = 0  # chunks fetched one by one; None: this column cannot list (_list_chunks)
 
     def rows(self, lo: int, hi: int, dtype: np.dtype | type | None = None) -> np.ndarray:
         """(hi - lo, *tail) in `dtype` (default: as stored), converted while copied out of the chunks."""
@@ -93,7 +90,7 @@ class RawColumn:
     def _stored(self, c: int) -> tuple[int, bytes]:
         """(filter mask, stored bytes) of chunk c; a chunk that is not stored (h5py would return fill values for
         it, never data) is a ChunkError."""
-        if self._table is None and self._fd is not None:
+        if self._table is None and self._lookups is not None:
             self._lookups += 1
             if self._lookups * TABLE_AFTER >= self.num_chunks:
                 self._table = self._list_chunks()
@@ -112,8 +109,14 @@ class RawColumn:
         return mask, stored
 
     def _list_chunks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Every stored chunk's place in the file, from HDF5's index in one pass; None without H5Dchunk_iter (HDF5
-        before 1.14), and the column keeps fetching chunks through HDF5."""
+        """Every stored chunk's place in the file, from HDF5's index in one pass, and the file's descriptor; None
+        for a file that is not local (HDF5's sec2 driver, no user block: its addresses are file offsets, and
+        os.pread shares the descriptor with HDF5 without moving anything) or without H5Dchunk_iter (HDF5 before
+        1.14), and the column keeps fetching chunks through HDF5."""
+        file = self._dataset.file
+        if file.driver != "sec2" or file.userblock_size != 0 or not hasattr(os, "pread"):
+            self._lookups = None
+            return None
         addresses = np.full(self.num_chunks, -1, np.int64)
         sizes, masks = np.zeros(self.num_chunks, np.uint32), np.zeros(self.num_chunks, np.uint8)
 
@@ -125,8 +128,9 @@ class RawColumn:
         try:
             self.id.chunk_iter(note)
         except (AttributeError, NotImplementedError, RuntimeError):
-            self._fd = None
+            self._lookups = None
             return None
+        self._fd = file.id.get_vfd_handle()
         return addresses, sizes, masks
 
     def _decode(self, c: int) -> np.ndarray:

@@ -378,8 +378,8 @@ class CacheReader:
         return self.sample(i)
 
     def sample(self, i: int, *, as_stored: bool = False) -> dict[str, np.ndarray]:
-        """Sample i in the dtypes readers return (READ_DTYPES), or with `as_stored` as the file stores it (as_read()
-        converts it later: the torch datasets convert float16 in torch, 4x faster than numpy)."""
+        """Sample i in the dtypes readers return (READ_DTYPES), or with `as_stored` as the file stores it, for a
+        caller that converts it itself (as_read(); the torch datasets convert float16 in torch, 4x faster)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)} samples")
         i %= len(self)

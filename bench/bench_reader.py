@@ -248,6 +248,56 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
               f"{stats['bytes_decompressed'] / stats['bytes_returned']:.2f} | {reads['file'][0]:,.0f} | {stream:,.0f} |")
 
 
+def worker_table(uri: str, repeat: int = 3) -> None:
+    """Where a DataLoader worker's CPU time goes, per batch: reading its samples (CacheDataset[i]), pad_collate, and
+    sending the batch (what a worker's queue does: ForkingPickler with torch's reductions, which copy each tensor
+    into a new shared-memory segment for the main process), for random batches of 8 and for TokenBatchSampler's
+    batches of similar lengths; each stage in tokens (real, not padding) per CPU-second, medians of `repeat`
+    epochs. Padded batches hold 12 B per top-k entry (int64 ids, float32 log-probs), so what a worker sends grows
+    with the padding."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import numpy as np
+    import torch
+    import torch.multiprocessing  # noqa: F401  (registers the reductions to shared memory, as DataLoader does)
+
+    from kd_core.dataset import CacheDataset, pad_collate
+    from kd_core.samplers import TokenBatchSampler
+
+    # One thread, as in a DataLoader worker: with more, pad_collate's large fills run on OpenMP threads that then
+    # spin, and the process's CPU time (every thread's) would double the cost of everything after them.
+    torch.set_num_threads(1)
+    ds = CacheDataset(uri)
+    lengths = ds.lengths()
+    print("\n| batches | padded / real tokens | batch KiB per real token | read | pad_collate | send | worker, all |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, epoch_batches in (
+            ("shuffle, batch_size 8", lambda e: np.random.default_rng(e).permutation(len(ds) // 8 * 8).reshape(-1, 8)),
+            ("TokenBatchSampler(max_tokens=4096)", lambda e: TokenBatchSampler(lengths, max_tokens=4096, seed=e))):
+        times = []
+        for epoch in range(repeat + 1):  # the first epoch opens the files and lists their chunks: not counted
+            cpu = [0.0, 0.0, 0.0]
+            tokens = padded = sent = 0
+            for batch in epoch_batches(epoch):
+                t0 = time.process_time()
+                samples = [ds[int(i)] for i in batch]
+                t1 = time.process_time()
+                padded_batch = pad_collate(samples)
+                t2 = time.process_time()
+                message = ForkingPickler.dumps(padded_batch)
+                t3 = time.process_time()
+                cpu = [cpu[0] + t1 - t0, cpu[1] + t2 - t1, cpu[2] + t3 - t2]
+                tokens += int(lengths[batch].sum())
+                padded += padded_batch["attention_mask"].numel()
+                sent += sum(t.nbytes for t in padded_batch.values())
+                del message, padded_batch
+            if epoch:
+                times.append(cpu)
+        read, collate, send = np.median(times, axis=0)
+        print(f"| {label} | {padded / tokens:.2f} | {sent / tokens / 1024:.2f} | {tokens / read:,.0f} | "
+              f"{tokens / collate:,.0f} | {tokens / send:,.0f} | {tokens / (read + collate + send):,.0f} |")
+
+
 def inflate_table(uri: str, repeat: int = 3) -> None:
     """Where a reader's floor is: per row dataset of the cache's part files, h5py reading it whole (a fresh handle
     per file, so no chunk is cached), zlib / zlib-ng (when installed) / libdeflate inflating its raw chunks alone
@@ -360,6 +410,8 @@ def main() -> None:
                              "that of this cache's shorter samples")
     parser.add_argument("--layouts", type=int, default=3, metavar="REPEAT",
                         help="also the layout table: the rows rewritten REPEAT times per chunking (0: skip it)")
+    parser.add_argument("--workers", action="store_true",
+                        help="also the worker table: a DataLoader worker's CPU time per batch, read / pad_collate / send")
     parser.add_argument("--inflate", action="store_true",
                         help="also the inflate table: h5py, zlib and zlib-ng (if installed) on the part files' chunks")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
@@ -424,6 +476,8 @@ def main() -> None:
             server.kill()
     if args.layouts:
         layout_table(uri, args.work, args.layout_lengths or [args.max_length], args.layouts)
+    if args.workers:
+        worker_table(uri)
     if args.inflate:
         inflate_table(uri)
 

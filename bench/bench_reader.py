@@ -40,6 +40,10 @@ stored bytes per token, and each file read in this process: random order, file o
 back (iter_samples, what StreamingCacheDataset uses), in tokens per CPU-second. The writes go round the layouts
 --layouts times and each column is their median, so a shared machine's drift falls on every layout alike.
 
+--workers adds where a DataLoader worker's CPU time goes, in one process with one torch thread (as a worker
+has): reading a batch's samples, pad_collate, and sending the batch as a worker's queue does (torch copies each
+tensor into a new shared-memory segment), for random batches of 8 and TokenBatchSampler's.
+
 --inflate adds where the floor is: per dataset, h5py reading the part files whole, zlib / zlib-ng / libdeflate
 inflating their raw chunks, and the reader's RawColumn; then the tokens per CPU-second of reading everything whole
 (no per-sample reader beats it).

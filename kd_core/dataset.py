@@ -72,7 +72,7 @@ class CacheDataset(Dataset):
         return _tensors(self.reader.sample(i, as_stored=True))
 
     def stats(self) -> dict[str, int]:
-        """This process's reads: {bytes_decompressed, bytes_returned} (CacheReader.stats)."""
+        """This process's reads: {bytes_decompressed, bytes_returned, files_opened} (CacheReader.stats)."""
         return self.reader.stats()
 
     def lengths(self) -> np.ndarray:
@@ -134,7 +134,8 @@ class StreamingCacheDataset(IterableDataset):
     block of 65,536 tokens being read, plus up to two part files on local disk (the one read, the next one).
 
     Files are dealt round-robin to (DDP rank, DataLoader worker) slots after the shuffle, so every sample is read
-    once per epoch by exactly one slot; slots may get a few samples more or fewer than others (whole files).
+    once per epoch by exactly one slot; slots may differ by up to one file's samples (whole files), and a slot
+    gets none when there are fewer files than slots.
     Call set_epoch(e) before each epoch for a new order. Samples are the dicts CacheDataset returns.
 
     Resuming: state_dict() is this slot's place in its stream (seed, epoch, slot, samples yielded); after

@@ -46,7 +46,7 @@ S3_MAX_PARTS = 10_000  # S3's limits on a multipart upload
 S3_MIN_PART_BYTES = 5 * MiB
 MIN_UPLOAD_PART_BYTES = 16 * MiB  # fewer requests than the minimum, still small in memory
 READ_BLOCK_BYTES = 2 << 20  # remote random access: a sample touches ~6 chunks of <= 1 MiB compressed
-READ_CACHE_BLOCKS = 8  # per open remote file: at most 16 MiB of cached blocks  # remote reads: 8 MiB blocks, cached, so random access costs few requests
+READ_CACHE_BLOCKS = 8  # per open remote file: at most 16 MiB of cached blocks, so random access costs few requests
 RETRY_DELAYS = (2.0, 8.0, 30.0)  # seconds between attempts of a remote write/download: 4 attempts, ~40 s
 # Errors that retrying cannot fix: a missing bucket, denied access, a full disk.
 _PERMANENT = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)

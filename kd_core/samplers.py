@@ -28,7 +28,8 @@ from torch.utils.data import Sampler
 
 from kd_core.h5cache import CacheReader
 
-# Files in a group of file_starts' order: as many as a reader keeps open, so none is opened twice in a group.
+# Files in a group of file_starts' order: as many as a reader keeps open locally (part-cache copies included), so
+# none is opened twice in a group; remote parts read in place (cache_bytes=0) want open_files=MAX_OPEN["remote"].
 OPEN_FILES = CacheReader.MAX_OPEN["local"]
 
 
@@ -67,7 +68,7 @@ class _Resumable:
             yield item
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """{"seed", "epoch", "position"}: position = items handed out this epoch (or `consumed`, the loop's count)."""
+        """{"seed", "epoch", "world_size", "position"}: position = items handed out this epoch (or `consumed`, the loop's count)."""
         return {"seed": self.seed, "epoch": self.epoch, "world_size": self.world_size,
                 "position": self._yielded if consumed is None else int(consumed)}
 

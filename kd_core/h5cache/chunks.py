@@ -3,7 +3,7 @@
 Every row dataset of a cache file is chunked along its rows and coded by HDF5's shuffle (optional) + deflate
 filters, so any stock HDF5 reader opens it. Going through those filters costs a reader most of its time: HDF5
 inflates with zlib and adds a per-chunk overhead that dominates the small chunks of a sample-sized layout
-(docs/PERFORMANCE.md, "Reading": h5py 170-243 MB/s on the large datasets, libdeflate 490-689 MB/s on the same
+(docs/PERFORMANCE.md, "Before this: raw chunks inflated by libdeflate": h5py 170-243 MB/s on the large datasets, libdeflate 490-689 MB/s on the same
 chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`: HDF5's own chunk index and file
 driver, so a local file and an fsspec file object read alike), inflates them with libdeflate (the zlib stream's
 Adler-32 checked, the size checked against the chunk's), and keeps the last few chunks as inflated; a read undoes the
@@ -13,8 +13,8 @@ of the chunks it spans: 1.035x on a random-order read, against unshuffling whole
 Fetching a chunk through HDF5 costs as much as inflating it (read_direct_chunk: 28% of a random-order read of a
 local cache, libdeflate 30%). So a column of a local file, once it has fetched 1/TABLE_AFTER of its chunks one by
 one, lists them all in one call (H5Dchunk_iter, ~1 us a chunk) and reads each chunk from there with os.pread on
-HDF5's own descriptor. A file read for a few samples and closed again (a random order over many parts) never pays
-for the list. (Mapping the file instead was another 1.13x on a cache in the page cache, but a cold cache on disk
+HDF5's own descriptor. A large file read for a few samples and closed again (a random order over many parts) never
+pays for the list. (Mapping the file instead was another 1.13x on a cache in the page cache, but a cold cache on disk
 would fault in the kernel's read-around, ~128 KiB, for each ~10 KiB chunk; a truncated file would kill the reader
 with SIGBUS where pread returns a short read; and every page touched would show in the reader's RSS.)
 
@@ -65,7 +65,7 @@ class RawColumn:
     def rows(self, lo: int, hi: int, dtype: np.dtype | type | None = None) -> np.ndarray:
         """(hi - lo, *tail) in `dtype` (default: as stored). Each chunk is kept as inflated (byte planes, when
         shuffled), and only the rows asked for are put back in element order, straight into the result: a sample
-        of a random order needs about half of the chunks it spans."""
+        of a random order needs about half of the rows of the chunks it spans."""
         out = np.empty((hi - lo, *self.tail), self.dtype)
         at = lo
         while at < hi:
@@ -116,7 +116,7 @@ class RawColumn:
         """Every stored chunk's place in the file, from HDF5's index in one pass, and the file's descriptor; None
         for a file that is not local (HDF5's sec2 driver, no user block: its addresses are file offsets, and
         os.pread shares the descriptor with HDF5 without moving anything) or without H5Dchunk_iter (HDF5 before
-        1.14), and the column keeps fetching chunks through HDF5."""
+        1.12.3), and the column keeps fetching chunks through HDF5."""
         file = self._dataset.file
         if file.driver != "sec2" or file.userblock_size != 0 or not hasattr(os, "pread"):
             self._lookups = None

@@ -21,9 +21,10 @@ top-k datasets and /logsumexp, a second level of CSR over "entries" (one per dis
 Rows are not stored: a row's counts sum to N, so entry e of a sample belongs to row (counts before e) // N.
 
 Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t. Root attributes record
-provenance (see docs/FORMAT.md). Datasets are chunked with gzip (deflate streams coded per dataset, see CODECS)
-and shuffle (but for uint16 top-k ids): lossless, and readable by any stock HDF5 reader. Files are written under a temporary name and renamed only after their
-structure checks out, so a file with the final name is always complete. A published version is part files of
+provenance (see docs/FORMAT.md). Datasets are chunked with gzip (deflate streams coded per dataset, see
+codec()) and shuffle (uint16 top-k ids: shuffled or not per group of chunks, each chunk's filter mask says
+which): lossless, and readable by any stock HDF5 reader. Files are written under a temporary name and renamed
+only after their structure checks out, so a file with the final name is always complete. A published version is part files of
 this format plus an index (kd_core.h5cache.index): the same datasets as virtual datasets over the parts
 (docs/FORMAT.md).
 """

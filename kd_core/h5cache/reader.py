@@ -102,7 +102,7 @@ def iter_samples(source, block_tokens: int = 1 << 16, *, name: str | None = None
     """Every sample of one cache file (a path or a file object), front to back, in its stored dtypes
     (as_read() converts one as CacheReader returns it). Whole samples are read in blocks of about block_tokens
     rows, so each chunk is decompressed once; each sample is copied out, so holding one never holds its block.
-    A sampled-mode file is read sample by sample, its chunks kept in HDF5's chunk cache.
+    A sampled-mode file is read sample by sample; each dataset keeps its last chunks.KEEP_CHUNKS inflated chunks.
 
     The file is checked first (nothing outside it; `build_id`, when given, is its own); a file h5py cannot read
     is a CacheFileError naming `name` (the file's URI; default: source)."""

@@ -152,7 +152,8 @@ class CacheWriter:
     def __init__(self, path: str | Path, *, top_k: int, vocab_size: int, attrs: dict[str, Any],
                  chunk_bytes: int | None = None, samples: int | None = None, max_length: int | None = None):
         """samples=N writes a sampled cache (N draws per row; top_k is then ignored). max_length (cache.max_length):
-        a top-k file's per-token datasets get chunks of token_chunk_rows(max_length) rows, for random access."""
+        a top-k file's per-token datasets get chunks of at most token_chunk_rows(max_length) rows (and about
+        chunk_bytes), NARROW_CHUNKS times that for /input_ids and /logsumexp, for random access (format.chunk_rows)."""
         self.path = Path(path)
         self.tmp_path = temporary_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,8 @@ small cache read again is not flattered by a chunk cache), files opened = part f
 after MAX_OPEN others pushed one out: several ms each), RSS = peak resident memory of the reading process (the
 largest worker's for loader rows), GETs = requests the S3 server answered. A local row reads for about --seconds, epoch after epoch (a
 new order each), timed from its dataset's first read: opening a cache (manifest, listing) is a fixed cost, not
-throughput; the loader and tokens rows are timed from before their dataset opens, the workers' start included. An S3 row reads one epoch at most, timed from opening, so its downloads count.
+throughput; the loader and tokens rows are timed from before their dataset opens, the workers' start included.
+An S3 row reads one epoch at most, timed from opening, so its downloads count.
 
 Then the layout table: the same rows rewritten by CacheWriter into one file per layout: 1 MiB chunks (what files
 without a max_length get, and every file before sample-sized chunks) and sample-sized chunks
@@ -192,8 +193,7 @@ def layout_table(uri: str, work: Path, max_lengths: list[int], repeat: int) -> N
     """The cache's rows rewritten by CacheWriter as one file per layout: 1 MiB chunks (what files without
     max_length get) and sample-sized chunks, each coded as the writer did before (zlib, level 1, ids unshuffled), with
     libdeflate 6 (ids unshuffled), and as it does now (libdeflate 6, uint16 ids shuffled at level 4 or not at 6,
-    per group): write speed,
-    size, and reads of each, in-process."""
+    per group): write speed, size, and reads of each, in-process."""
     from unittest import mock
 
     import deflate

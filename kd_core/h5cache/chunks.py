@@ -3,12 +3,12 @@
 Every row dataset of a cache file is chunked along its rows and coded by HDF5's shuffle (optional) + deflate
 filters, so any stock HDF5 reader opens it. Going through those filters costs a reader most of its time: HDF5
 inflates with zlib and adds a per-chunk overhead that dominates the small chunks of a sample-sized layout
-(docs/PERFORMANCE.md, "Before this: raw chunks inflated by libdeflate": h5py 170-243 MB/s on the large datasets, libdeflate 490-689 MB/s on the same
-chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`: HDF5's own chunk index and file
+(docs/PERFORMANCE.md, "Before this: raw chunks inflated by libdeflate": h5py 170-243 MB/s on the large datasets,
+libdeflate 490-689 MB/s on the same chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`: HDF5's own chunk index and file
 driver, so a local file and an fsspec file object read alike), inflates them with libdeflate (the zlib stream's
-Adler-32 checked, the size checked against the chunk's), and keeps the last few chunks as inflated; a read undoes the
-shuffle for the rows it asks for only, copying them out (a sample of a random order needs about half of the rows
-of the chunks it spans: 1.035x on a random-order read, against unshuffling whole chunks).
+Adler-32 checked, the size checked against the chunk's), and keeps the last few chunks as inflated; a read
+undoes the shuffle for the rows it asks for only, copying them out (a sample of a random order needs about half
+of the rows of the chunks it spans: 1.035x on a random-order read, against unshuffling whole chunks).
 
 Fetching a chunk through HDF5 costs as much as inflating it (read_direct_chunk: 28% of a random-order read of a
 local cache, libdeflate 30%). So a column of a local file, once it has fetched 1/TABLE_AFTER of its chunks one by
@@ -53,7 +53,7 @@ class RawColumn:
         self.chunk_bytes = int(np.prod(self.chunk_shape, dtype=np.int64)) * self.dtype.itemsize
         self.name = dataset.name
         self.decoded = 0
-        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()  # chunk number -> its rows (chunk_rows, *tail)
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()  # chunk number -> its bytes as inflated (_decode)
         self.num_chunks = -(-dataset.shape[0] // self.chunk_rows)
         self._dataset = dataset  # its file is looked at when the column lists its chunks, not on every open
         self._fd: int | None = None  # the file's descriptor, once listed
@@ -81,15 +81,15 @@ class RawColumn:
         return out if dtype is None or np.dtype(dtype) == self.dtype else out.astype(dtype)
 
     def _chunk(self, c: int) -> np.ndarray:
-        rows = self._kept.get(c)
-        if rows is None:
-            rows = self._decode(c)
-            self._kept[c] = rows
+        planes = self._kept.get(c)
+        if planes is None:
+            planes = self._decode(c)
+            self._kept[c] = planes
             if len(self._kept) > KEEP_CHUNKS:
                 self._kept.popitem(last=False)
         else:
             self._kept.move_to_end(c)
-        return rows
+        return planes
 
     def _stored(self, c: int) -> tuple[int, bytes]:
         """(filter mask, stored bytes) of chunk c; a chunk that is not stored (h5py would return fill values for
@@ -138,6 +138,8 @@ class RawColumn:
         return addresses, sizes, masks
 
     def _decode(self, c: int) -> np.ndarray:
+        """Chunk c inflated, (P, chunk_bytes / P) uint8: HDF5's P = itemsize byte planes of a shuffled chunk (byte 0
+        of every element, then byte 1, ...), or P = 1 for a chunk stored unshuffled."""
         mask, stored = self._stored(c)
         # Bit i of the mask set: filter i of the pipeline (shuffle first, when present) was skipped for this chunk.
         shuffle_skipped, deflate_skipped = (mask & 1, mask & 2) if self.shuffled else (0, mask & 1)
@@ -152,7 +154,7 @@ class RawColumn:
             raise ChunkError(f"{self.name}: chunk {c} holds {len(data):,} bytes, its shape needs {self.chunk_bytes:,}")
         raw = np.frombuffer(data, np.uint8)
         self.decoded += self.chunk_bytes
-        if self.shuffled and not shuffle_skipped:  # HDF5's shuffle: byte 0 of every element, then byte 1, ...
+        if self.shuffled and not shuffle_skipped:
             return raw.reshape(self.dtype.itemsize, -1)
         return raw.reshape(1, -1)
 

@@ -416,10 +416,11 @@ def main() -> None:
     parser.add_argument("--layouts", type=int, default=3, metavar="REPEAT",
                         help="also the layout table: the rows rewritten REPEAT times per chunking (0: skip it)")
     parser.add_argument("--workers", action="store_true",
-                        help="also the worker table: a DataLoader worker's CPU time per batch, read / pad_collate / send")
+                        help="also the worker table: a DataLoader worker's CPU time per batch, read / pad_collate / "
+                             "send")
     parser.add_argument("--inflate", action="store_true",
-                        help="also the inflate table: h5py, zlib, zlib-ng (if installed), libdeflate and RawColumn on the part "
-                             "files' chunks")
+                        help="also the inflate table: h5py, zlib, zlib-ng (if installed), libdeflate and "
+                             "RawColumn on the part files' chunks")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     parser.add_argument("--uri", help=argparse.SUPPRESS)
     parser.add_argument("--opts", help=argparse.SUPPRESS)

@@ -68,7 +68,8 @@ class _Resumable:
             yield item
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """{"seed", "epoch", "world_size", "position"}: position = items handed out this epoch (or `consumed`, the loop's count)."""
+        """{"seed", "epoch", "world_size", "position"}: position = items handed out this epoch (or `consumed`, the
+        loop's count)."""
         return {"seed": self.seed, "epoch": self.epoch, "world_size": self.world_size,
                 "position": self._yielded if consumed is None else int(consumed)}
 

@@ -4,19 +4,21 @@ Every row dataset of a cache file is chunked along its rows and coded by HDF5's 
 filters, so any stock HDF5 reader opens it. Going through those filters costs a reader most of its time: HDF5
 inflates with zlib and adds a per-chunk overhead that dominates the small chunks of a sample-sized layout
 (docs/PERFORMANCE.md, "Before this: raw chunks inflated by libdeflate": h5py 170-243 MB/s on the large datasets,
-libdeflate 490-689 MB/s on the same chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`: HDF5's own chunk index and file
-driver, so a local file and an fsspec file object read alike), inflates them with libdeflate (the zlib stream's
-Adler-32 checked, the size checked against the chunk's), and keeps the last few chunks as inflated; a read
-undoes the shuffle for the rows it asks for only, copying them out (a sample of a random order needs about half
-of the rows of the chunks it spans: 1.035x on a random-order read, against unshuffling whole chunks).
+libdeflate 490-689 MB/s on the same chunks). A `RawColumn` fetches a chunk's stored bytes (`read_direct_chunk`:
+HDF5's own chunk index and file driver, so a local file and an fsspec file object read alike), inflates them with
+libdeflate (the zlib stream's Adler-32 checked, the size checked against the chunk's), and keeps the last few
+chunks as inflated; a read undoes the shuffle for the rows it asks for only, copying them out (a sample of a
+random order needs about half of the rows of the chunks it spans: 1.035x on a random-order read, against
+unshuffling whole chunks).
 
 Fetching a chunk through HDF5 costs as much as inflating it (read_direct_chunk: 28% of a random-order read of a
 local cache, libdeflate 30%). So a column of a local file, once it has fetched 1/TABLE_AFTER of its chunks one by
 one, lists them all in one call (H5Dchunk_iter, ~1 us a chunk) and reads each chunk from there with os.pread on
-HDF5's own descriptor. A large file read for a few samples and closed again (a random order over many parts) never
-pays for the list. (Mapping the file instead was another 1.13x on a cache in the page cache, but a cold cache on disk
-would fault in the kernel's read-around, ~128 KiB, for each ~10 KiB chunk; a truncated file would kill the reader
-with SIGBUS where pread returns a short read; and every page touched would show in the reader's RSS.)
+HDF5's own descriptor. A large file read for a few samples and closed again (a random order over many parts)
+never pays for the list. (Mapping the file instead was another 1.13x on a cache in the page cache, but a cold
+cache on disk would fault in the kernel's read-around, ~128 KiB, for each ~10 KiB chunk; a truncated file would
+kill the reader with SIGBUS where pread returns a short read; and every page touched would show in the reader's
+RSS.)
 
 It reads the same values as h5py, or raises: a chunk that is not stored, or does not inflate to its size, is a
 ChunkError, never rows of fill values. `raw_column` returns None for a dataset it does not know how to read
@@ -33,7 +35,7 @@ import h5py
 import numpy as np
 
 SHUFFLE, DEFLATE = h5py.h5z.FILTER_SHUFFLE, h5py.h5z.FILTER_DEFLATE
-KEEP_CHUNKS = 2  # decoded chunks kept per dataset: a sample's rows span at most a few; more would only help small caches
+KEEP_CHUNKS = 2  # inflated chunks kept per dataset: a sample's rows span at most a few; more would only help small caches
 TABLE_AFTER = 8  # a column lists its chunks once it has looked up 1/TABLE_AFTER of them one by one
 
 

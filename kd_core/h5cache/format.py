@@ -24,9 +24,9 @@ Row t of a sample is the teacher's distribution for token t+1 given tokens 0..t.
 provenance (see docs/FORMAT.md). Datasets are chunked with gzip (deflate streams coded per dataset, see
 codec()) and shuffle (uint16 top-k ids: shuffled or not per group of chunks, each chunk's filter mask says
 which): lossless, and readable by any stock HDF5 reader. Files are written under a temporary name and renamed
-only after their structure checks out, so a file with the final name is always complete. A published version is part files of
-this format plus an index (kd_core.h5cache.index): the same datasets as virtual datasets over the parts
-(docs/FORMAT.md).
+only after their structure checks out, so a file with the final name is always complete. A published version is
+part files of this format plus an index (kd_core.h5cache.index): the same datasets as virtual datasets over the
+parts (docs/FORMAT.md).
 """
 
 from __future__ import annotations
